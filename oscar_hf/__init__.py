@@ -1,0 +1,20 @@
+"""oscar-hf: 2-bit OSCAR KV-cache quantization for Hugging Face Transformers."""
+
+from . import attention as _attention
+from .attention import OSCAR_ATTENTION
+from .cache import OscarQuantizedCache
+from .layer import OscarQuantizedLayer, OscarSegments
+from .rotations import OscarRotations
+
+__version__ = "0.1.0"
+
+_attention.register()
+
+__all__ = [
+    "OSCAR_ATTENTION",
+    "OscarQuantizedCache",
+    "OscarQuantizedLayer",
+    "OscarRotations",
+    "OscarSegments",
+    "__version__",
+]

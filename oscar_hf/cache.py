@@ -1,0 +1,145 @@
+"""`OscarQuantizedCache`: a transformers `Cache` of `OscarQuantizedLayer`s, built from an `OscarRotations` bundle."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+
+from .attention import OSCAR_ATTENTION
+from .layer import OscarQuantizedLayer
+from .rotations import OscarRotations
+
+
+def model_geometry(config: PretrainedConfig) -> tuple[PretrainedConfig, int, int, int, list[str]]:
+    """`(text_config, num_layers, num_kv_heads, head_dim, layer_types)` of a decoder config."""
+    config = config.get_text_config(decoder=True)
+    num_layers = config.num_hidden_layers
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+        layer_types = ["sliding_attention" if sliding else "full_attention"] * num_layers
+    return config, num_layers, num_kv_heads, head_dim, list(layer_types)
+
+
+class OscarQuantizedCache(Cache):
+    """A 2-bit KV cache with BF16 attention-sink and recent windows, for `model.generate(past_key_values=...)`.
+
+    Args:
+        config: the model's config (`model.config`).
+        rotations: an `OscarRotations` bundle (method `"oscar"`), or `None` with `method="hadamard"`/`"naive"`.
+        method: `"oscar"` (default when `rotations` is given), `"hadamard"` or `"naive"`.
+        sink_tokens: leading tokens kept exact (default 64).
+        recent_tokens: newest tokens kept exact (default 256).
+        k_clip_ratio, v_clip_ratio: override the bundle's clip quantiles (defaults 0.96 / 0.92; naive: 1.0).
+        demote_block: recent tokens quantized together when the window overflows (default 64).
+        max_cache_len: allocate the 2-bit body once for this many tokens instead of growing it.
+        check_finite: raise a `ValueError` on NaN/Inf keys or values (one host sync per layer and step).
+
+    Full-attention layers are quantized; sliding-window layers (Gemma 2/3, Mistral) keep transformers' exact
+    sliding-window layer, which is already bounded in size. Use `attn_implementation="oscar"` when loading the model
+    so that decode reads the 2-bit storage directly; with another attention implementation the cache still works but
+    hands attention a dequantized copy of the history at every step.
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        rotations: OscarRotations | None = None,
+        method: str | None = None,
+        *,
+        sink_tokens: int = 64,
+        recent_tokens: int = 256,
+        k_clip_ratio: float | None = None,
+        v_clip_ratio: float | None = None,
+        demote_block: int = 64,
+        max_cache_len: int | None = None,
+        check_finite: bool = False,
+    ):
+        for name, value, low in (
+            ("sink_tokens", sink_tokens, 0),
+            ("recent_tokens", recent_tokens, 0),
+            ("demote_block", demote_block, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        for name, value in (("k_clip_ratio", k_clip_ratio), ("v_clip_ratio", v_clip_ratio)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"`{name}` is a quantile and must lie in (0, 1], got {value!r}.")
+
+        text_config, num_layers, num_kv_heads, head_dim, layer_types = model_geometry(config)
+        method = method or ("oscar" if rotations is not None else None)
+        if method is None:
+            raise ValueError(
+                "Pass `rotations=` (an OscarRotations bundle, see `OscarQuantizedCache.from_pretrained`) or a "
+                "calibration-free baseline `method='hadamard'` or `method='naive'`."
+            )
+        if rotations is None:
+            rotations = OscarRotations.data_free(method, num_layers, num_kv_heads, head_dim, k_clip_ratio, v_clip_ratio)
+        elif method != rotations.method:
+            raise ValueError(f"method={method!r} does not match the bundle's method {rotations.method!r}.")
+        model_name = getattr(text_config, "_name_or_path", None) or text_config.model_type
+        rotations.check_compatible(num_layers, num_kv_heads, head_dim, model_name=model_name)
+        unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unsupported:
+            raise ValueError(
+                f"OscarQuantizedCache supports full and sliding-window attention layers; {model_name} has layer types "
+                f"{unsupported}."
+            )
+
+        layers = []
+        for idx, layer_type in enumerate(layer_types):
+            if layer_type == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
+                continue
+            k_rot, v_rot = rotations.layer_rotations(idx)
+            layers.append(
+                OscarQuantizedLayer(
+                    k_rot,
+                    v_rot,
+                    k_clip_ratio if k_clip_ratio is not None else float(rotations.k_clip_ratios[idx]),
+                    v_clip_ratio if v_clip_ratio is not None else float(rotations.v_clip_ratios[idx]),
+                    sink_tokens=sink_tokens,
+                    recent_tokens=recent_tokens,
+                    demote_block=demote_block,
+                    max_cache_len=max_cache_len,
+                    check_finite=check_finite,
+                    layer_idx=idx,
+                )
+            )
+        super().__init__(layers=layers)
+        self.config = text_config
+        self.rotations = rotations
+        self.method = method
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if isinstance(layer, OscarQuantizedLayer):
+            reads_segments = getattr(self.config, "_attn_implementation", None) == OSCAR_ATTENTION
+            return layer.update(key_states, value_states, return_segments=reads_segments)
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+    def quantized_layers(self) -> list[OscarQuantizedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, OscarQuantizedLayer)]
+
+    def kv_bits_per_element(self) -> float:
+        """Bits per cached K/V element, from the bytes the quantized layers actually hold (sink, body with scales
+        and offsets, recent window); spare capacity is not counted (see `allocated_bytes`)."""
+        elements = sum(
+            2 * layer.batch_size * layer.num_heads * layer.head_dim * layer.get_seq_length()
+            for layer in self.quantized_layers()
+            if layer.is_initialized
+        )
+        if elements == 0:
+            raise ValueError("The cache holds no tokens yet: run a forward pass first.")
+        return 8 * self.held_bytes() / elements
+
+    def held_bytes(self) -> int:
+        """Bytes of K/V data held by the quantized layers (valid tokens only)."""
+        return sum(layer.held_bytes() for layer in self.quantized_layers())
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every buffer of the quantized layers, spare capacity included."""
+        return sum(layer.allocated_bytes() for layer in self.quantized_layers())

@@ -1,0 +1,139 @@
+"""The reference quantization math: the one source of truth that every kernel is tested against.
+
+Everything here works on *rows*: the last dimension is one (token, head) vector of `head_dim` values, already
+rotated. A row is clipped to a quantile of its absolute values, then quantized to 2 bits with an asymmetric
+min-max grid (4 levels), and stored as packed codes plus a per-row `scale` and `offset` (the value of code 0):
+
+    value ~= code * scale + offset,  code in {0, 1, 2, 3}
+
+Packing layout ("planar"): byte `i` of a row (0 <= i < head_dim / 4) holds the codes of channels
+`i`, `i + head_dim/4`, `i + head_dim/2` and `i + 3*head_dim/4` in bits 0-1, 2-3, 4-5 and 6-7. A kernel that loads
+the `head_dim / 4` bytes of a row and shifts them by 0, 2, 4, 6 gets four contiguous quarters of the row, so it never
+has to interleave registers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CODES_PER_BYTE = 4
+NUM_LEVELS = 4  # 2 bits
+# Scale and offset are kept in float16: 11 bits of mantissa keep the grid accurate, and 2 x 16 bits per 128-value row
+# is the 0.25 bit/element overhead the 2.25 bits/element budget allows.
+PARAM_DTYPE = torch.float16
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of size `n` (a power of two), entries +-1/sqrt(n)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(
+            f"A Hadamard rotation needs a power-of-two head_dim, got {n}. "
+            "Supported head_dim values are 64, 128, 256 (any power of two)."
+        )
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(dtype)
+
+
+def bit_reversal_permutation(n: int) -> torch.Tensor:
+    """Indices `0..n-1` in bit-reversed order (`n` a power of two): spreads consecutive indices far apart."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"A bit-reversal permutation needs a power-of-two size, got {n}.")
+    bits = n.bit_length() - 1
+    return torch.tensor([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(n)], dtype=torch.long)
+
+
+def clip_threshold(rows: torch.Tensor, clip_ratio: float | torch.Tensor) -> torch.Tensor:
+    """The `clip_ratio` quantile of `|row|` for each row (linear interpolation, as `torch.quantile`).
+
+    Written with an explicit sort so that a kernel can reproduce it exactly: sort `|row|`, then interpolate between
+    the two order statistics around position `clip_ratio * (head_dim - 1)`. `clip_ratio` may be a scalar or a tensor
+    broadcastable to `rows.shape[:-1]` (one ratio per head, say).
+    """
+    n = rows.shape[-1]
+    ratio = torch.as_tensor(clip_ratio, dtype=torch.float32, device=rows.device)
+    ratio = ratio.expand(rows.shape[:-1])
+    pos = ratio * (n - 1)
+    lo = pos.floor().long().clamp(0, n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = pos - lo.to(pos.dtype)
+    sorted_abs = rows.abs().float().sort(dim=-1).values
+    lo_val = sorted_abs.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+    hi_val = sorted_abs.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
+    return lo_val + frac * (hi_val - lo_val)
+
+
+@dataclass
+class QuantizedRows:
+    """Packed 2-bit rows: `codes` uint8 `[..., head_dim // 4]`, `scale` and `offset` float16 `[...]`."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+
+def quantize_rows(rows: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0) -> QuantizedRows:
+    """Clip each row to its `clip_ratio` quantile of `|x|`, then quantize it to 2 bits (asymmetric min-max).
+
+    Rows are independent: a row holding NaN or Inf gets a non-finite scale and never touches any other row.
+    `clip_ratio=1.0` clips nothing (the quantile is the max).
+    """
+    if rows.shape[-1] % CODES_PER_BYTE:
+        raise ValueError(f"head_dim must be a multiple of {CODES_PER_BYTE} to pack 2-bit codes, got {rows.shape[-1]}.")
+    x = rows.float()
+    threshold = clip_threshold(x, clip_ratio).unsqueeze(-1)
+    x = torch.minimum(torch.maximum(x, -threshold), threshold)
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    # Scale and offset are rounded to their storage dtype first and the codes chosen against the rounded grid, so
+    # that dequantization uses exactly the grid the codes were picked on.
+    lo = lo.clamp(-_FP16_MAX, _FP16_MAX).to(PARAM_DTYPE).float()
+    scale = ((hi - lo) / (NUM_LEVELS - 1)).clamp(max=_FP16_MAX).to(PARAM_DTYPE).float()
+    # A constant row has a null range: any code decodes to the offset, so the division is guarded, not skipped.
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.floor((x - lo) / safe_scale + 0.5).clamp(0, NUM_LEVELS - 1)
+    codes = torch.nan_to_num(codes, nan=0.0).to(torch.uint8)
+    return QuantizedRows(pack_codes(codes), scale.squeeze(-1).to(PARAM_DTYPE), lo.squeeze(-1).to(PARAM_DTYPE))
+
+
+def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_rows` (up to the quantization error): `code * scale + offset`."""
+    codes = unpack_codes(q.codes).float()
+    return (codes * q.scale.float().unsqueeze(-1) + q.offset.float().unsqueeze(-1)).to(dtype)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """`[..., head_dim]` codes in 0..3 -> `[..., head_dim // 4]` bytes, planar layout (see the module docstring)."""
+    quarters = codes.to(torch.uint8).unflatten(-1, (CODES_PER_BYTE, -1))  # [..., 4, head_dim // 4]
+    packed = quarters[..., 0, :]
+    for s in range(1, CODES_PER_BYTE):
+        packed = packed | (quarters[..., s, :] << (2 * s))
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """`[..., head_dim // 4]` bytes -> `[..., head_dim]` codes in 0..3 (uint8)."""
+    quarters = [(packed >> (2 * s)) & 0x3 for s in range(CODES_PER_BYTE)]
+    return torch.cat(quarters, dim=-1)
+
+
+def rotate(rows: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """`rows @ rotation` in float32. `rows` is `[batch, heads, seq, head_dim]`; `rotation` is `[head_dim, head_dim]`
+    (one per layer) or `[heads, head_dim, head_dim]` (one per KV head)."""
+    r = rotation.to(device=rows.device, dtype=torch.float32)
+    if r.dim() == 3:
+        r = r.unsqueeze(0)  # [1, heads, D, D] broadcasts over the batch
+    return torch.matmul(rows.float(), r)
+
+
+def unrotate(rows: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """`rows @ rotation^T` in float32: undoes `rotate` (rotations are orthogonal)."""
+    r = rotation.to(device=rows.device, dtype=torch.float32)
+    if r.dim() == 3:
+        r = r.unsqueeze(0)
+    return torch.matmul(rows.float(), r.transpose(-1, -2))

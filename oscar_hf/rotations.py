@@ -1,0 +1,159 @@
+"""`OscarRotations`: the per-layer K and V rotations and clip ratios that a cache quantizes with.
+
+The three methods differ only in this data: `naive` carries no rotation and no clipping, `hadamard` carries the
+data-free normalised Hadamard matrix, `oscar` carries rotations fitted offline on calibration text. Rotations are
+stored as `[num_layers, groups, head_dim, head_dim]` float32 where `groups` is 1 (one rotation per layer, the
+reference recipe) or `num_kv_heads` (one per KV head). A row vector `k` is stored as `k @ R`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .quantization import hadamard_matrix
+
+METHODS = ("naive", "hadamard", "oscar")
+# The reference recipe's clip quantiles: values beyond them are outliers worth sacrificing at 4 levels.
+DEFAULT_K_CLIP = 0.96
+DEFAULT_V_CLIP = 0.92
+ORTHOGONALITY_TOLERANCE = 1e-3
+
+
+@dataclass
+class OscarRotations:
+    """Rotations and clip ratios for every decoder layer of one model.
+
+    Attributes:
+        method: `"naive"`, `"hadamard"` or `"oscar"`.
+        k_rotations, v_rotations: `[num_layers, groups, head_dim, head_dim]` float32, or `None` for no rotation.
+        k_clip_ratios, v_clip_ratios: `[num_layers]` float32 quantiles in (0, 1].
+        num_kv_heads: KV heads of the model the rotations were made for.
+        k_eigenvalues, v_eigenvalues: `[num_layers, groups, head_dim]` spectra of the fitted covariances (oscar only).
+        metadata: free-form provenance (model id, revision, calibration data, token count, ...).
+    """
+
+    method: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    k_clip_ratios: torch.Tensor
+    v_clip_ratios: torch.Tensor
+    k_rotations: torch.Tensor | None = None
+    v_rotations: torch.Tensor | None = None
+    k_eigenvalues: torch.Tensor | None = None
+    v_eigenvalues: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.k_clip_ratios = torch.as_tensor(self.k_clip_ratios, dtype=torch.float32).reshape(-1)
+        self.v_clip_ratios = torch.as_tensor(self.v_clip_ratios, dtype=torch.float32).reshape(-1)
+        if self.k_clip_ratios.numel() == 1:
+            self.k_clip_ratios = self.k_clip_ratios.expand(self.num_layers).clone()
+        if self.v_clip_ratios.numel() == 1:
+            self.v_clip_ratios = self.v_clip_ratios.expand(self.num_layers).clone()
+        self.validate()
+
+    @classmethod
+    def data_free(
+        cls,
+        method: str,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        k_clip_ratio: float | None = None,
+        v_clip_ratio: float | None = None,
+    ) -> "OscarRotations":
+        """The calibration-free baselines: `naive` (no rotation, no clip) or `hadamard` (QuaRot-style rotation,
+        clipped at the reference quantiles unless told otherwise, so that only the rotation differs from oscar)."""
+        if method == "naive":
+            k_clip = 1.0 if k_clip_ratio is None else k_clip_ratio
+            v_clip = 1.0 if v_clip_ratio is None else v_clip_ratio
+            return cls("naive", num_layers, num_kv_heads, head_dim, torch.tensor(k_clip), torch.tensor(v_clip))
+        if method == "hadamard":
+            h = hadamard_matrix(head_dim, torch.float32).expand(num_layers, 1, head_dim, head_dim).clone()
+            k_clip = DEFAULT_K_CLIP if k_clip_ratio is None else k_clip_ratio
+            v_clip = DEFAULT_V_CLIP if v_clip_ratio is None else v_clip_ratio
+            return cls(
+                "hadamard", num_layers, num_kv_heads, head_dim, torch.tensor(k_clip), torch.tensor(v_clip), h, h.clone()
+            )
+        if method == "oscar":
+            raise ValueError(
+                "method='oscar' needs fitted rotations: pass `rotations=OscarRotations.from_pretrained(...)`, use "
+                "`OscarQuantizedCache.from_pretrained(...)`, or fit them with `oscar-calibrate`. "
+                "For a calibration-free baseline use method='hadamard' or method='naive'."
+            )
+        raise ValueError(f"Unknown method {method!r}: expected one of {METHODS}.")
+
+    @property
+    def groups(self) -> int:
+        """1 when one rotation serves every KV head of a layer, `num_kv_heads` for one rotation per head."""
+        return 1 if self.k_rotations is None else self.k_rotations.shape[1]
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the first problem: wrong shapes, non-finite or non-orthogonal rotations, or
+        clip ratios outside (0, 1]."""
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}: expected one of {METHODS}.")
+        for name in ("k_clip_ratios", "v_clip_ratios"):
+            ratios = getattr(self, name)
+            if ratios.numel() != self.num_layers:
+                raise ValueError(f"{name} has {ratios.numel()} entries for {self.num_layers} layers.")
+            if not torch.isfinite(ratios).all() or (ratios <= 0).any() or (ratios > 1).any():
+                raise ValueError(f"{name} must lie in (0, 1], got {ratios.tolist()}.")
+        if (self.k_rotations is None) != (self.v_rotations is None):
+            raise ValueError("K and V rotations must both be given or both be absent.")
+        if self.k_rotations is None:
+            if self.method != "naive":
+                raise ValueError(f"method={self.method!r} needs rotation matrices; only 'naive' has none.")
+            return
+        for name in ("k_rotations", "v_rotations"):
+            r = getattr(self, name)
+            expected_groups = (1, self.num_kv_heads)
+            if r.dim() != 4 or r.shape[0] != self.num_layers or r.shape[1] not in expected_groups or r.shape[2:] != (
+                self.head_dim,
+                self.head_dim,
+            ):
+                raise ValueError(
+                    f"{name} has shape {tuple(r.shape)}; expected [{self.num_layers}, 1 or {self.num_kv_heads}, "
+                    f"{self.head_dim}, {self.head_dim}] (layers, groups, head_dim, head_dim)."
+                )
+            if not torch.isfinite(r).all():
+                bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(r))[:, 0]})
+                raise ValueError(f"{name} holds NaN or Inf values (layers {bad}).")
+            r64 = r.double()
+            eye = torch.eye(self.head_dim, dtype=torch.float64)
+            err = (r64.transpose(-1, -2) @ r64 - eye).abs().amax(dim=(-1, -2))
+            if (err > ORTHOGONALITY_TOLERANCE).any():
+                layer = int(torch.nonzero(err > ORTHOGONALITY_TOLERANCE)[0, 0])
+                raise ValueError(
+                    f"{name} of layer {layer} is not orthogonal (max |R^T R - I| = {err.max().item():.3g} > "
+                    f"{ORTHOGONALITY_TOLERANCE}); the cache would return wrong attention outputs."
+                )
+
+    def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int, model_name: str = "the model"):
+        """Raise a `ValueError` when these rotations were made for a model of another shape."""
+        mismatches = [
+            f"{what}: bundle {ours}, {model_name} {theirs}"
+            for what, ours, theirs in (
+                ("layers", self.num_layers, num_layers),
+                ("KV heads", self.num_kv_heads, num_kv_heads),
+                ("head_dim", self.head_dim, head_dim),
+            )
+            if ours != theirs
+        ]
+        if mismatches:
+            source = self.metadata.get("model_id", "another model")
+            raise ValueError(
+                f"These rotations were made for {source} and do not fit {model_name} ("
+                + "; ".join(mismatches)
+                + "). Calibrate rotations for this model with `oscar-calibrate`."
+            )
+
+    def layer_rotations(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(R_K, R_V)` for one layer, each `[groups, head_dim, head_dim]` or `None` (no rotation)."""
+        if self.k_rotations is None:
+            return None, None
+        return self.k_rotations[layer_idx], self.v_rotations[layer_idx]
