@@ -29,8 +29,8 @@ class OscarQuantizedCache(Cache):
 
     Args:
         config: the model's config (`model.config`).
-        rotations: an `OscarRotations` bundle (method `"oscar"`), or `None` with `method="hadamard"`/`"naive"`.
-        method: `"oscar"` (default when `rotations` is given), `"hadamard"` or `"naive"`.
+        rotations: an `OscarRotations` bundle, or `None` with `method="hadamard"`/`"naive"`.
+        method: `"oscar"`, `"hadamard"` or `"naive"`; defaults to the bundle's method.
         sink_tokens: leading tokens kept exact (default 64).
         recent_tokens: newest tokens kept exact (default 256).
         k_clip_ratio, v_clip_ratio: override the bundle's clip quantiles (defaults 0.96 / 0.92; naive: 1.0).
@@ -70,7 +70,7 @@ class OscarQuantizedCache(Cache):
                 raise ValueError(f"`{name}` is a quantile and must lie in (0, 1], got {value!r}.")
 
         text_config, num_layers, num_kv_heads, head_dim, layer_types = model_geometry(config)
-        method = method or ("oscar" if rotations is not None else None)
+        method = method or (rotations.method if rotations is not None else None)
         if method is None:
             raise ValueError(
                 "Pass `rotations=` (an OscarRotations bundle, see `OscarQuantizedCache.from_pretrained`) or a "

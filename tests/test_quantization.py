@@ -1,0 +1,134 @@
+"""The reference quantizer: packing layout, clipping, round-trip bounds, adversarial and non-finite rows."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oscar_hf.quantization import (
+    bit_reversal_permutation,
+    clip_threshold,
+    dequantize_rows,
+    hadamard_matrix,
+    pack_codes,
+    quantize_rows,
+    unpack_codes,
+)
+
+
+def test_packing_layout_is_planar_quarters():
+    codes = torch.zeros(1, 8, dtype=torch.uint8)
+    codes[0, 1] = 3  # channel 1 -> byte 1, bits 0-1
+    codes[0, 2] = 1  # channel 2 = quarter 1 of byte 0 -> bits 2-3
+    codes[0, 7] = 2  # channel 7 = quarter 3 of byte 1 -> bits 6-7
+    packed = pack_codes(codes)
+    assert packed.tolist() == [[0b00000100, 0b10000011]]
+    assert torch.equal(unpack_codes(packed), codes)
+
+
+@given(st.integers(1, 4), st.sampled_from([4, 64, 128, 256]), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_pack_unpack_round_trip(rows, head_dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (rows, head_dim), generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes)
+    assert packed.shape == (rows, head_dim // 4) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_codes(packed), codes)
+
+
+def test_clip_threshold_matches_torch_quantile():
+    x = torch.randn(50, 128)
+    for ratio in (0.5, 0.92, 0.96, 1.0):
+        expected = torch.quantile(x.abs(), ratio, dim=-1)
+        torch.testing.assert_close(clip_threshold(x, ratio), expected)
+
+
+@given(
+    st.sampled_from([64, 128]),
+    st.floats(0.5, 1.0),
+    st.floats(1e-3, 1e3),
+    st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=60, deadline=None)
+def test_round_trip_error_is_within_half_a_step_of_the_clipped_row(head_dim, ratio, magnitude, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, head_dim, generator=g) * magnitude
+    q = quantize_rows(x, ratio)
+    y = dequantize_rows(q)
+    threshold = clip_threshold(x, ratio).unsqueeze(-1)
+    clipped = x.clamp(-threshold, threshold)
+    step = q.scale.float().unsqueeze(-1)
+    # Codes sit on a grid of step `scale`; fp16 rounding of offset and scale adds a tiny relative error.
+    slack = 1e-3 * clipped.abs().amax(-1, keepdim=True) + 1e-6
+    assert ((y - clipped).abs() <= step / 2 + slack).all()
+    # Clipping never moves a value by more than the distance to its threshold.
+    assert ((x - clipped).abs() <= (x.abs() - threshold).clamp_min(0) + 1e-6).all()
+
+
+def test_unclipped_rows_keep_their_extremes_exactly_up_to_fp16():
+    x = torch.randn(16, 128)
+    y = dequantize_rows(quantize_rows(x, 1.0))
+    torch.testing.assert_close(y.amin(-1), x.amin(-1), atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(y.amax(-1), x.amax(-1), atol=1e-2, rtol=1e-3)
+
+
+def test_constant_row_decodes_to_itself():
+    x = torch.full((3, 128), 2.5)
+    q = quantize_rows(x, 0.96)
+    assert (q.scale == 0).all()
+    torch.testing.assert_close(dequantize_rows(q), x)
+
+
+def test_one_huge_outlier_is_clipped_and_the_rest_keeps_resolution():
+    x = torch.randn(1, 128)
+    x[0, 5] = 1e4
+    clipped = dequantize_rows(quantize_rows(x, 0.96))
+    unclipped = dequantize_rows(quantize_rows(x, 1.0))
+    rest = torch.arange(128) != 5
+    # Without clipping the outlier sets a step of ~3e3 and every other value collapses onto one level.
+    assert (clipped - x)[0, rest].abs().mean() < 0.5 * (unclipped - x)[0, rest].abs().mean()
+    assert clipped[0, 5] < 10
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+def test_non_finite_row_never_corrupts_other_rows(poison):
+    x = torch.randn(4, 128)
+    clean = quantize_rows(x, 0.96)
+    x_bad = x.clone()
+    x_bad[2, 7] = poison
+    bad = quantize_rows(x_bad, 0.96)
+    keep = torch.tensor([0, 1, 3])
+    assert torch.equal(bad.codes[keep], clean.codes[keep])
+    assert torch.equal(bad.scale[keep], clean.scale[keep])
+    assert torch.equal(bad.offset[keep], clean.offset[keep])
+    assert torch.isfinite(dequantize_rows(bad)[keep]).all()
+
+
+def test_per_head_clip_ratios_broadcast_over_rows():
+    x = torch.randn(2, 3, 5, 64)  # batch, heads, tokens, head_dim
+    ratios = torch.tensor([0.5, 0.9, 1.0]).view(1, 3, 1)
+    got = clip_threshold(x, ratios)
+    for h, r in enumerate([0.5, 0.9, 1.0]):
+        torch.testing.assert_close(got[:, h], torch.quantile(x[:, h].abs(), r, dim=-1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 128, 256])
+def test_hadamard_is_orthonormal_with_equal_magnitudes(n):
+    h = hadamard_matrix(n)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=h.dtype))
+    assert torch.allclose(h.abs(), torch.full_like(h, 1 / math.sqrt(n)))
+
+
+@pytest.mark.parametrize("n", [0, 3, 96, 100])
+def test_hadamard_rejects_non_power_of_two(n):
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_matrix(n)
+
+
+def test_bit_reversal_is_a_permutation_and_an_involution():
+    p = bit_reversal_permutation(128)
+    assert sorted(p.tolist()) == list(range(128))
+    assert torch.equal(p[p], torch.arange(128))
+    assert p[:4].tolist() == [0, 64, 32, 96]
