@@ -1,0 +1,67 @@
+"""`oscar_hf.kernels`: Triton kernels for the generate() hot path.
+
+- `quantize.py`: the write path (per-row quantile clip + asymmetric INT2 + planar pack, straight into the layer's
+  body buffers), used when recent tokens are demoted and when a prompt is stored.
+- `decode_attention.py`: split-K decode attention over the BF16 sink, the packed INT2 body and the BF16 recent window,
+  with the query rotated by R_K and the output un-rotated by R_V^T inside the kernels.
+
+Both are checked against the PyTorch reference in `oscar_hf` (`quantization.quantize_rows`,
+`attention.segment_attention_reference`), which also stays the CPU path. Triton is imported only when a CUDA tensor
+first reaches these entry points, so `import oscar_hf` works without it. Set `OSCAR_HF_KERNELS=0`, or call
+`set_enabled(False)`, to run the PyTorch reference on CUDA too.
+"""
+
+from __future__ import annotations
+
+import os
+
+_ENABLED = os.environ.get("OSCAR_HF_KERNELS", "1") != "0"
+_TRITON_OK: bool | None = None
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the Triton paths on or off (process-wide); off means the PyTorch reference everywhere."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def triton_available() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_OK = True
+        except ImportError:
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def enabled() -> bool:
+    return _ENABLED and triton_available()
+
+
+def decode_attention_fast_path(query, segments, attention_mask, scaling):
+    """The `"oscar"` attention function's CUDA path: the kernel output, or None to fall back to the reference."""
+    if not (_ENABLED and query.is_cuda and triton_available()):
+        return None
+    from .decode_attention import oscar_decode_attention, unsupported_reason
+
+    if unsupported_reason(query, segments.layer, attention_mask, segments.num_new) is not None:
+        return None
+    return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new)
+
+
+def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset) -> bool:
+    """Quantize `rows` into the given buffers with the Triton kernel; False (nothing written) when it cannot."""
+    if not (_ENABLED and rows.is_cuda and triton_available()):
+        return False
+    from .quantize import can_quantize, quantize_rows_into
+
+    if not can_quantize(rows):
+        return False
+    quantize_rows_into(rows, clip_ratio, codes, scale, offset)
+    return True
+
+
+__all__ = ["decode_attention_fast_path", "enabled", "quantize_into_fast_path", "set_enabled", "triton_available"]

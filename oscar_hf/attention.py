@@ -5,8 +5,9 @@ Load a model with `attn_implementation="oscar"` (after `import oscar_hf`) and ev
 over sink + 2-bit body + recent window, and the output is un-rotated by R_V^T. With any other cache, or on the
 first (prefill) forward, it is PyTorch SDPA.
 
-The function here is the PyTorch reference: it dequantizes the body into a temporary and calls SDPA. The CUDA kernels
-in `oscar_hf.kernels` replace it on the decode hot path and are tested against it.
+`segment_attention_reference` is the PyTorch reference: it dequantizes the body into a temporary and calls SDPA. On
+CUDA, the Triton kernels in `oscar_hf.kernels` replace it on the decode hot path (up to 8 new tokens, boolean or no
+mask) and are tested against it; whatever they decline runs the reference.
 """
 
 from __future__ import annotations
@@ -20,15 +21,28 @@ from .quantization import rotate, unrotate
 
 OSCAR_ATTENTION = "oscar"
 
-# Set by `oscar_hf.kernels` when Triton and a GPU are available: a callable that takes (query, segments, mask,
-# scaling) and returns the attention output `[batch, heads, q_len, head_dim]` un-rotated, or None to decline.
-_FAST_PATH = None
+# The kernel path tried before the reference on CUDA: a callable that takes (query, segments, mask, scaling) and
+# returns the attention output `[batch, heads, q_len, head_dim]` un-rotated, or None to decline. By default it is
+# `oscar_hf.kernels.decode_attention_fast_path`, imported on first use so that Triton stays optional.
+_AUTO = object()
+_FAST_PATH = _AUTO
 
 
 def set_fast_path(fn) -> None:
     """Install (or remove, with `None`) the kernel path tried before the reference."""
     global _FAST_PATH
     _FAST_PATH = fn
+
+
+def _fast_path():
+    global _FAST_PATH
+    if _FAST_PATH is _AUTO:
+        try:
+            from .kernels import decode_attention_fast_path as fn
+        except ImportError:  # pragma: no cover - the kernels package is part of the distribution
+            fn = None
+        _FAST_PATH = fn
+    return _FAST_PATH
 
 
 def expand_rotation(rotation: torch.Tensor, num_query_heads: int) -> torch.Tensor:
@@ -83,8 +97,9 @@ def oscar_attention_forward(
     if not isinstance(key, OscarSegments):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     out = None
-    if _FAST_PATH is not None:
-        out = _FAST_PATH(query, key, attention_mask, scaling)
+    fast = _fast_path() if query.is_cuda else None
+    if fast is not None:
+        out = fast(query, key, attention_mask, scaling)
     if out is None:
         out = segment_attention_reference(query, key, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -275,24 +275,25 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.recent_len = kept
 
     def _demote(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize rotated rows and append them to the 2-bit body."""
+        """Quantize rotated rows and append them to the 2-bit body (the Triton write kernel on CUDA, straight into
+        the body buffers; the reference `quantize_rows` otherwise)."""
         n = keys.shape[-2]
         self._reserve_body(self.body_len + n)
-        for start in range(0, n, _QUANTIZE_SLICE_ROWS):
-            stop = min(n, start + _QUANTIZE_SLICE_ROWS)
-            at = slice(self.body_len + start, self.body_len + stop)
-            qk = quantize_rows(keys[:, :, start:stop], self.k_clip_ratio)
-            qv = quantize_rows(values[:, :, start:stop], self.v_clip_ratio)
-            self.body_key_codes[:, :, at], self.body_key_scale[:, :, at], self.body_key_offset[:, :, at] = (
-                qk.codes,
-                qk.scale,
-                qk.offset,
-            )
-            self.body_value_codes[:, :, at], self.body_value_scale[:, :, at], self.body_value_offset[:, :, at] = (
-                qv.codes,
-                qv.scale,
-                qv.offset,
-            )
+        kernel = None
+        if keys.is_cuda:
+            from .kernels import quantize_into_fast_path as kernel
+        at = slice(self.body_len, self.body_len + n)
+        for rows, ratio, codes, scale, offset in (
+            (keys, self.k_clip_ratio, self.body_key_codes, self.body_key_scale, self.body_key_offset),
+            (values, self.v_clip_ratio, self.body_value_codes, self.body_value_scale, self.body_value_offset),
+        ):
+            if kernel is not None and kernel(rows, ratio, codes[:, :, at], scale[:, :, at], offset[:, :, at]):
+                continue
+            for start in range(0, n, _QUANTIZE_SLICE_ROWS):
+                stop = min(n, start + _QUANTIZE_SLICE_ROWS)
+                q = quantize_rows(rows[:, :, start:stop], ratio)
+                dst = slice(self.body_len + start, self.body_len + stop)
+                codes[:, :, dst], scale[:, :, dst], offset[:, :, dst] = q.codes, q.scale, q.offset
         self.body_len += n
 
     # ------------------------------------------------------------------ reads

@@ -1,0 +1,480 @@
+"""Triton decode attention over an `OscarQuantizedLayer`: BF16 sink + packed INT2 body + BF16 recent window.
+
+Split-K ("flash-decoding"), two launches:
+
+- **stage 1**, grid `(batch * kv_heads, body_splits + 1)`. A program serves *all* query rows of one KV head (the
+  `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. Programs
+  `0 .. body_splits-1` each walk one chunk of the 2-bit body; the last program walks the sink and the recent window.
+  The query is rotated by R_K in the prologue (float32, IEEE dot). Each program writes its partial output, running
+  max and running sum (base-2 online softmax).
+- **stage 2**, grid `(batch * kv_heads,)`: merges the partials of every split, normalises, un-rotates by R_V^T and
+  writes `[batch, q_len, heads, head_dim]` memory (returned as the `[batch, heads, q_len, head_dim]` view).
+
+INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
+row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
+
+    q . k     = scale * sum_s (q_s . codes_s) + offset * sum(q)
+    sum_n p v = sum_s [(p * scale_v) @ (codes_s - 1.5)]  ++  sum_n p * (offset_v + 1.5 * scale_v)
+
+Codes 0..3 are exact in bf16/fp16, so the tensor cores multiply them directly; the scale/offset corrections are one
+multiply-add per (row, key). The PyTorch reference is `oscar_hf.attention.segment_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
+
+MAX_QUERY_LEN = 8
+MAX_BLOCK_M = 64
+_LOG2E = 1.4426950408889634
+_MASKED = tl.constexpr(-1.0e30)  # a finite "minus infinity": exp2 of a difference of two of them stays finite (no NaN)
+
+_SM_COUNT: dict[int, int] = {}
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _mma(a, b, FP32_DOT: tl.constexpr):
+    """`a @ b` with float32 accumulation. Triton's CPU interpreter multiplies bf16 operands as their integer bit
+    patterns, so under the interpreter the (bf16-valued) operands go in as float32: the same products, exactly."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _round(x, DT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """`x.to(DT)`, rounding to nearest even. Under the CPU interpreter (`FP32_DOT`), which truncates float32 to bf16,
+    the rounding is done on the bit pattern first, so that the interpreted kernel computes what the GPU computes."""
+    if FP32_DOT and DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
+def _codes(packed, shift: tl.constexpr, DT: tl.constexpr):
+    """The 2-bit codes at bit offset `shift` of each byte, as small exact floats (through float32: the CPU
+    interpreter converts integers to bf16 by bit pattern)."""
+    return ((packed >> shift) & 3).to(tl.float32).to(DT)
+
+
+@triton.jit
+def _centred_codes(packed, shift: tl.constexpr):
+    """`code - 1.5` for the codes at bit offset `shift`: -1.5, -0.5, 0.5, 1.5, exact in float16."""
+    return (((packed >> shift) & 3).to(tl.float32) - 1.5).to(tl.float16)
+
+
+@triton.jit
+def _query_quarter(q_rows, row_ok, r_base, s: tl.constexpr, D: tl.constexpr, QD: tl.constexpr, HAS_RK: tl.constexpr):
+    """Channels `[s*QD, (s+1)*QD)` of the query rows rotated by R_K (float32, IEEE products), `[M, QD]`."""
+    if HAS_RK:
+        q = tl.load(q_rows[:, None] + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        r = tl.load(r_base + tl.arange(0, D)[:, None] * D + (s * QD + tl.arange(0, QD))[None, :])
+        return tl.dot(q, r, input_precision="ieee")
+    else:
+        return tl.load(
+            q_rows[:, None] + (s * QD + tl.arange(0, QD))[None, :], mask=row_ok[:, None], other=0.0
+        ).to(tl.float32)
+
+
+@triton.jit
+def _visible(pos, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK: tl.constexpr,
+             CAUSAL: tl.constexpr):
+    """[M, N] booleans: may query row (position `kv_len - q_len + qi`) attend to key position `pos`?"""
+    vis = row_ok[:, None] & n_ok[None, :]
+    if CAUSAL:
+        vis = vis & (pos[None, :] <= (kv_len - q_len + qi)[:, None])
+    if HAS_MASK:
+        allowed = tl.load(mask_ptr + b * sm_b + qi[:, None] * sm_q + pos[None, :] * sm_t, mask=vis, other=0)
+        vis = vis & (allowed != 0)
+    return vis
+
+
+@triton.jit
+def _online_softmax(scores, vis, m_i, l_i):
+    """Base-2 online softmax step: returns (p, alpha, new max, new sum); masked entries get p = 0."""
+    scores = tl.where(vis, scores, _MASKED)
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.where(vis, tl.math.exp2(scores - m_new[:, None]), 0.0)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _int2_block(
+    start, end, b, kvh, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
+    kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t, ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
+    pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
+    QD: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    offs = start + tl.arange(0, BLOCK_N)
+    n_ok = offs < end
+    offs64 = offs.to(tl.int64)
+    code_rows = b * s_c_b + kvh * s_c_h + offs64[:, None] * s_c_t + tl.arange(0, QD)[None, :]
+    p_rows = b * s_p_b + kvh * s_p_h + offs64
+    kc = tl.load(kc_ptr + code_rows, mask=n_ok[:, None], other=0).to(tl.int32)
+    vc = tl.load(vc_ptr + code_rows, mask=n_ok[:, None], other=0).to(tl.int32)
+    k_scale = tl.load(ks_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
+    k_off = tl.load(ko_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
+    v_scale = tl.load(vs_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
+    v_off = tl.load(vo_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
+
+    qk = _mma(q0, tl.trans(_codes(kc, 0, DT)), FP32_DOT)
+    qk += _mma(q1, tl.trans(_codes(kc, 2, DT)), FP32_DOT)
+    qk += _mma(q2, tl.trans(_codes(kc, 4, DT)), FP32_DOT)
+    qk += _mma(q3, tl.trans(_codes(kc, 6, DT)), FP32_DOT)
+    scores = (qk * k_scale[None, :] + qsum[:, None] * k_off[None, :]) * sm_scale_log2
+
+    vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
+    p, alpha, m_i, l_i = _online_softmax(scores, vis, m_i, l_i)
+    # Values decode as (code - 1.5) * scale + (offset + 1.5 * scale): centred codes keep the two sums from cancelling,
+    # and the (p * scale) operand goes in as float16 (11-bit mantissa; p * scale <= the float16 scale).
+    pv = (p * v_scale[None, :]).to(tl.float16)
+    a0 = a0 * alpha[:, None] + _mma(pv, _centred_codes(vc, 0), FP32_DOT)
+    a1 = a1 * alpha[:, None] + _mma(pv, _centred_codes(vc, 2), FP32_DOT)
+    a2 = a2 * alpha[:, None] + _mma(pv, _centred_codes(vc, 4), FP32_DOT)
+    a3 = a3 * alpha[:, None] + _mma(pv, _centred_codes(vc, 6), FP32_DOT)
+    a_off = a_off * alpha + tl.sum(p * (v_off + 1.5 * v_scale)[None, :], axis=1)
+    return m_i, l_i, a0, a1, a2, a3, a_off
+
+
+@triton.jit
+def _exact_block(
+    start, end, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
+    k_ptr, v_ptr, s_b, s_h, s_t,
+    pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
+    QD: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    offs = start + tl.arange(0, BLOCK_N)
+    n_ok = offs < end
+    rows = b * s_b + kvh * s_h + offs.to(tl.int64)[:, None] * s_t + tl.arange(0, QD)[None, :]
+    k0 = tl.load(k_ptr + rows, mask=n_ok[:, None], other=0.0)
+    k1 = tl.load(k_ptr + rows + QD, mask=n_ok[:, None], other=0.0)
+    k2 = tl.load(k_ptr + rows + 2 * QD, mask=n_ok[:, None], other=0.0)
+    k3 = tl.load(k_ptr + rows + 3 * QD, mask=n_ok[:, None], other=0.0)
+    v0 = tl.load(v_ptr + rows, mask=n_ok[:, None], other=0.0)
+    v1 = tl.load(v_ptr + rows + QD, mask=n_ok[:, None], other=0.0)
+    v2 = tl.load(v_ptr + rows + 2 * QD, mask=n_ok[:, None], other=0.0)
+    v3 = tl.load(v_ptr + rows + 3 * QD, mask=n_ok[:, None], other=0.0)
+    qk = _mma(q0, tl.trans(k0), FP32_DOT)
+    qk += _mma(q1, tl.trans(k1), FP32_DOT)
+    qk += _mma(q2, tl.trans(k2), FP32_DOT)
+    qk += _mma(q3, tl.trans(k3), FP32_DOT)
+    vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
+    p, alpha, m_i, l_i = _online_softmax(qk * sm_scale_log2, vis, m_i, l_i)
+    pv = _round(p, DT, FP32_DOT)
+    a0 = a0 * alpha[:, None] + _mma(pv, v0, FP32_DOT)
+    a1 = a1 * alpha[:, None] + _mma(pv, v1, FP32_DOT)
+    a2 = a2 * alpha[:, None] + _mma(pv, v2, FP32_DOT)
+    a3 = a3 * alpha[:, None] + _mma(pv, v3, FP32_DOT)
+    return m_i, l_i, a0, a1, a2, a3, a_off * alpha
+
+
+# ---------------------------------------------------------------------------------------------------------- stage 1
+@triton.jit
+def _decode_stage1(
+    q_ptr, sq_b, sq_h, sq_t,
+    rk_ptr, srk_g,
+    sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
+    rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
+    kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t,
+    ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
+    mask_ptr, sm_b, sm_q, sm_t,
+    part_o, part_m, part_l,
+    sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits,
+    sm_scale_log2,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+    HAS_RK: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    QD: tl.constexpr = D // 4
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    g = rows // q_len
+    qi = rows % q_len
+    row_ok = rows < group * q_len
+    kv_len = sink_len + body_len + recent_len
+
+    q_rows = q_ptr + b * sq_b + (kvh * group + g) * sq_h + qi * sq_t
+    r_base = rk_ptr + kvh * srk_g
+    # The reference rotates in float32 and rounds the rotated query to the storage dtype; so do we.
+    q0 = _round(_query_quarter(q_rows, row_ok, r_base, 0, D, QD, HAS_RK), DT, FP32_DOT)
+    q1 = _round(_query_quarter(q_rows, row_ok, r_base, 1, D, QD, HAS_RK), DT, FP32_DOT)
+    q2 = _round(_query_quarter(q_rows, row_ok, r_base, 2, D, QD, HAS_RK), DT, FP32_DOT)
+    q3 = _round(_query_quarter(q_rows, row_ok, r_base, 3, D, QD, HAS_RK), DT, FP32_DOT)
+
+    m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a0 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
+    a_off = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    if pid_s < num_splits - 1:
+        qsum = (
+            tl.sum(q0.to(tl.float32), axis=1)
+            + tl.sum(q1.to(tl.float32), axis=1)
+            + tl.sum(q2.to(tl.float32), axis=1)
+            + tl.sum(q3.to(tl.float32), axis=1)
+        )
+        lo = pid_s * body_chunk
+        hi = tl.minimum(lo + body_chunk, body_len)
+        for start in range(lo, hi, BLOCK_N):
+            m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
+                start, hi, b, kvh, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
+                kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t, ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
+                sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
+                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+            )
+    else:
+        for start in range(0, sink_len, BLOCK_N):
+            m_i, l_i, a0, a1, a2, a3, a_off = _exact_block(
+                start, sink_len, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
+                sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
+                0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
+                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+            )
+        for start in range(0, recent_len, BLOCK_N):
+            m_i, l_i, a0, a1, a2, a3, a_off = _exact_block(
+                start, recent_len, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
+                rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
+                sink_len + body_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
+                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+            )
+
+    part = (pid_bh * num_splits + pid_s).to(tl.int64)
+    o_rows = part_o + part * BLOCK_M * D + rows[:, None] * D + tl.arange(0, QD)[None, :]
+    tl.store(o_rows, a0 + a_off[:, None], mask=row_ok[:, None])
+    tl.store(o_rows + QD, a1 + a_off[:, None], mask=row_ok[:, None])
+    tl.store(o_rows + 2 * QD, a2 + a_off[:, None], mask=row_ok[:, None])
+    tl.store(o_rows + 3 * QD, a3 + a_off[:, None], mask=row_ok[:, None])
+    tl.store(part_m + part * BLOCK_M + rows, m_i, mask=row_ok)
+    tl.store(part_l + part * BLOCK_M + rows, l_i, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------- stage 2
+@triton.jit
+def _decode_stage2(
+    part_o, part_m, part_l,
+    rv_ptr, srv_g,
+    out_ptr, so_b, so_h, so_t,
+    num_splits, q_len, num_kv_heads, group,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_RV: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    QD: tl.constexpr = D // 4
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < group * q_len
+    cols = tl.arange(0, D)
+
+    m_tot = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
+    l_tot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        part = (pid_bh * num_splits + s).to(tl.int64)
+        m_s = tl.load(part_m + part * BLOCK_M + rows, mask=row_ok, other=_MASKED)
+        l_s = tl.load(part_l + part * BLOCK_M + rows, mask=row_ok, other=0.0)
+        o_s = tl.load(part_o + part * BLOCK_M * D + rows[:, None] * D + cols[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_tot, m_s)
+        alpha = tl.math.exp2(m_tot - m_new)
+        w = tl.math.exp2(m_s - m_new)
+        l_tot = l_tot * alpha + l_s * w
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        m_tot = m_new
+    o = acc / tl.where(row_ok, l_tot, 1.0)[:, None]
+
+    g = rows // q_len
+    qi = rows % q_len
+    out_rows = out_ptr + b * so_b + (kvh * group + g) * so_h + qi * so_t
+    if HAS_RV:
+        # out = o @ R_V^T, one quarter of output channels at a time: (R_V^T)[d, e] = R_V[e, d].
+        r_base = rv_ptr + kvh * srv_g
+        for s in tl.static_range(4):
+            e = s * QD + tl.arange(0, QD)
+            r_t = tl.load(r_base + e[None, :] * D + cols[:, None])
+            out_s = tl.dot(o, r_t, input_precision="ieee")
+            out_s = _round(out_s, out_ptr.dtype.element_ty, FP32_DOT)
+            tl.store(out_rows[:, None] + e[None, :], out_s, mask=row_ok[:, None])
+    else:
+        o = _round(o, out_ptr.dtype.element_ty, FP32_DOT)
+        tl.store(out_rows[:, None] + cols[None, :], o, mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------- launcher
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _rotation_arg(rotation: torch.Tensor | None, num_kv_heads: int, head_dim: int, device) -> tuple[torch.Tensor, int]:
+    """`(tensor, per-KV-head stride)` for a `[groups, D, D]` rotation (stride 0 when one rotation is shared)."""
+    if rotation is None:
+        return torch.empty(1, dtype=torch.float32, device=device), 0
+    r = rotation.to(device=device, dtype=torch.float32).reshape(-1, head_dim, head_dim).contiguous()
+    if r.shape[0] not in (1, num_kv_heads):
+        raise ValueError(f"A rotation of {r.shape[0]} groups does not fit {num_kv_heads} KV heads.")
+    return r, (head_dim * head_dim if r.shape[0] > 1 else 0)
+
+
+def unsupported_reason(query: torch.Tensor, layer, attention_mask: torch.Tensor | None, num_new: int) -> str | None:
+    """Why the kernel cannot serve this call (None when it can). Every case here falls back to the reference."""
+    if not (query.is_cuda or _interpreting()):
+        return "query is not on a CUDA device"
+    if not getattr(layer, "is_initialized", False):
+        return "layer is empty"
+    bsz, num_heads, q_len, head_dim = query.shape
+    if query.dtype not in (torch.bfloat16, torch.float16) or layer.dtype != query.dtype:
+        return f"dtypes query {query.dtype} / cache {layer.dtype} (needs bf16 or fp16, equal)"
+    if query.device != layer.device:
+        return "query and cache on different devices"
+    if not 1 <= q_len <= MAX_QUERY_LEN:
+        return f"q_len {q_len} outside 1..{MAX_QUERY_LEN}"
+    if head_dim != layer.head_dim or head_dim < 64 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} (needs a power of two >= 64 equal to the cache's)"
+    if bsz != layer.batch_size or num_heads % layer.num_heads:
+        return "batch or head count does not match the cache"
+    group = num_heads // layer.num_heads
+    if group * q_len > MAX_BLOCK_M:
+        return f"{group} query heads per KV head x {q_len} queries exceed {MAX_BLOCK_M} rows"
+    if query.stride(-1) != 1:
+        return "query is not contiguous in head_dim"
+    # The kernel reads the new tokens from the cache's exact windows: they must not have been demoted already.
+    if layer.body_len > 0 and layer.recent_len < num_new:
+        return "new tokens were demoted to the 2-bit body in this forward"
+    for a, b_ in (("sink_keys", "sink_values"), ("recent_keys", "recent_values")):
+        ta, tb = getattr(layer, a), getattr(layer, b_)
+        if ta.stride() != tb.stride() or ta.stride(-1) != 1:
+            return f"{a}/{b_} layouts differ or are not contiguous in head_dim"
+    body = layer._body_tensors()
+    if body[0].stride() != body[3].stride() or body[0].stride(-1) != 1:
+        return "body code layouts differ"
+    params = body[1:3] + body[4:6]
+    if any(t.stride() != params[0].stride() or t.stride(-1) != 1 for t in params):
+        return "body scale/offset layouts differ"
+    if attention_mask is not None:
+        kv_len = layer.get_seq_length()
+        m = attention_mask
+        if m.dtype != torch.bool:
+            return f"attention mask of dtype {m.dtype} (only boolean masks are read by the kernel)"
+        if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != q_len or m.shape[0] not in (1, bsz):
+            return f"attention mask of shape {tuple(m.shape)} (needs [batch or 1, 1, q_len, kv_len])"
+        if m.shape[-1] < kv_len:
+            return "attention mask shorter than the cache"
+        if m.device != query.device:
+            return "attention mask on another device"
+    return None
+
+
+def oscar_decode_attention(
+    query: torch.Tensor,
+    layer,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    num_new: int | None = None,
+    *,
+    block_n: int = 64,
+    programs_per_sm: int = 4,
+    min_blocks_per_split: int = 4,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
+    tokens of the layer are the query's own positions. Returns `[B, Hq, q_len, D]` un-rotated, in the query dtype.
+
+    `attention_mask`: None (causal among the new tokens) or a boolean `[B or 1, 1, q_len, >= kv_len]` mask whose last
+    `kv_len` columns are read (True = attend), as `segment_attention_reference` reads it.
+    Raises `ValueError` for what the kernel does not support; `unsupported_reason` says which beforehand.
+    """
+    num_new = query.shape[2] if num_new is None else num_new
+    reason = unsupported_reason(query, layer, attention_mask, num_new)
+    if reason is not None:
+        raise ValueError(f"The Triton decode kernel does not support this call: {reason}. Use the reference path.")
+    bsz, num_heads, q_len, head_dim = query.shape
+    kvh = layer.num_heads
+    group = num_heads // kvh
+    dev = query.device
+    sink_len, body_len, recent_len = layer.sink_len, layer.body_len, layer.recent_len
+    kv_len = sink_len + body_len + recent_len
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+
+    n_bh = bsz * kvh
+    body_blocks = triton.cdiv(body_len, block_n)
+    if body_blocks:
+        want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
+        splits = max(1, min(want, body_blocks // max(1, min_blocks_per_split)))
+        chunk = triton.cdiv(body_blocks, splits) * block_n
+        splits = triton.cdiv(body_len, chunk)
+    else:
+        splits, chunk = 0, block_n
+    num_splits = splits + 1
+
+    rk, srk = _rotation_arg(layer.k_rotation, kvh, head_dim, dev)
+    rv, srv = _rotation_arg(layer.v_rotation, kvh, head_dim, dev)
+    if attention_mask is not None:
+        mask = attention_mask[..., -kv_len:]
+        mask_u8 = mask.view(torch.uint8) if mask.element_size() == 1 else mask.to(torch.uint8)
+        sm_b = mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0
+        sm_q, sm_t = mask_u8.stride(2), mask_u8.stride(3)
+        has_mask, causal = True, False
+    else:
+        mask_u8 = torch.empty(1, dtype=torch.uint8, device=dev)
+        sm_b = sm_q = sm_t = 0
+        has_mask, causal = False, q_len > 1
+
+    part_o = torch.empty(n_bh * num_splits * block_m * head_dim, dtype=torch.float32, device=dev)
+    part_m = torch.empty(n_bh * num_splits * block_m, dtype=torch.float32, device=dev)
+    part_l = torch.empty_like(part_m)
+    # [B, q_len, Hq, D] memory: the attention interface transposes to exactly this, so its `.contiguous()` is free.
+    out = torch.empty(bsz, q_len, num_heads, head_dim, dtype=query.dtype, device=dev).transpose(1, 2)
+
+    scale = scaling if scaling is not None else head_dim**-0.5
+    dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
+    body = layer._body_tensors()
+    _decode_stage1[(n_bh, num_splits)](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        rk, srk,
+        layer.sink_keys, layer.sink_values, *layer.sink_keys.stride()[:3],
+        layer.recent_keys, layer.recent_values, *layer.recent_keys.stride()[:3],
+        body[0], body[3], *body[0].stride()[:3],
+        body[1], body[2], body[4], body[5], *body[1].stride()[:2],
+        mask_u8, sm_b, sm_q, sm_t,
+        part_o, part_m, part_l,
+        sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits,
+        float(scale * _LOG2E),
+        D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DT=dt,
+        HAS_RK=layer.k_rotation is not None, HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_stage2[(n_bh,)](
+        part_o, part_m, part_l,
+        rv, srv,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        num_splits, q_len, kvh, group,
+        D=head_dim, BLOCK_M=block_m, HAS_RV=layer.v_rotation is not None, FP32_DOT=_interpreting(),
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,254 @@
+"""The Triton kernels against the PyTorch reference, at small shapes.
+
+Without a GPU these run in Triton's CPU interpreter. `TRITON_INTERPRET=1` must be set before Triton is first imported
+(Triton's own library functions are wrapped at import), and `import oscar_hf` already imports Triton through
+transformers. So, on a machine without CUDA, when Triton is already loaded in compiled mode, this module runs itself in a
+subprocess with `TRITON_INTERPRET=1` (`test_kernels_under_interpreter`) and skips its tests in this process; no other
+test module is affected. Lengths are drawn at random and are not multiples of the block sizes, and every buffer a
+kernel allocates or writes is poisoned first, so an unwritten element shows up as NaN or as a wrong code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not importable: the kernels cannot be built or interpreted")
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_RUN_IN_SUBPROCESS = not torch.cuda.is_available() and not _INTERPRET
+in_process = pytest.mark.skipif(
+    _RUN_IN_SUBPROCESS, reason="no CUDA: run under TRITON_INTERPRET=1 in a subprocess (test_kernels_under_interpreter)"
+)
+
+
+@pytest.mark.skipif(not _RUN_IN_SUBPROCESS, reason="the kernel tests run in this process")
+def test_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout.splitlines()[-1], run.stdout[-3000:]
+
+from oscar_hf.attention import segment_attention_reference  # noqa: E402
+from oscar_hf.kernels import decode_attention as dk  # noqa: E402
+from oscar_hf.kernels import decode_attention_fast_path  # noqa: E402
+from oscar_hf.kernels import quantize as qk  # noqa: E402
+from oscar_hf.layer import OscarQuantizedLayer, OscarSegments  # noqa: E402
+from oscar_hf.quantization import quantize_rows  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _random_rotation(groups: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(groups, d, d, dtype=torch.float64, generator=gen))
+    return q.float()
+
+
+def _rows(shape, gen, dtype=torch.bfloat16) -> torch.Tensor:
+    """Rows with channel outliers and per-row magnitudes, as KV activations have."""
+    x = torch.randn(*shape, generator=gen) * torch.rand(*shape[:-1], 1, generator=gen).mul(3).add(0.1)
+    outliers = torch.rand(shape, generator=gen) < 0.02
+    x = torch.where(outliers, x * 20, x)
+    return x.to(dtype).to(DEVICE)
+
+
+# ------------------------------------------------------------------------------------------------------ write path
+@in_process
+@pytest.mark.parametrize("clip_ratio", [0.96, 0.92, 1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_kernel_matches_reference_bit_for_bit(clip_ratio, dtype):
+    gen = torch.Generator().manual_seed(int(clip_ratio * 100) + (dtype == torch.float16))
+    b, h, d = 2, 2, 128
+    n = int(torch.randint(17, 45, (1,), generator=gen))  # not a multiple of BLOCK_R
+    rows = _rows((b, h, n, d), gen, dtype)
+    rows[0, 0, 3] = 0.7  # a constant row: null range
+    rows[1, 1, 5, : d // 2] = 0.0  # repeated order statistics
+    rows[0, 1, 7] = -rows[0, 1, 7].abs()
+    ref = quantize_rows(rows, clip_ratio)
+
+    # Write into the middle of a larger, poisoned buffer, as a demotion writes at `body_len`.
+    cap, at = n + 11, 6
+    codes = torch.full((b, h, cap, d // 4), 0xA5, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
+    offset = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
+    qk.quantize_rows_into(rows, clip_ratio, codes[:, :, at : at + n], scale[:, :, at : at + n], offset[:, :, at : at + n])
+
+    torch.testing.assert_close(codes[:, :, at : at + n], ref.codes, rtol=0, atol=0)
+    torch.testing.assert_close(scale[:, :, at : at + n], ref.scale, rtol=0, atol=0)
+    torch.testing.assert_close(offset[:, :, at : at + n], ref.offset, rtol=0, atol=0)
+    # Nothing outside the destination rows was touched.
+    assert (codes[:, :, :at] == 0xA5).all() and (codes[:, :, at + n :] == 0xA5).all()
+    assert scale[:, :, :at].isnan().all() and scale[:, :, at + n :].isnan().all()
+
+
+@in_process
+def test_quantize_kernel_keeps_a_nonfinite_row_to_itself():
+    gen = torch.Generator().manual_seed(3)
+    rows = _rows((1, 2, 21, 64), gen)
+    rows[0, 1, 4, 9] = float("nan")
+    rows[0, 0, 2, 0] = float("inf")
+    ref = quantize_rows(rows, 0.96)
+    got = qk.quantize_rows(rows, 0.96)
+    finite = torch.isfinite(rows).all(dim=-1)
+    assert finite.sum() == rows.shape[0] * rows.shape[1] * rows.shape[2] - 2
+    torch.testing.assert_close(got.codes[finite], ref.codes[finite], rtol=0, atol=0)
+    torch.testing.assert_close(got.scale[finite], ref.scale[finite], rtol=0, atol=0)
+    torch.testing.assert_close(got.offset[finite], ref.offset[finite], rtol=0, atol=0)
+
+
+@in_process
+def test_quantize_kernel_rejects_bad_outputs():
+    rows = torch.randn(1, 1, 5, 64, dtype=torch.bfloat16, device=DEVICE)
+    codes = torch.empty(1, 1, 5, 8, dtype=torch.uint8, device=DEVICE)  # should be 64 / 4 = 16 bytes
+    scale = torch.empty(1, 1, 5, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="do not match"):
+        qk.quantize_rows_into(rows, 0.9, codes, scale, scale.clone())
+
+
+# ------------------------------------------------------------------------------------------------------ decode attention
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every buffer the decode launcher allocates (partials, output) starts as NaN."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(dk.torch, "empty", empty)
+
+
+def _filled_layer(gen, *, batch, kv_heads, head_dim, prompt, rotation, sink=8, recent=16, block=8):
+    k_rot = v_rot = None
+    if rotation == "shared":
+        k_rot, v_rot = _random_rotation(1, head_dim, gen), _random_rotation(1, head_dim, gen)
+    elif rotation == "per_head":
+        k_rot, v_rot = _random_rotation(kv_heads, head_dim, gen), _random_rotation(kv_heads, head_dim, gen)
+    layer = OscarQuantizedLayer(k_rot, v_rot, 0.96, 0.92, sink_tokens=sink, recent_tokens=recent, demote_block=block)
+    layer.update(_rows((batch, kv_heads, prompt, head_dim), gen), _rows((batch, kv_heads, prompt, head_dim), gen))
+    return layer
+
+
+def _step(layer, gen, q_len, group):
+    b, h, d = layer.batch_size, layer.num_heads, layer.head_dim
+    seg, _ = layer.update(_rows((b, h, q_len, d), gen), _rows((b, h, q_len, d), gen), return_segments=True)
+    query = _rows((b, h * group, q_len, d), gen)
+    return seg, query
+
+
+def _truth(query, seg: OscarSegments, mask, scaling=None):
+    """Attention in float64 over exactly what the cache holds (body dequantized in float64)."""
+    layer = seg.layer
+    keys, values = seg.rotated_keys_values(torch.float64)
+    q = query.double()
+    group = query.shape[1] // keys.shape[1]
+    if layer.k_rotation is not None:
+        q = q @ layer.k_rotation.double().repeat_interleave(group if layer.k_rotation.shape[0] > 1 else 1, 0)
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = q @ keys.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+    kv_len, q_len = keys.shape[-2], query.shape[-2]
+    if mask is None:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+    scores = scores.masked_fill(~mask[..., -kv_len:], float("-inf"))
+    out = scores.softmax(-1) @ values
+    if layer.v_rotation is not None:
+        rv = layer.v_rotation.double().repeat_interleave(group if layer.v_rotation.shape[0] > 1 else 1, 0)
+        out = out @ rv.transpose(-1, -2)
+    return out
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _check_against_reference(out, query, seg, mask, scaling=None):
+    assert out.shape == query.shape and out.dtype == query.dtype
+    assert torch.isfinite(out).all(), "an output element was never written (poisoned NaN survived)"
+    ref = segment_attention_reference(query, seg, mask, scaling)
+    truth = _truth(query, seg, mask, scaling)
+    err_kernel, err_ref = _rel(out, truth), _rel(ref, truth)
+    # Both read the same 2-bit codes; they differ only by bf16 rounding of intermediates.
+    assert _rel(out, ref) < 2e-2, (err_kernel, err_ref)
+    assert err_kernel <= 2 * err_ref + 2e-3, (err_kernel, err_ref)
+
+
+@in_process
+@pytest.mark.parametrize(
+    "rotation,q_len,group,batch",
+    [("per_head", 1, 4, 2), ("shared", 3, 2, 1), (None, 8, 2, 1), ("per_head", 5, 1, 2)],
+)
+def test_decode_kernel_matches_reference(poisoned_allocations, rotation, q_len, group, batch):
+    gen = torch.Generator().manual_seed(q_len * 10 + group)
+    prompt = int(torch.randint(90, 160, (1,), generator=gen))
+    layer = _filled_layer(gen, batch=batch, kv_heads=2, head_dim=64, prompt=prompt, rotation=rotation)
+    for _ in range(2):  # two steps: the second may demote
+        seg, query = _step(layer, gen, q_len, group)
+        assert layer.body_len > 0 and layer.body_len % 16 != 0 or layer.body_len > 0
+        out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, min_blocks_per_split=2)
+        _check_against_reference(out, query, seg, None)
+
+
+@in_process
+def test_decode_kernel_left_padded_batch_with_mask(poisoned_allocations):
+    gen = torch.Generator().manual_seed(11)
+    q_len, group = 2, 4
+    layer = _filled_layer(gen, batch=3, kv_heads=1, head_dim=128, prompt=101, rotation="per_head")
+    seg, query = _step(layer, gen, q_len, group)
+    kv_len = layer.get_seq_length()
+    # transformers' mask is [batch, 1, q_len, kv_len (+ spare)]: causal, plus each sequence's left padding.
+    mask = torch.ones(3, 1, q_len, kv_len + 3, dtype=torch.bool, device=DEVICE).tril(kv_len + 3 - q_len)
+    starts = [0, 9, 77]  # the third sequence's padding reaches into the 2-bit body
+    for i, s in enumerate(starts):
+        mask[i, :, :, 3 : 3 + s] = False
+    out = dk.oscar_decode_attention(query, layer, mask, 0.1, q_len, block_n=16, min_blocks_per_split=1)
+    _check_against_reference(out, query, seg, mask, 0.1)
+
+
+@in_process
+def test_decode_kernel_sink_only_and_tiny_body(poisoned_allocations):
+    gen = torch.Generator().manual_seed(5)
+    layer = _filled_layer(gen, batch=1, kv_heads=2, head_dim=64, prompt=5, rotation="shared")
+    seg, query = _step(layer, gen, 3, 2)  # new tokens straddle the sink and the recent window; no body yet
+    assert layer.body_len == 0
+    _check_against_reference(dk.oscar_decode_attention(query, layer, None, None, 3), query, seg, None)
+    layer = _filled_layer(gen, batch=1, kv_heads=2, head_dim=64, prompt=35, rotation="shared")
+    seg, query = _step(layer, gen, 1, 2)
+    assert 0 < layer.body_len < 16
+    _check_against_reference(dk.oscar_decode_attention(query, layer, None, None, 1, block_n=16), query, seg, None)
+
+
+@in_process
+def test_decode_kernel_declines_what_it_cannot_serve():
+    gen = torch.Generator().manual_seed(1)
+    layer = _filled_layer(gen, batch=1, kv_heads=2, head_dim=64, prompt=60, rotation=None)
+    seg, query = _step(layer, gen, 1, 2)
+    assert dk.unsupported_reason(query, layer, None, 1) is None
+    long_query = _rows((1, 4, 9, 64), gen)
+    assert "q_len" in dk.unsupported_reason(long_query, layer, None, 9)
+    float_mask = torch.zeros(1, 1, 1, layer.get_seq_length(), device=DEVICE)
+    assert "dtype" in dk.unsupported_reason(query, layer, float_mask, 1)
+    per_head_mask = torch.ones(1, 4, 1, layer.get_seq_length(), dtype=torch.bool, device=DEVICE)
+    assert "shape" in dk.unsupported_reason(query, layer, per_head_mask, 1)
+    assert "dtypes" in dk.unsupported_reason(query.float(), layer, None, 1)
+    with pytest.raises(ValueError, match="does not support"):
+        dk.oscar_decode_attention(long_query, layer, None, None, 9)
+    # The attention function's entry point only takes CUDA tensors; on CPU the reference runs.
+    if not query.is_cuda:
+        assert decode_attention_fast_path(query, seg, None, None) is None
+
+
+@in_process
+def test_decode_kernel_declines_when_new_tokens_were_demoted():
+    gen = torch.Generator().manual_seed(2)
+    layer = _filled_layer(gen, batch=1, kv_heads=1, head_dim=64, prompt=40, rotation=None, recent=0, block=4)
+    seg, query = _step(layer, gen, 4, 1)
+    assert layer.recent_len < 4 and layer.body_len > 0
+    assert "demoted" in dk.unsupported_reason(query, layer, None, 4)
