@@ -1,0 +1,240 @@
+"""Kernel benchmark for the GPU machine: correctness against the reference, then timings beside same-run baselines.
+
+For each shape (32 query / 8 KV heads, head_dim 128, batch 1 and 8, context 8K / 32K / 128K):
+- relative error of the Triton decode attention against `segment_attention_reference` (the PyTorch oracle);
+- `triton.testing.do_bench` medians of the kernel and of PyTorch SDPA bf16 (`enable_gqa=True`) on the same shape;
+- the bandwidth floor: bytes the kernel must move / the device-to-device copy bandwidth measured in this run.
+Then the write (demotion) kernel, and optionally (`--generate PATH`) greedy generate() with the Triton path against the
+PyTorch path on the reference model. A short table is printed last; `--json` keeps every number.
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --json out.json [--sweep] [--generate .assets/oscar-ref-code-qwen3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+
+import torch
+import triton
+import triton.testing
+
+from oscar_hf.attention import segment_attention_reference
+from oscar_hf.kernels.decode_attention import oscar_decode_attention
+from oscar_hf.kernels.quantize import quantize_rows_into
+from oscar_hf.layer import OscarQuantizedLayer, OscarSegments
+from oscar_hf.quantization import hadamard_matrix, quantize_rows
+
+HQ, HKV, D = 32, 8, 128
+SINK, RECENT = 64, 256
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read + written."""
+    n = 1 << 30
+    src = torch.randn(n // 2, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    del src, dst
+    return bw
+
+
+def random_rotation(gen) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=gen))
+    return q.float()[None]
+
+
+def make_layer(batch: int, context: int, gen) -> OscarQuantizedLayer:
+    """A layer holding `context` tokens (64 sink, 256 recent, the rest INT2), filled with random data directly."""
+    layer = OscarQuantizedLayer(random_rotation(gen), random_rotation(gen), 0.96, 0.92, SINK, RECENT, 64,
+                                max_cache_len=context + 64)
+    probe = torch.zeros(batch, HKV, 1, D, dtype=torch.bfloat16, device="cuda")
+    layer.lazy_initialization(probe, probe)
+    body = context - SINK - RECENT
+    for name in ("sink_keys", "sink_values", "recent_keys", "recent_values"):
+        getattr(layer, name).normal_()
+    for codes in (layer.body_key_codes, layer.body_value_codes):
+        codes.copy_(torch.randint(0, 256, codes.shape, dtype=torch.uint8, device="cuda"))
+    for scale in (layer.body_key_scale, layer.body_value_scale):
+        scale.copy_(torch.rand(scale.shape, device="cuda") * 0.6 + 0.2)
+    for offset in (layer.body_key_offset, layer.body_value_offset):
+        offset.copy_(-(torch.rand(offset.shape, device="cuda") * 0.6 + 0.6))
+    layer.sink_len, layer.body_len, layer.recent_len = SINK, body, RECENT
+    return layer
+
+
+def kernel_bytes(batch: int, context: int, q_len: int) -> int:
+    body = context - SINK - RECENT
+    int2 = batch * HKV * body * 2 * (D // 4 + 2 * 2)  # K and V codes + fp16 scale and offset
+    exact = batch * HKV * (SINK + RECENT) * 2 * D * 2
+    q_out = 2 * batch * HQ * q_len * D * 2
+    return int2 + exact + q_out
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run_attention(shapes, copy_bw, configs, gen):
+    rows = []
+    for batch, context in shapes:
+        layer = make_layer(batch, context, gen)
+        for q_len in (1, 4) if (batch, context) == (1, 32768) else (1,):
+            query = torch.randn(batch, HQ, q_len, D, dtype=torch.bfloat16, device="cuda")
+            # q_len new tokens are the last ones of the recent window.
+            seg = OscarSegments(layer, q_len, layer.recent_keys[:, :, RECENT - q_len : RECENT],
+                                layer.recent_values[:, :, RECENT - q_len : RECENT])
+            ref = segment_attention_reference(query, seg, None, None)
+            results = {}
+            for cname, cfg in configs.items():
+                out = oscar_decode_attention(query, layer, None, None, q_len, **cfg)
+                err = rel_err(out, ref)
+                ms = bench(lambda: oscar_decode_attention(query, layer, None, None, q_len, **cfg))
+                results[cname] = (ms, err)
+            k = torch.randn(batch, HKV, context, D, dtype=torch.bfloat16, device="cuda")
+            v = torch.randn_like(k)
+            sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(query, k, v, enable_gqa=True,
+                                                                                      is_causal=False))
+            del k, v
+            nbytes = kernel_bytes(batch, context, q_len)
+            floor_ms = nbytes / copy_bw * 1e3
+            best = min(results, key=lambda c: results[c][0])
+            row = dict(batch=batch, context=context, q_len=q_len, sdpa_ms=sdpa_ms, bytes=nbytes, floor_ms=floor_ms,
+                       default_ms=results["default"][0], default_err=results["default"][1],
+                       best_config=best, best_ms=results[best][0], best_err=results[best][1],
+                       max_err=max(e for _, e in results.values()), all={c: r for c, r in results.items()})
+            print(json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "all"}), flush=True)
+            rows.append(row)
+            del ref
+        del layer
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_write(copy_bw, gen):
+    """Demotion of 64 tokens (K and V) and the write of a 2K-token prompt, batch 1 and 8."""
+    rows = []
+    for batch, tokens in ((1, 64), (8, 64), (1, 2048), (8, 2048)):
+        keys = (torch.randn(batch, HKV, tokens, D, device="cuda") * 2).to(torch.bfloat16)
+        cap = tokens + 128
+        codes = torch.empty(batch, HKV, cap, D // 4, dtype=torch.uint8, device="cuda")
+        scale = torch.empty(batch, HKV, cap, dtype=torch.float16, device="cuda")
+        offset = torch.empty_like(scale)
+        at = slice(37, 37 + tokens)
+
+        def write():
+            quantize_rows_into(keys, 0.96, codes[:, :, at], scale[:, :, at], offset[:, :, at])
+            quantize_rows_into(keys, 0.92, codes[:, :, at], scale[:, :, at], offset[:, :, at])
+
+        write()
+        ref = quantize_rows(keys, 0.92)
+        exact = bool((codes[:, :, at] == ref.codes).all() and (scale[:, :, at] == ref.scale).all()
+                     and (offset[:, :, at] == ref.offset).all())
+        mismatch = (codes[:, :, at] != ref.codes).float().mean().item()
+        ms = bench(write)
+        ref_ms = bench(lambda: (quantize_rows(keys, 0.96), quantize_rows(keys, 0.92)))
+        nbytes = 2 * (keys.numel() * 2 + codes[:, :, at].numel() + 4 * scale[:, :, at].numel())
+        row = dict(batch=batch, tokens=tokens, kernel_ms=ms, reference_ms=ref_ms, bytes=nbytes,
+                   floor_ms=nbytes / copy_bw * 1e3, bit_exact=exact, code_mismatch=mismatch)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    import oscar_hf.kernels as kernels
+    from oscar_hf import OscarQuantizedCache
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="oscar").cuda().eval()
+    tokens = np.load(f"{path}/heldout_tokens.npy")
+    start = 1_048_576 + 12_345  # evaluation split
+    out = {}
+    for batch in (1, 2):
+        ids = torch.tensor(tokens[start : start + prompt_len * batch].astype("int64"), device="cuda").view(batch, -1)
+        mask = torch.ones_like(ids)
+        if batch == 2:  # left-pad the second sequence by 100 tokens
+            ids[1, :100] = 0
+            mask[1, :100] = 0
+        gens = {}
+        for name, enabled in (("pytorch", False), ("triton", True)):
+            kernels.set_enabled(enabled)
+            cache = OscarQuantizedCache(config=model.config, method="hadamard")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                seq = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            torch.cuda.synchronize()
+            gens[name] = (seq[:, prompt_len:], time.perf_counter() - t0)
+        kernels.set_enabled(True)
+        same = (gens["pytorch"][0] == gens["triton"][0]).float().mean().item()
+        first_diff = (gens["pytorch"][0] != gens["triton"][0]).float().argmax(dim=-1).tolist()
+        out[f"batch{batch}"] = dict(match=same, first_divergence=first_diff, pytorch_s=gens["pytorch"][1],
+                                    triton_s=gens["triton"][1])
+        print(json.dumps({f"generate_batch{batch}": out[f"batch{batch}"]}), flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also time a few launch configurations")
+    ap.add_argument("--generate", default=None, help="reference model directory for the greedy-match check")
+    ap.add_argument("--contexts", default="8192,32768,131072")
+    args = ap.parse_args()
+
+    gen = torch.Generator().manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    print(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; "
+          f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}", flush=True)
+    copy_bw = copy_bandwidth()
+    print(f"copy bandwidth (read+write): {copy_bw / 1e12:.3f} TB/s", flush=True)
+
+    configs = {"default": {}}
+    if args.sweep:
+        for bn in (64, 128):
+            for nw in (4, 8):
+                for ns in (2, 3):
+                    for pps in (2, 4, 8):
+                        configs[f"n{bn}w{nw}s{ns}p{pps}"] = dict(block_n=bn, num_warps=nw, num_stages=ns,
+                                                                 programs_per_sm=pps)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    shapes = [(b, c) for b in (1, 8) for c in contexts]
+    attn = run_attention(shapes, copy_bw, configs, gen)
+    write = run_write(copy_bw, gen)
+    gen_res = run_generate(args.generate) if args.generate else None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=dev, copy_bw=copy_bw, attention=attn, write=write, generate=gen_res), f, indent=1)
+
+    print("\n| batch | context | q | SDPA bf16 us | OSCAR us (default) | speedup | floor us | % of copy BW | "
+          "best cfg | best us | best speedup | best % BW | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in attn:
+        print(f"| {r['batch']} | {r['context'] // 1024}K | {r['q_len']} | {r['sdpa_ms'] * 1e3:.1f} | "
+              f"{r['default_ms'] * 1e3:.1f} | {r['sdpa_ms'] / r['default_ms']:.2f}x | {r['floor_ms'] * 1e3:.1f} | "
+              f"{100 * r['floor_ms'] / r['default_ms']:.0f}% | {r['best_config']} | {r['best_ms'] * 1e3:.1f} | "
+              f"{r['sdpa_ms'] / r['best_ms']:.2f}x | {100 * r['floor_ms'] / r['best_ms']:.0f}% | {r['max_err']:.2e} |")
+    print("\n| write: batch | tokens (K+V) | kernel us | reference us | floor us | bit-exact |")
+    print("|---|---|---|---|---|---|")
+    for r in write:
+        print(f"| {r['batch']} | {r['tokens']} | {r['kernel_ms'] * 1e3:.1f} | {r['reference_ms'] * 1e3:.1f} | "
+              f"{r['floor_ms'] * 1e3:.2f} | {r['bit_exact']} ({r['code_mismatch']:.1e} codes differ) |")
+    if gen_res:
+        print(f"\ngreedy generate, 2K prompt + 256 new tokens, Triton vs PyTorch path: {json.dumps(gen_res)}")
+
+
+if __name__ == "__main__":
+    main()
