@@ -1,0 +1,108 @@
+"""From statistics to a bundle: eigendecomposition, `R = U . H . P_br`, and clip ratios fitted on held-back tokens.
+
+Convention (the same as the public OSCAR code and its RotationZoo files): rotations act on row vectors, a key is
+stored as `k @ R_K`, the query is rotated as `q @ R_K` and the attention output un-rotated as `o @ R_V^T`.
+`torch.linalg.eigh` returns eigenvalues in ascending order with eigenvectors as the columns of U, so `k @ U` gives
+the coordinates of k along the eigen-directions; `H` then spreads every eigen-direction over all channels with equal
+weight (no channel of the rotated row inherits an outlier direction) and the bit-reversal permutation `P_br`
+reorders the resulting channels. With one quantization group per row (group = head_dim, the reference setting),
+`P_br` does not change the quantized values (min, max and quantiles of a row are permutation-invariant); it matters
+for sub-row groups and is kept so that bundles equal the reference construction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from oscar_hf.quantization import bit_reversal_permutation, dequantize_rows, hadamard_matrix, quantize_rows, rotate, unrotate
+
+DEFAULT_CLIP_CANDIDATES = (0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
+
+
+def rotation_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`covariance` `[..., D, D]` (symmetric PSD) -> `(R [..., D, D] float32, eigenvalues [..., D] float32)`.
+
+    `R = U . H . P_br`, U the eigenvectors (columns, eigenvalues ascending as `eigh` returns them).
+    """
+    cov = covariance.double()
+    cov = 0.5 * (cov + cov.transpose(-1, -2))  # float64 sums are symmetric up to rounding; eigh wants exactly so
+    evals, vecs = torch.linalg.eigh(cov)
+    d = cov.shape[-1]
+    h = hadamard_matrix(d, torch.float64).to(cov.device)
+    rotation = (vecs @ h)[..., bit_reversal_permutation(d).to(cov.device)]
+    return rotation.float(), evals.float()
+
+
+def _expand(rotation: torch.Tensor, num_query_heads: int) -> torch.Tensor:
+    groups = rotation.shape[0]
+    return rotation if groups == 1 else rotation.repeat_interleave(num_query_heads // groups, dim=0)
+
+
+class ClipSearch:
+    """Scores clip ratios by the attention-output error of 2-bit keys (or values) on held-back tokens.
+
+    For each held-back sequence and layer, the last `num_queries` positions act as decode queries over the whole
+    causal prefix. Keys (then values, separately) in `[sink_tokens, S - num_queries)` are rotated, clipped at each
+    candidate ratio, quantized with `oscar_hf.quantization` and dequantized, while the attention sink and the window
+    holding the queries stay exact, as in the cache. The score is `sum ||O_c - O||^2`, O the exact output.
+
+    `variants` maps a name to per-slot `(R_K, R_V)` stacks `[slots, groups, D, D]`; all are scored on the same tokens.
+    """
+
+    def __init__(
+        self,
+        variants: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        candidates=DEFAULT_CLIP_CANDIDATES,
+        sink_tokens: int = 64,
+        num_queries: int = 256,
+    ):
+        self.variants = variants
+        self.candidates = tuple(float(c) for c in candidates)
+        self.sink_tokens, self.num_queries = sink_tokens, num_queries
+        slots = next(iter(variants.values()))[0].shape[0]
+        self.k_error = {name: torch.zeros(slots, len(self.candidates), dtype=torch.float64) for name in variants}
+        self.v_error = {name: torch.zeros(slots, len(self.candidates), dtype=torch.float64) for name in variants}
+        self.energy = torch.zeros(slots, dtype=torch.float64)
+
+    @torch.no_grad()
+    def observe(self, slot: int, query, key, value, scaling) -> None:
+        s = key.shape[-2]
+        nq = min(self.num_queries, s // 2)
+        lo, hi = min(self.sink_tokens, s - nq), s - nq
+        if hi <= lo:
+            return
+        q = query[:, :, s - nq :].float()
+        k, v = key.float(), value.float()
+        positions = torch.arange(s, device=k.device)
+        mask = positions.unsqueeze(0) <= (positions[s - nq :]).unsqueeze(1)  # [nq, S]
+        gqa = q.shape[1] != k.shape[1]
+
+        def attend(keys, values):
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+
+        exact = attend(k, v)
+        self.energy[slot] += exact.double().pow(2).sum().cpu()
+        for name, (k_rot, v_rot) in self.variants.items():
+            rk, rv = k_rot[slot].to(k.device), v_rot[slot].to(k.device)
+            k_mid, v_mid = rotate(k[:, :, lo:hi], rk), rotate(v[:, :, lo:hi], rv)
+            for j, c in enumerate(self.candidates):
+                kq = k.clone()
+                kq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(k_mid, c)), rk)
+                self.k_error[name][slot, j] += (attend(kq, v) - exact).double().pow(2).sum().cpu()
+                vq = v.clone()
+                vq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(v_mid, c)), rv)
+                self.v_error[name][slot, j] += (attend(k, vq) - exact).double().pow(2).sum().cpu()
+
+    def best(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-slot `(k_clip, v_clip)` minimising the held-back error of variant `name`."""
+        cands = torch.tensor(self.candidates, dtype=torch.float32)
+        return cands[self.k_error[name].argmin(-1)], cands[self.v_error[name].argmin(-1)]
+
+    def relative_error(self, name: str, kind: str, clip: torch.Tensor | float) -> torch.Tensor:
+        """Per-slot `||O_c - O||^2 / ||O||^2` at the given clip ratio(s) (which must be candidates)."""
+        table = self.k_error[name] if kind == "k" else self.v_error[name]
+        clip = torch.as_tensor(clip, dtype=torch.float32).expand(table.shape[0])
+        cols = [self.candidates.index(round(float(c), 6)) for c in clip]
+        err = table[torch.arange(table.shape[0]), torch.tensor(cols)]
+        return (err / self.energy.clamp_min(1e-30)).float()
