@@ -49,7 +49,7 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
 
     if unsupported_reason(query, segments.layer, attention_mask, segments.num_new) is not None:
         return None
-    return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new)
+    return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new, _checked=True)
 
 
 def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset) -> bool:

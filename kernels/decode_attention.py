@@ -182,7 +182,8 @@ def _exact_block(
 
 
 # ---------------------------------------------------------------------------------------------------------- stage 1
-@triton.jit
+# Lengths change every decode step: not specializing on them keeps one compiled kernel per configuration.
+@triton.jit(do_not_specialize=["sink_len", "body_len", "recent_len", "body_chunk", "num_splits"])
 def _decode_stage1(
     q_ptr, sq_b, sq_h, sq_t,
     rk_ptr, srk_g,
@@ -267,7 +268,7 @@ def _decode_stage1(
 
 
 # ---------------------------------------------------------------------------------------------------------- stage 2
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_stage2(
     part_o, part_m, part_l,
     rv_ptr, srv_g,
@@ -401,6 +402,7 @@ def oscar_decode_attention(
     min_blocks_per_split: int = 4,
     num_warps: int = 4,
     num_stages: int = 2,
+    _checked: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
     tokens of the layer are the query's own positions. Returns `[B, Hq, q_len, D]` un-rotated, in the query dtype.
@@ -410,7 +412,7 @@ def oscar_decode_attention(
     Raises `ValueError` for what the kernel does not support; `unsupported_reason` says which beforehand.
     """
     num_new = query.shape[2] if num_new is None else num_new
-    reason = unsupported_reason(query, layer, attention_mask, num_new)
+    reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new)
     if reason is not None:
         raise ValueError(f"The Triton decode kernel does not support this call: {reason}. Use the reference path.")
     bsz, num_heads, q_len, head_dim = query.shape

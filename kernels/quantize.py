@@ -55,7 +55,7 @@ def _row_clip_threshold(absx, clip_ratio, D: tl.constexpr):
     return lo_val + frac * (hi_val - lo_val)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _quantize_rows_kernel(
     x_ptr,
     codes_ptr,
