@@ -26,10 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--grouping", choices=("layer", "head", "auto"), default="layer",
                    help="one rotation per layer (reference), per KV head, or per-layer choice on held-back error")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--heldout-tokens", type=int, default=None,
-                   help="tokens held back for clip fitting (default N/8, at most 8192)")
+                   help="tokens held back for clip fitting (default N/16, at most 4096)")
+    p.add_argument("--weight-tokens", type=int, default=16384,
+                   help="tokens of pass 1 (the query covariance that weights the values); -1: all fitting tokens "
+                        "(the exact two-pass recipe). Pass 2 always covers all fitting tokens.")
     p.add_argument("--no-clip-fit", action="store_true", help="keep the reference clip ratios 0.96 / 0.92")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="model dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)")
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         grouping=args.grouping,
         heldout_tokens=args.heldout_tokens,
+        weight_tokens=None if args.weight_tokens < 0 else args.weight_tokens,
         fit_clip=not args.no_clip_fit,
         progress=not args.no_progress,
         metadata=metadata,

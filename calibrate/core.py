@@ -72,6 +72,7 @@ def calibrate(
     batch_size: int = 1,
     grouping: str = "layer",
     heldout_tokens: int | None = None,
+    weight_tokens: int | None = None,
     fit_clip: bool = True,
     clip_candidates=DEFAULT_CLIP_CANDIDATES,
     sink_tokens: int = 64,
@@ -80,7 +81,9 @@ def calibrate(
 ) -> tuple[OscarRotations, CalibrationReport]:
     """Fit OSCAR rotations (and clip ratios) for `model` on the token ids `tokens` `[N]`.
 
-    The last `heldout_tokens` tokens (default: N/8, at most 8,192, whole sequences) are held back from the covariance
+    Pass 1 runs on the first `weight_tokens` fitting tokens (default: all, the exact two-pass recipe) to get the
+    query covariance that weights the values; pass 2 runs on all fitting tokens (see `statistics`).
+    The last `heldout_tokens` tokens (default: N/16, at most 4,096, whole sequences) are held back from the covariance
     fit and used to choose the clip ratios per layer and per K/V, by the attention-output error on those tokens
     (`ClipSearch`). `grouping`: `"layer"` (one rotation per layer, the reference), `"head"` (one per KV head), or
     `"auto"` (per layer, whichever gives the lower held-back error; a layer that keeps a shared rotation stores it for
@@ -96,7 +99,7 @@ def calibrate(
         raise ValueError("The model has no full-attention layers: there is nothing for OSCAR to quantize.")
     seq_len = min(seq_len, tokens.numel())
     if heldout_tokens is None:
-        heldout_tokens = min(8192, tokens.numel() // 8) // seq_len * seq_len if fit_clip else 0
+        heldout_tokens = max(seq_len, min(4096, tokens.numel() // 16)) if fit_clip else 0
     heldout_tokens = heldout_tokens // seq_len * seq_len
     fit = tokens[: tokens.numel() - heldout_tokens]
     held = tokens[tokens.numel() - heldout_tokens :]
@@ -111,9 +114,10 @@ def calibrate(
     model.eval()
     collector = StatisticsCollector(layer_ids, num_kv_heads, head_dim, device=model.device)
     with capturing(model, collector):
-        _run(model, fit, seq_len, batch_size, progress, "pass 1/2: query covariance")
+        weight_fit = fit if weight_tokens is None else fit[: max(seq_len, weight_tokens)]
+        _run(model, weight_fit, seq_len, batch_size, progress, "pass 1/2: query covariance")
         collector.start_value_pass()
-        _run(model, fit, seq_len, batch_size, progress, "pass 2/2: value covariance")
+        _run(model, fit, seq_len, batch_size, progress, "pass 2/2: query + value covariance")
 
     q_cov, v_cov = collector.query_covariance().cpu(), collector.value_covariance().cpu()
     candidates = {}
@@ -193,6 +197,7 @@ def calibrate(
         seq_len=seq_len,
         grouping_requested=grouping,
         layer_grouping=",".join(layer_choice),
+        weight_tokens=int(min(fit.numel(), weight_tokens or fit.numel())) // seq_len * seq_len,
         clip_fit="held-back attention-output error" if fit_clip else "reference defaults",
         statistics="two passes, float64 (query covariance, then score-weighted value covariance)",
     )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from oscar_hf.quantization import bit_reversal_permutation, dequantize_rows, hadamard_matrix, quantize_rows, rotate, unrotate
 
-DEFAULT_CLIP_CANDIDATES = (0.84, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
+DEFAULT_CLIP_CANDIDATES = (0.86, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
 
 
 def rotation_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +55,7 @@ class ClipSearch:
         variants: dict[str, tuple[torch.Tensor, torch.Tensor]],
         candidates=DEFAULT_CLIP_CANDIDATES,
         sink_tokens: int = 64,
-        num_queries: int = 256,
+        num_queries: int = 128,
     ):
         self.variants = variants
         self.candidates = tuple(float(c) for c in candidates)

@@ -7,13 +7,17 @@ its forward; the collector keeps float64 sums of size `layers x kv_heads x head_
 
 Two statistics, per full-attention layer and KV head h (GQA: `Q_g` stacks the query heads that read KV head h):
 
-- pass `"query"`: `C_h = sum_t Q_g[t]^T Q_g[t]` and the token count n, so `Sigma_K,h = C_h / n`;
-- pass `"value"`: with the *final* `C_h / n` from the first pass, token weights `w_t = k_t^T (C_h / n) k_t` and
+- `C_h = sum_t Q_g[t]^T Q_g[t]` and the token count n, so `Sigma_K,h = C_h / n`;
+- with a query covariance `C_h / n` known beforehand, token weights `w_t = k_t^T (C_h / n) k_t` and
   `S_h = sum_t w_t v_t v_t^T`, `W_h = sum_t w_t`, so `Sigma_V,h = S_h / W_h` (weights normalised to mean 1).
 
-The value statistic needs the final query covariance, and a fourth-order moment would be needed to defer it, so the
-calibration makes two passes over the fitting tokens (exact; a one-pass running estimate would weight early tokens
-with a noisier covariance). A third phase, `"clip"`, runs on held-back tokens and scores candidate clip ratios by the
+The value weights need the query covariance before the values are seen (deferring them would need a fourth-order
+moment), so calibration makes two passes. Pass `"query"` accumulates the query covariance used for the weights; pass
+`"full"` runs over all fitting tokens and accumulates both the query covariance (the K statistic) and the weighted
+value covariance. When pass 1 covers all fitting tokens this is the exact recipe; `calibrate(weight_tokens=...)` may
+run pass 1 on a prefix only (the weights then come from a covariance of `weight_tokens` tokens, which for a
+`head_dim^2` matrix estimated from `weight_tokens * heads` rows is already converged; the K covariance always uses
+every token). A third phase, `"clip"`, runs on held-back tokens and scores candidate clip ratios by the
 attention-output error they cause (see `fit.ClipSearch`).
 """
 
@@ -55,10 +59,13 @@ class StatisticsCollector:
 
     # ------------------------------------------------------------------ phases
     def start_value_pass(self) -> None:
+        """Freeze the query covariance seen so far as the value-weight metric and restart the sums for pass 2."""
         if not (self.query_tokens > 0).all():
             raise RuntimeError("The query pass saw no tokens for some layers; run it before the value pass.")
         self._query_cov = self.query_covariance()
-        self.phase = "value"
+        self.query_sums.zero_()
+        self.query_tokens.zero_()
+        self.phase = "full"
 
     def query_covariance(self) -> torch.Tensor:
         """`[layers, kv_heads, D, D]`: `Q_g^T Q_g / n` per KV head."""
@@ -86,12 +93,12 @@ class StatisticsCollector:
                 f"Layer {layer_idx} produced {hkv} KV heads of head_dim {d}; the collector was built for "
                 f"{self.num_kv_heads} x {self.head_dim}."
             )
-        if self.phase == "query":
+        if self.phase in ("query", "full"):
             # [B, Hkv, g, S, D] -> [Hkv, B*g*S, D]: all query rows that read KV head h.
             q = query.reshape(b, hkv, hq // hkv, s, d).transpose(0, 1).reshape(hkv, -1, d).double()
             self.query_sums[slot] += q.transpose(1, 2) @ q
             self.query_tokens[slot] += b * s
-        elif self.phase == "value":
+        if self.phase == "full":
             k = key.double()
             v = value.double()
             cov = self._query_cov[slot]  # [Hkv, D, D]
