@@ -40,8 +40,10 @@ def main():
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build the 8B model directly in bf16 (no float32 copy)
     with torch.device("cuda"):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
+        model = Qwen3ForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
     tokens = torch.randint(0, config.vocab_size, (args.tokens,))
     # Warm-up (CUDA context, kernels) on one short sequence, not timed.
     calibrate(model, tokens[: 2 * args.seq_len], seq_len=args.seq_len, heldout_tokens=args.seq_len, progress=False)
