@@ -1,14 +1,16 @@
 """Triton decode attention over an `OscarQuantizedLayer`: BF16 sink + packed INT2 body + BF16 recent window.
 
-Split-K ("flash-decoding"), two launches:
+Split-K ("flash-decoding"), three launches:
 
+- **stage 0**, grid `(batch * kv_heads,)`: rotates the query by R_K (float32, IEEE dot) and rounds it to the storage
+  dtype, as the reference does, into a padded `[rows, head_dim]` tile per KV head.
 - **stage 1**, grid `(batch * kv_heads, body_splits + 1)`. A program serves *all* query rows of one KV head (the
   `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. Programs
   `0 .. body_splits-1` each walk one chunk of the 2-bit body; the last program walks the sink and the recent window.
-  The query is rotated by R_K in the prologue (float32, IEEE dot). Each program writes its partial output, running
-  max and running sum (base-2 online softmax).
-- **stage 2**, grid `(batch * kv_heads,)`: merges the partials of every split, normalises, un-rotates by R_V^T and
-  writes `[batch, q_len, heads, head_dim]` memory (returned as the `[batch, heads, q_len, head_dim]` view).
+  Each program writes its partial output, running max and running sum (base-2 online softmax).
+- **stage 2**, grid `(batch * kv_heads, group * q_len)`: merges one output row's partials over every split,
+  normalises, un-rotates by R_V^T and writes `[batch, q_len, heads, head_dim]` memory (returned as the
+  `[batch, heads, q_len, head_dim]` view).
 
 INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
 row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
@@ -122,17 +124,19 @@ def _int2_block(
     offs64 = offs.to(tl.int64)
     code_rows = b * s_c_b + kvh * s_c_h + offs64[:, None] * s_c_t + tl.arange(0, QD)[None, :]
     p_rows = b * s_p_b + kvh * s_p_h + offs64
-    kc = tl.load(kc_ptr + code_rows, mask=n_ok[:, None], other=0).to(tl.int32)
+    # Key codes are loaded as [QD, BLOCK_N] (the dot's B operand as is, no transpose); value codes as [BLOCK_N, QD].
+    code_cols = b * s_c_b + kvh * s_c_h + offs64[None, :] * s_c_t + tl.arange(0, QD)[:, None]
+    kc = tl.load(kc_ptr + code_cols, mask=n_ok[None, :], other=0).to(tl.int32)
     vc = tl.load(vc_ptr + code_rows, mask=n_ok[:, None], other=0).to(tl.int32)
     k_scale = tl.load(ks_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
     k_off = tl.load(ko_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
     v_scale = tl.load(vs_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
     v_off = tl.load(vo_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
 
-    qk = _mma(q0, tl.trans(_codes(kc, 0, DT)), FP32_DOT)
-    qk += _mma(q1, tl.trans(_codes(kc, 2, DT)), FP32_DOT)
-    qk += _mma(q2, tl.trans(_codes(kc, 4, DT)), FP32_DOT)
-    qk += _mma(q3, tl.trans(_codes(kc, 6, DT)), FP32_DOT)
+    qk = _mma(q0, _codes(kc, 0, DT), FP32_DOT)
+    qk += _mma(q1, _codes(kc, 2, DT), FP32_DOT)
+    qk += _mma(q2, _codes(kc, 4, DT), FP32_DOT)
+    qk += _mma(q3, _codes(kc, 6, DT), FP32_DOT)
     scores = (qk * k_scale[None, :] + qsum[:, None] * k_off[None, :]) * sm_scale_log2
 
     vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
@@ -159,18 +163,19 @@ def _exact_block(
     offs = start + tl.arange(0, BLOCK_N)
     n_ok = offs < end
     rows = b * s_b + kvh * s_h + offs.to(tl.int64)[:, None] * s_t + tl.arange(0, QD)[None, :]
-    k0 = tl.load(k_ptr + rows, mask=n_ok[:, None], other=0.0)
-    k1 = tl.load(k_ptr + rows + QD, mask=n_ok[:, None], other=0.0)
-    k2 = tl.load(k_ptr + rows + 2 * QD, mask=n_ok[:, None], other=0.0)
-    k3 = tl.load(k_ptr + rows + 3 * QD, mask=n_ok[:, None], other=0.0)
+    cols = b * s_b + kvh * s_h + offs.to(tl.int64)[None, :] * s_t + tl.arange(0, QD)[:, None]
+    k0 = tl.load(k_ptr + cols, mask=n_ok[None, :], other=0.0)
+    k1 = tl.load(k_ptr + cols + QD, mask=n_ok[None, :], other=0.0)
+    k2 = tl.load(k_ptr + cols + 2 * QD, mask=n_ok[None, :], other=0.0)
+    k3 = tl.load(k_ptr + cols + 3 * QD, mask=n_ok[None, :], other=0.0)
     v0 = tl.load(v_ptr + rows, mask=n_ok[:, None], other=0.0)
     v1 = tl.load(v_ptr + rows + QD, mask=n_ok[:, None], other=0.0)
     v2 = tl.load(v_ptr + rows + 2 * QD, mask=n_ok[:, None], other=0.0)
     v3 = tl.load(v_ptr + rows + 3 * QD, mask=n_ok[:, None], other=0.0)
-    qk = _mma(q0, tl.trans(k0), FP32_DOT)
-    qk += _mma(q1, tl.trans(k1), FP32_DOT)
-    qk += _mma(q2, tl.trans(k2), FP32_DOT)
-    qk += _mma(q3, tl.trans(k3), FP32_DOT)
+    qk = _mma(q0, k0, FP32_DOT)
+    qk += _mma(q1, k1, FP32_DOT)
+    qk += _mma(q2, k2, FP32_DOT)
+    qk += _mma(q3, k3, FP32_DOT)
     vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
     p, alpha, m_i, l_i = _online_softmax(qk * sm_scale_log2, vis, m_i, l_i)
     pv = _round(p, DT, FP32_DOT)
@@ -181,12 +186,35 @@ def _exact_block(
     return m_i, l_i, a0, a1, a2, a3, a_off * alpha
 
 
+# ---------------------------------------------------------------------------------------------------------- stage 0
+@triton.jit
+def _rotate_query(
+    q_ptr, sq_b, sq_h, sq_t, rk_ptr, srk_g, qr_ptr, q_len, num_kv_heads, group,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, DT: tl.constexpr, HAS_RK: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """`[B * kv_heads, BLOCK_M, D]` rotated query rows (the `group * q_len` rows of one KV head, zero-padded), rounded
+    to the storage dtype as the reference rounds them: once per step, not once per split."""
+    QD: tl.constexpr = D // 4
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    g = rows // q_len
+    qi = rows % q_len
+    row_ok = rows < group * q_len
+    q_rows = q_ptr + b * sq_b + (kvh * group + g) * sq_h + qi * sq_t
+    r_base = rk_ptr + kvh * srk_g
+    out = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D
+    for s in tl.static_range(4):
+        q_s = _round(_query_quarter(q_rows, row_ok, r_base, s, D, QD, HAS_RK), DT, FP32_DOT)
+        tl.store(out + (s * QD + tl.arange(0, QD))[None, :], q_s)
+
+
 # ---------------------------------------------------------------------------------------------------------- stage 1
 # Lengths change every decode step: not specializing on them keeps one compiled kernel per configuration.
 @triton.jit(do_not_specialize=["sink_len", "body_len", "recent_len", "body_chunk", "num_splits"])
 def _decode_stage1(
-    q_ptr, sq_b, sq_h, sq_t,
-    rk_ptr, srk_g,
+    qr_ptr,
     sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
     rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
     kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t,
@@ -196,7 +224,7 @@ def _decode_stage1(
     sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits,
     sm_scale_log2,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-    HAS_RK: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     QD: tl.constexpr = D // 4
     pid_bh = tl.program_id(0)
@@ -209,13 +237,11 @@ def _decode_stage1(
     row_ok = rows < group * q_len
     kv_len = sink_len + body_len + recent_len
 
-    q_rows = q_ptr + b * sq_b + (kvh * group + g) * sq_h + qi * sq_t
-    r_base = rk_ptr + kvh * srk_g
-    # The reference rotates in float32 and rounds the rotated query to the storage dtype; so do we.
-    q0 = _round(_query_quarter(q_rows, row_ok, r_base, 0, D, QD, HAS_RK), DT, FP32_DOT)
-    q1 = _round(_query_quarter(q_rows, row_ok, r_base, 1, D, QD, HAS_RK), DT, FP32_DOT)
-    q2 = _round(_query_quarter(q_rows, row_ok, r_base, 2, D, QD, HAS_RK), DT, FP32_DOT)
-    q3 = _round(_query_quarter(q_rows, row_ok, r_base, 3, D, QD, HAS_RK), DT, FP32_DOT)
+    q_base = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D + tl.arange(0, QD)[None, :]
+    q0 = tl.load(q_base)
+    q1 = tl.load(q_base + QD)
+    q2 = tl.load(q_base + 2 * QD)
+    q3 = tl.load(q_base + 3 * QD)
 
     m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -274,47 +300,50 @@ def _decode_stage2(
     rv_ptr, srv_g,
     out_ptr, so_b, so_h, so_t,
     num_splits, q_len, num_kv_heads, group,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_RV: tl.constexpr, FP32_DOT: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, HAS_RV: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
-    QD: tl.constexpr = D // 4
+    """One program per output row `(b, kv head, query row)`: merges that row's partials over all splits (BLOCK_S at a
+    time, independent loads), normalises, and un-rotates by R_V^T with vector FMAs."""
     pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kvh = (pid_bh % num_kv_heads).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < group * q_len
+    splits = tl.arange(0, BLOCK_S)
     cols = tl.arange(0, D)
+    first = pid_bh.to(tl.int64) * num_splits
 
-    m_tot = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
-    l_tot = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for s in range(0, num_splits):
-        part = (pid_bh * num_splits + s).to(tl.int64)
-        m_s = tl.load(part_m + part * BLOCK_M + rows, mask=row_ok, other=_MASKED)
-        l_s = tl.load(part_l + part * BLOCK_M + rows, mask=row_ok, other=0.0)
-        o_s = tl.load(part_o + part * BLOCK_M * D + rows[:, None] * D + cols[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m_tot, m_s)
-        alpha = tl.math.exp2(m_tot - m_new)
-        w = tl.math.exp2(m_s - m_new)
-        l_tot = l_tot * alpha + l_s * w
-        acc = acc * alpha[:, None] + o_s * w[:, None]
-        m_tot = m_new
-    o = acc / tl.where(row_ok, l_tot, 1.0)[:, None]
+    m_max = tl.max(tl.full([BLOCK_S], _MASKED, dtype=tl.float32), axis=0)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = s0 + splits < num_splits
+        m_s = tl.load(part_m + (first + s0 + splits) * BLOCK_M + row, mask=ok, other=_MASKED)
+        m_max = tl.maximum(m_max, tl.max(m_s, axis=0))
+    l_tot = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), axis=0)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = s0 + splits < num_splits
+        part = first + s0 + splits
+        m_s = tl.load(part_m + part * BLOCK_M + row, mask=ok, other=_MASKED)
+        l_s = tl.load(part_l + part * BLOCK_M + row, mask=ok, other=0.0)
+        o_s = tl.load(part_o + (part * BLOCK_M + row)[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0)
+        w = tl.where(ok, tl.math.exp2(m_s - m_max), 0.0)
+        l_tot += tl.sum(w * l_s, axis=0)
+        acc += tl.sum(w[:, None] * o_s, axis=0)
+    o = acc / l_tot
 
-    g = rows // q_len
-    qi = rows % q_len
-    out_rows = out_ptr + b * so_b + (kvh * group + g) * so_h + qi * so_t
+    g = row // q_len
+    qi = row % q_len
+    out_row = out_ptr + b * so_b + (kvh * group + g) * so_h + qi * so_t
     if HAS_RV:
-        # out = o @ R_V^T, one quarter of output channels at a time: (R_V^T)[d, e] = R_V[e, d].
+        # out[e] = sum_d o[d] * R_V[e, d]  (o @ R_V^T), BLOCK_E output channels at a time.
         r_base = rv_ptr + kvh * srv_g
-        for s in tl.static_range(4):
-            e = s * QD + tl.arange(0, QD)
-            r_t = tl.load(r_base + e[None, :] * D + cols[:, None])
-            out_s = tl.dot(o, r_t, input_precision="ieee")
-            out_s = _round(out_s, out_ptr.dtype.element_ty, FP32_DOT)
-            tl.store(out_rows[:, None] + e[None, :], out_s, mask=row_ok[:, None])
+        for e0 in tl.static_range(0, D, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            r = tl.load(r_base + e[:, None] * D + cols[None, :])
+            out_e = tl.sum(r * o[None, :], axis=1)
+            tl.store(out_row + e, _round(out_e, out_ptr.dtype.element_ty, FP32_DOT))
     else:
-        o = _round(o, out_ptr.dtype.element_ty, FP32_DOT)
-        tl.store(out_rows[:, None] + cols[None, :], o, mask=row_ok[:, None])
+        tl.store(out_row + cols, _round(o, out_ptr.dtype.element_ty, FP32_DOT))
 
 
 # ---------------------------------------------------------------------------------------------------------- launcher
@@ -456,9 +485,14 @@ def oscar_decode_attention(
     scale = scaling if scaling is not None else head_dim**-0.5
     dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
     body = layer._body_tensors()
+    q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
+    _rotate_query[(n_bh,)](
+        query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
+        D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=layer.k_rotation is not None, FP32_DOT=_interpreting(),
+        num_warps=4,
+    )
     _decode_stage1[(n_bh, num_splits)](
-        query, query.stride(0), query.stride(1), query.stride(2),
-        rk, srk,
+        q_rot,
         layer.sink_keys, layer.sink_values, *layer.sink_keys.stride()[:3],
         layer.recent_keys, layer.recent_values, *layer.recent_keys.stride()[:3],
         body[0], body[3], *body[0].stride()[:3],
@@ -468,15 +502,15 @@ def oscar_decode_attention(
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits,
         float(scale * _LOG2E),
         D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DT=dt,
-        HAS_RK=layer.k_rotation is not None, HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(),
+        HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_stage2[(n_bh,)](
+    _decode_stage2[(n_bh, group * q_len)](
         part_o, part_m, part_l,
         rv, srv,
         out, out.stride(0), out.stride(1), out.stride(2),
         num_splits, q_len, kvh, group,
-        D=head_dim, BLOCK_M=block_m, HAS_RV=layer.v_rotation is not None, FP32_DOT=_interpreting(),
-        num_warps=4,
+        D=head_dim, BLOCK_M=block_m, BLOCK_S=16, BLOCK_E=32, HAS_RV=layer.v_rotation is not None,
+        FP32_DOT=_interpreting(), num_warps=4,
     )
     return out
