@@ -15,11 +15,11 @@ Split-K ("flash-decoding"), three launches:
 INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
 row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
 
-    q . k     = scale * sum_s (q_s . codes_s) + offset * sum(q)
+    q . k     = scale * sum_s (q_s . (codes_s + base)) + (offset - base * scale) * sum(q)
     sum_n p v = sum_s [(p * scale_v) @ (codes_s - 1.5)]  ++  sum_n p * (offset_v + 1.5 * scale_v)
 
-Codes 0..3 are exact in bf16/fp16, so the tensor cores multiply them directly; the scale/offset corrections are one
-multiply-add per (row, key). The PyTorch reference is `oscar_hf.attention.segment_attention_reference`.
+Codes become bf16/fp16 operands by bit pattern (`base + code`, exact), so the tensor cores multiply them directly and
+no conversion instruction runs per element; the scale/offset corrections are one multiply-add per (row, key). The PyTorch reference is `oscar_hf.attention.segment_attention_reference`.
 """
 
 from __future__ import annotations
@@ -62,17 +62,33 @@ def _round(x, DT: tl.constexpr, FP32_DOT: tl.constexpr):
     return x.to(DT)
 
 
+# Codes become floats by bit pattern, not by conversion instructions (which run at a quarter of the integer rate and
+# bound the kernel otherwise): OR-ing a code into the low mantissa bits of a power of two whose ulp is 1 gives
+# `base + code` exactly; the base is folded into the row's offset.
 @triton.jit
-def _codes(packed, shift: tl.constexpr, DT: tl.constexpr):
-    """The 2-bit codes at bit offset `shift` of each byte, as small exact floats (through float32: the CPU
-    interpreter converts integers to bf16 by bit pattern)."""
-    return ((packed >> shift) & 3).to(tl.float32).to(DT)
+def _code_base(DT: tl.constexpr):
+    if DT == tl.bfloat16:
+        return 128.0
+    else:
+        return 1024.0
+
+
+@triton.jit
+def _biased_codes(packed, shift: tl.constexpr, DT: tl.constexpr):
+    """`base + code` for the codes at bit offset `shift`, in DT: 128 + code in bf16 (0x4300), 1024 + code in fp16
+    (0x6400); both exact."""
+    if DT == tl.bfloat16:
+        return (((packed >> shift) & 3) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return (((packed >> shift) & 3) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def _centred_codes(packed, shift: tl.constexpr):
-    """`code - 1.5` for the codes at bit offset `shift`: -1.5, -0.5, 0.5, 1.5, exact in float16."""
-    return (((packed >> shift) & 3).to(tl.float32) - 1.5).to(tl.float16)
+    """`code - 1.5` (-1.5, -0.5, 0.5, 1.5) in float16: 256 + code (0x5C00, ulp 0.25 there, so the code sits at bit 2)
+    minus 257.5, both exact."""
+    x = ((((packed >> shift) & 3) << 2) | 0x5C00).to(tl.int16).to(tl.float16, bitcast=True)
+    return (x - 257.5).to(tl.float16)
 
 
 @triton.jit
@@ -133,10 +149,12 @@ def _int2_block(
     v_scale = tl.load(vs_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
     v_off = tl.load(vo_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
 
-    qk = _mma(q0, _codes(kc, 0, DT), FP32_DOT)
-    qk += _mma(q1, _codes(kc, 2, DT), FP32_DOT)
-    qk += _mma(q2, _codes(kc, 4, DT), FP32_DOT)
-    qk += _mma(q3, _codes(kc, 6, DT), FP32_DOT)
+    qk = _mma(q0, _biased_codes(kc, 0, DT), FP32_DOT)
+    qk += _mma(q1, _biased_codes(kc, 2, DT), FP32_DOT)
+    qk += _mma(q2, _biased_codes(kc, 4, DT), FP32_DOT)
+    qk += _mma(q3, _biased_codes(kc, 6, DT), FP32_DOT)
+    # q . (base + code) * scale + (offset - base * scale) * sum(q) = q . (code * scale + offset)
+    k_off = k_off - _code_base(DT) * k_scale
     scores = (qk * k_scale[None, :] + qsum[:, None] * k_off[None, :]) * sm_scale_log2
 
     vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
@@ -427,10 +445,10 @@ def oscar_decode_attention(
     num_new: int | None = None,
     *,
     block_n: int = 64,
-    programs_per_sm: int = 4,
+    programs_per_sm: int | None = None,
     min_blocks_per_split: int = 4,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
     _checked: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
@@ -455,6 +473,9 @@ def oscar_decode_attention(
     n_bh = bsz * kvh
     body_blocks = triton.cdiv(body_len, block_n)
     if body_blocks:
+        if programs_per_sm is None:
+            # Measured on H100 (benchmarks/RESULTS.md): few KV rows want fewer, longer splits; many want more.
+            programs_per_sm = 2 if n_bh < 32 else 8
         want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
         splits = max(1, min(want, body_blocks // max(1, min_blocks_per_split)))
         chunk = triton.cdiv(body_blocks, splits) * block_n
