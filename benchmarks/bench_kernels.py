@@ -185,14 +185,31 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.no_grad():
-                seq = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+                res = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                                     return_dict_in_generate=True, output_scores=True)
             torch.cuda.synchronize()
-            gens[name] = (seq[:, prompt_len:], time.perf_counter() - t0)
+            scores = torch.stack([sc.float() for sc in res.scores], dim=1)  # [batch, steps, vocab]
+            gens[name] = (res.sequences[:, prompt_len:], time.perf_counter() - t0, scores)
         kernels.set_enabled(True)
-        same = (gens["pytorch"][0] == gens["triton"][0]).float().mean().item()
-        first_diff = (gens["pytorch"][0] != gens["triton"][0]).float().argmax(dim=-1).tolist()
-        out[f"batch{batch}"] = dict(match=same, first_divergence=first_diff, pytorch_s=gens["pytorch"][1],
+        a, b_ = gens["pytorch"][0], gens["triton"][0]
+        same = (a == b_).float().mean().item()
+        diverged = (a != b_).any(dim=-1).tolist()
+        first_diff = [int((a[i] != b_[i]).float().argmax()) if diverged[i] else None for i in range(batch)]
+        # Before the first divergence both paths saw the same tokens: their logits should differ by rounding only.
+        # At the divergence, the reference path's top-2 margin says whether it was a near tie.
+        logit_gap, margin = [], []
+        for i in range(batch):
+            stop = first_diff[i] if diverged[i] else new_tokens
+            sp, st = gens["pytorch"][2][i, :stop], gens["triton"][2][i, :stop]
+            logit_gap.append(float((sp - st).abs().max()) if stop else 0.0)
+            if diverged[i]:
+                top2 = gens["pytorch"][2][i, first_diff[i]].topk(2).values
+                margin.append(float(top2[0] - top2[1]))
+            else:
+                margin.append(None)
+        out[f"batch{batch}"] = dict(match=same, first_divergence=first_diff, max_logit_gap_before=logit_gap,
+                                    top2_margin_at_divergence=margin, pytorch_s=gens["pytorch"][1],
                                     triton_s=gens["triton"][1])
         print(json.dumps({f"generate_batch{batch}": out[f"batch{batch}"]}), flush=True)
     return out
@@ -204,12 +221,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configurations")
     ap.add_argument("--generate", default=None, help="reference model directory for the greedy-match check")
     ap.add_argument("--contexts", default="8192,32768,131072")
+    ap.add_argument("--generate-only", action="store_true")
     args = ap.parse_args()
 
     gen = torch.Generator().manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}", flush=True)
+    if args.generate_only:
+        run_generate(args.generate)
+        return
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth (read+write): {copy_bw / 1e12:.3f} TB/s", flush=True)
 
