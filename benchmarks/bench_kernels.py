@@ -202,7 +202,8 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
         for i in range(batch):
             stop = first_diff[i] if diverged[i] else new_tokens
             sp, st = gens["pytorch"][2][i, :stop], gens["triton"][2][i, :stop]
-            logit_gap.append(float((sp - st).abs().max()) if stop else 0.0)
+            finite = torch.isfinite(sp) & torch.isfinite(st)  # min_new_tokens masks EOS with -inf in both
+            logit_gap.append(float((sp - st).abs()[finite].max()) if stop else 0.0)
             if diverged[i]:
                 top2 = gens["pytorch"][2][i, first_diff[i]].topk(2).values
                 margin.append(float(top2[0] - top2[1]))
