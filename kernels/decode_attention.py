@@ -12,11 +12,11 @@ Split-K ("flash-decoding"), three launches:
   normalises, un-rotates by R_V^T and writes `[batch, q_len, heads, head_dim]` memory (returned as the
   `[batch, heads, q_len, head_dim]` view).
 
-INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), channel `d`
-is byte `d % (D/4)` shifted by `2 * (d // (D/4))`, and a row decodes as `code * scale + offset`, so
+INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
+row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
 
-    q . k     = scale * (q . (codes + base)) + (offset - base * scale) * sum(q)
-    sum_n p v = (p * scale_v) @ (codes - 1.5)  +  sum_n p * (offset_v + 1.5 * scale_v)
+    q . k     = scale * sum_s (q_s . (codes_s + base)) + (offset - base * scale) * sum(q)
+    sum_n p v = sum_s [(p * scale_v) @ (codes_s - 1.5)]  ++  sum_n p * (offset_v + 1.5 * scale_v)
 
 Codes become bf16/fp16 operands by bit pattern (`base + code`, exact), so the tensor cores multiply them directly and
 no conversion instruction runs per element; the scale/offset corrections are one multiply-add per (row, key). The PyTorch reference is `oscar_hf.attention.segment_attention_reference`.
@@ -74,7 +74,7 @@ def _code_base(DT: tl.constexpr):
 
 
 @triton.jit
-def _biased_codes(packed, shift, DT: tl.constexpr):
+def _biased_codes(packed, shift: tl.constexpr, DT: tl.constexpr):
     """`base + code` for the codes at bit offset `shift`, in DT: 128 + code in bf16 (0x4300), 1024 + code in fp16
     (0x6400); both exact."""
     if DT == tl.bfloat16:
@@ -84,7 +84,7 @@ def _biased_codes(packed, shift, DT: tl.constexpr):
 
 
 @triton.jit
-def _centred_codes(packed, shift):
+def _centred_codes(packed, shift: tl.constexpr):
     """`code - 1.5` (-1.5, -0.5, 0.5, 1.5) in float16: 256 + code (0x5C00, ulp 0.25 there, so the code sits at bit 2)
     minus 257.5, both exact."""
     x = ((((packed >> shift) & 3) << 2) | 0x5C00).to(tl.int16).to(tl.float16, bitcast=True)
@@ -129,31 +129,30 @@ def _online_softmax(scores, vis, m_i, l_i):
 
 @triton.jit
 def _int2_block(
-    start, end, b, kvh, q, qsum, m_i, l_i, acc, a_off, qi, row_ok,
+    start, end, b, kvh, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
     kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t, ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
     pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    QD: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    QD: tl.constexpr = D // 4
     offs = start + tl.arange(0, BLOCK_N)
     n_ok = offs < end
     offs64 = offs.to(tl.int64)
-    # Channel d lives in byte d % QD of its row, at bit 2 * (d // QD) (planar packing). Each byte is loaded once per
-    # quarter (the repeats hit L1), so one K = D matrix product covers the whole row.
-    d = tl.arange(0, D)
-    byte = d % QD
-    shift = (d // QD) * 2
-    base = b * s_c_b + kvh * s_c_h
-    kc = tl.load(kc_ptr + base + offs64[None, :] * s_c_t + byte[:, None], mask=n_ok[None, :], other=0).to(tl.int32)
-    vc = tl.load(vc_ptr + base + offs64[:, None] * s_c_t + byte[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+    code_rows = b * s_c_b + kvh * s_c_h + offs64[:, None] * s_c_t + tl.arange(0, QD)[None, :]
     p_rows = b * s_p_b + kvh * s_p_h + offs64
+    # Key codes are loaded as [QD, BLOCK_N] (the dot's B operand as is, no transpose); value codes as [BLOCK_N, QD].
+    code_cols = b * s_c_b + kvh * s_c_h + offs64[None, :] * s_c_t + tl.arange(0, QD)[:, None]
+    kc = tl.load(kc_ptr + code_cols, mask=n_ok[None, :], other=0).to(tl.int32)
+    vc = tl.load(vc_ptr + code_rows, mask=n_ok[:, None], other=0).to(tl.int32)
     k_scale = tl.load(ks_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
     k_off = tl.load(ko_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
     v_scale = tl.load(vs_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
     v_off = tl.load(vo_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
 
-    qk = _mma(q, _biased_codes(kc, shift[:, None], DT), FP32_DOT)
+    qk = _mma(q0, _biased_codes(kc, 0, DT), FP32_DOT)
+    qk += _mma(q1, _biased_codes(kc, 2, DT), FP32_DOT)
+    qk += _mma(q2, _biased_codes(kc, 4, DT), FP32_DOT)
+    qk += _mma(q3, _biased_codes(kc, 6, DT), FP32_DOT)
     # q . (base + code) * scale + (offset - base * scale) * sum(q) = q . (code * scale + offset)
     k_off = k_off - _code_base(DT) * k_scale
     scores = (qk * k_scale[None, :] + qsum[:, None] * k_off[None, :]) * sm_scale_log2
@@ -163,32 +162,46 @@ def _int2_block(
     # Values decode as (code - 1.5) * scale + (offset + 1.5 * scale): centred codes keep the two sums from cancelling,
     # and the (p * scale) operand goes in as float16 (11-bit mantissa; p * scale <= the float16 scale).
     pv = (p * v_scale[None, :]).to(tl.float16)
-    acc = acc * alpha[:, None] + _mma(pv, _centred_codes(vc, shift[None, :]), FP32_DOT)
+    a0 = a0 * alpha[:, None] + _mma(pv, _centred_codes(vc, 0), FP32_DOT)
+    a1 = a1 * alpha[:, None] + _mma(pv, _centred_codes(vc, 2), FP32_DOT)
+    a2 = a2 * alpha[:, None] + _mma(pv, _centred_codes(vc, 4), FP32_DOT)
+    a3 = a3 * alpha[:, None] + _mma(pv, _centred_codes(vc, 6), FP32_DOT)
     a_off = a_off * alpha + tl.sum(p * (v_off + 1.5 * v_scale)[None, :], axis=1)
-    return m_i, l_i, acc, a_off
+    return m_i, l_i, a0, a1, a2, a3, a_off
 
 
 @triton.jit
 def _exact_block(
-    start, end, b, kvh, q, m_i, l_i, acc, a_off, qi, row_ok,
+    start, end, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
     k_ptr, v_ptr, s_b, s_h, s_t,
     pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    QD: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     offs = start + tl.arange(0, BLOCK_N)
     n_ok = offs < end
-    offs64 = offs.to(tl.int64)
-    d = tl.arange(0, D)
-    base = b * s_b + kvh * s_h
-    k = tl.load(k_ptr + base + offs64[None, :] * s_t + d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
-    v = tl.load(v_ptr + base + offs64[:, None] * s_t + d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
-    qk = _mma(q, k, FP32_DOT)
+    rows = b * s_b + kvh * s_h + offs.to(tl.int64)[:, None] * s_t + tl.arange(0, QD)[None, :]
+    cols = b * s_b + kvh * s_h + offs.to(tl.int64)[None, :] * s_t + tl.arange(0, QD)[:, None]
+    k0 = tl.load(k_ptr + cols, mask=n_ok[None, :], other=0.0)
+    k1 = tl.load(k_ptr + cols + QD, mask=n_ok[None, :], other=0.0)
+    k2 = tl.load(k_ptr + cols + 2 * QD, mask=n_ok[None, :], other=0.0)
+    k3 = tl.load(k_ptr + cols + 3 * QD, mask=n_ok[None, :], other=0.0)
+    v0 = tl.load(v_ptr + rows, mask=n_ok[:, None], other=0.0)
+    v1 = tl.load(v_ptr + rows + QD, mask=n_ok[:, None], other=0.0)
+    v2 = tl.load(v_ptr + rows + 2 * QD, mask=n_ok[:, None], other=0.0)
+    v3 = tl.load(v_ptr + rows + 3 * QD, mask=n_ok[:, None], other=0.0)
+    qk = _mma(q0, k0, FP32_DOT)
+    qk += _mma(q1, k1, FP32_DOT)
+    qk += _mma(q2, k2, FP32_DOT)
+    qk += _mma(q3, k3, FP32_DOT)
     vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
     p, alpha, m_i, l_i = _online_softmax(qk * sm_scale_log2, vis, m_i, l_i)
     pv = _round(p, DT, FP32_DOT)
-    acc = acc * alpha[:, None] + _mma(pv, v, FP32_DOT)
-    return m_i, l_i, acc, a_off * alpha
+    a0 = a0 * alpha[:, None] + _mma(pv, v0, FP32_DOT)
+    a1 = a1 * alpha[:, None] + _mma(pv, v1, FP32_DOT)
+    a2 = a2 * alpha[:, None] + _mma(pv, v2, FP32_DOT)
+    a3 = a3 * alpha[:, None] + _mma(pv, v3, FP32_DOT)
+    return m_i, l_i, a0, a1, a2, a3, a_off * alpha
 
 
 # ---------------------------------------------------------------------------------------------------------- stage 0
@@ -242,44 +255,58 @@ def _decode_stage1(
     row_ok = rows < group * q_len
     kv_len = sink_len + body_len + recent_len
 
-    cols = tl.arange(0, D)
-    q = tl.load(qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D + cols[None, :])
+    q_base = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D + tl.arange(0, QD)[None, :]
+    q0 = tl.load(q_base)
+    q1 = tl.load(q_base + QD)
+    q2 = tl.load(q_base + 2 * QD)
+    q3 = tl.load(q_base + 3 * QD)
 
     m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    a0 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
     a_off = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     if pid_s < num_splits - 1:
-        qsum = tl.sum(q.to(tl.float32), axis=1)
+        qsum = (
+            tl.sum(q0.to(tl.float32), axis=1)
+            + tl.sum(q1.to(tl.float32), axis=1)
+            + tl.sum(q2.to(tl.float32), axis=1)
+            + tl.sum(q3.to(tl.float32), axis=1)
+        )
         lo = pid_s * body_chunk
         hi = tl.minimum(lo + body_chunk, body_len)
         for start in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc, a_off = _int2_block(
-                start, hi, b, kvh, q, qsum, m_i, l_i, acc, a_off, qi, row_ok,
+            m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
+                start, hi, b, kvh, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
                 kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t, ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
                 sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                D, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
     else:
         for start in range(0, sink_len, BLOCK_N):
-            m_i, l_i, acc, a_off = _exact_block(
-                start, sink_len, b, kvh, q, m_i, l_i, acc, a_off, qi, row_ok,
+            m_i, l_i, a0, a1, a2, a3, a_off = _exact_block(
+                start, sink_len, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
                 sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
                 0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                D, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
         for start in range(0, recent_len, BLOCK_N):
-            m_i, l_i, acc, a_off = _exact_block(
-                start, recent_len, b, kvh, q, m_i, l_i, acc, a_off, qi, row_ok,
+            m_i, l_i, a0, a1, a2, a3, a_off = _exact_block(
+                start, recent_len, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
                 rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
                 sink_len + body_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                D, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
 
     part = (pid_bh * num_splits + pid_s).to(tl.int64)
-    tl.store(part_o + part * BLOCK_M * D + rows[:, None] * D + cols[None, :], acc + a_off[:, None],
-             mask=row_ok[:, None])
+    o_rows = part_o + part * BLOCK_M * D + rows[:, None] * D + tl.arange(0, QD)[None, :]
+    tl.store(o_rows, a0 + a_off[:, None], mask=row_ok[:, None])
+    tl.store(o_rows + QD, a1 + a_off[:, None], mask=row_ok[:, None])
+    tl.store(o_rows + 2 * QD, a2 + a_off[:, None], mask=row_ok[:, None])
+    tl.store(o_rows + 3 * QD, a3 + a_off[:, None], mask=row_ok[:, None])
     tl.store(part_m + part * BLOCK_M + rows, m_i, mask=row_ok)
     tl.store(part_l + part * BLOCK_M + rows, l_i, mask=row_ok)
 
