@@ -114,6 +114,33 @@ class OscarQuantizedCache(Cache):
         self.rotations = rotations
         self.method = method
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str,
+        config: PretrainedConfig,
+        revision: str | None = None,
+        *,
+        cache_dir=None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **cache_kwargs,
+    ) -> "OscarQuantizedCache":
+        """Build the cache from a rotation bundle on the Hub or in a directory.
+
+        `cache_kwargs` are the keyword arguments of `__init__` (`sink_tokens`, `recent_tokens`, `k_clip_ratio`, ...).
+        The bundle is checked against `config`: rotations made for another model raise a `ValueError`.
+        """
+        rotations = OscarRotations.from_pretrained(
+            repo_id_or_dir,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            config=config,
+        )
+        return cls(config, rotations=rotations, **cache_kwargs)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         if isinstance(layer, OscarQuantizedLayer):

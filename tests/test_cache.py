@@ -302,3 +302,17 @@ def test_nan_states_without_the_check_stay_in_their_own_rows():
     keys, _ = layer.dequantized_rotated(torch.float32)
     finite_rows = torch.isfinite(keys).all(-1)
     assert not finite_rows[0, 0, 2] and finite_rows.sum() == 11
+
+
+@torch.no_grad()
+def test_from_pretrained_builds_the_cache_from_a_saved_bundle(tmp_path):
+    model = tiny_model("qwen3")
+    rotations = OscarRotations.data_free("hadamard", num_layers=2, num_kv_heads=2, head_dim=32, k_clip_ratio=0.9)
+    rotations.save_pretrained(tmp_path)
+    cache = OscarQuantizedCache.from_pretrained(str(tmp_path), config=model.config, recent_tokens=32)
+    assert cache.method == "hadamard" and cache.layers[1].k_clip_ratio == pytest.approx(0.9)
+    assert cache.layers[0].recent_tokens == 32
+    ids = torch.randint(3, 128, (1, 20))
+    torch.testing.assert_close(model(ids, past_key_values=cache).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="layers"):
+        OscarQuantizedCache.from_pretrained(str(tmp_path), config=tiny_model("qwen3", layers=3).config)
