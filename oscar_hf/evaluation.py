@@ -7,7 +7,7 @@ are fed one at a time through the cache (teacher forcing), so every step attends
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -22,7 +22,6 @@ class DecodeRun:
     logprobs: torch.Tensor
     targets: torch.Tensor
     cache: object = None
-    extra: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
