@@ -3,7 +3,7 @@
 Load a model with `attn_implementation="oscar"` (after `import oscar_hf`) and every forward that has an
 `OscarQuantizedCache` attends over the cache's mixed storage directly: the query is rotated by R_K, attention runs
 over sink + 2-bit body + recent window, and the output is un-rotated by R_V^T. With any other cache, or on the
-first (prefill) forward, it is PyTorch SDPA.
+first (prefill) forward, it is PyTorch SDPA (scores written out when the model soft-caps them, as Gemma 2).
 
 `segment_attention_reference` is the PyTorch reference: it dequantizes the body into a temporary and calls SDPA. On
 CUDA, the Triton kernels in `oscar_hf.kernels` replace it on the decode hot path (up to 8 new tokens, boolean or no
@@ -53,16 +53,46 @@ def expand_rotation(rotation: torch.Tensor, num_query_heads: int) -> torch.Tenso
     return rotation.repeat_interleave(num_query_heads // groups, dim=0)
 
 
+def explicit_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention with the scores written out, for what SDPA cannot do: Gemma 2's `tanh` soft-capping of the scores.
+
+    `query` `[B, Hq, q, D]` over `keys`/`values` `[B, Hkv, L, D]` (GQA by repetition); a `None` mask means causal with
+    the queries at the last `q` positions. Softmax in float32, as the eager attention of the models that softcap.
+    """
+    q_len, kv_len = query.shape[-2], keys.shape[-2]
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = (query @ keys.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    return torch.softmax(scores, dim=-1).to(values.dtype) @ values
+
+
 def segment_attention_reference(
     query: torch.Tensor,
     segments: OscarSegments,
     attention_mask: torch.Tensor | None,
     scaling: float | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q, D]` (not rotated) over the layer's mixed storage; `[B, Hq, q, D]` out.
 
     Equals SDPA over the dequantized cache: the rotation is orthogonal, so `(qR)(kR)^T = qk^T`, and
-    `softmax(.) (V R) R^T = softmax(.) V`.
+    `softmax(.) (V R) R^T = softmax(.) V`. Soft-capping acts on the scores, which the rotation leaves unchanged.
     """
     layer = segments.layer
     q_len, num_heads = query.shape[-2], query.shape[1]
@@ -70,14 +100,17 @@ def segment_attention_reference(
     q = query if layer.k_rotation is None else rotate(query, expand_rotation(layer.k_rotation, num_heads))
     q = q.to(keys.dtype)
     kv_len = keys.shape[-2]
-    if attention_mask is None and q_len > 1:
-        # The queries are the last q_len positions: each sees the whole history and the new tokens up to itself.
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
-    elif attention_mask is not None:
+    if attention_mask is not None:
         attention_mask = attention_mask[..., -kv_len:]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, keys, values, attn_mask=attention_mask, scale=scaling, enable_gqa=num_heads != keys.shape[1]
-    )
+    if softcap is not None:
+        out = explicit_attention(q, keys, values, attention_mask, scaling, softcap)
+    else:
+        if attention_mask is None and q_len > 1:
+            # The queries are the last q_len positions: each sees the whole history and the new tokens up to itself.
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attention_mask, scale=scaling, enable_gqa=num_heads != keys.shape[1]
+        )
     if layer.v_rotation is not None:
         out = unrotate(out, expand_rotation(layer.v_rotation, num_heads))
     return out.to(query.dtype)
@@ -94,14 +127,23 @@ def oscar_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention signature; returns `([batch, q_len, heads, head_dim], None)`."""
+    softcap = kwargs.pop("softcap", None)
     if not isinstance(key, OscarSegments):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if softcap is None:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., : key.shape[-2]]
+        out = explicit_attention(query, key, value, attention_mask, scaling, softcap)
+        return out.transpose(1, 2).contiguous(), None
     out = None
-    fast = _fast_path() if query.is_cuda else None
+    # The kernels compute plain softmax attention; soft-capped scores go through the reference.
+    fast = _fast_path() if query.is_cuda and softcap is None else None
     if fast is not None:
         out = fast(query, key, attention_mask, scaling)
     if out is None:
-        out = segment_attention_reference(query, key, attention_mask, scaling)
+        out = segment_attention_reference(query, key, attention_mask, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -8,12 +8,33 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from .attention import OSCAR_ATTENTION
 from .layer import OscarQuantizedLayer
+from .quantization import CODES_PER_BYTE
 from .rotations import OscarRotations
 
 
 def model_geometry(config: PretrainedConfig) -> tuple[PretrainedConfig, int, int, int, list[str]]:
-    """`(text_config, num_layers, num_kv_heads, head_dim, layer_types)` of a decoder config."""
+    """`(text_config, num_layers, num_kv_heads, head_dim, layer_types)` of a decoder config.
+
+    Raises a `ValueError` for models whose cache is not per-head keys and values of one decoder stack.
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"OscarQuantizedCache is for decoder-only models; {config.model_type} is an encoder-decoder model, whose "
+            "generate() needs an EncoderDecoderCache. Use transformers' caches for it."
+        )
     config = config.get_text_config(decoder=True)
+    if getattr(config, "kv_lora_rank", None) is not None:
+        raise ValueError(
+            f"{config.model_type} uses multi-head latent attention (MLA): its cache holds a compressed latent and "
+            "keys and values of different head sizes, not the per-head keys and values OSCAR rotates. "
+            "Use transformers' caches for it."
+        )
+    for name in ("num_hidden_layers", "num_attention_heads"):
+        if getattr(config, name, None) is None:
+            raise ValueError(
+                f"{type(config).__name__} has no `{name}`: OscarQuantizedCache needs a decoder config with "
+                "`num_hidden_layers`, `num_attention_heads` and optionally `num_key_value_heads` and `head_dim`."
+            )
     num_layers = config.num_hidden_layers
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -65,6 +86,8 @@ class OscarQuantizedCache(Cache):
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
+            raise ValueError(f"`max_cache_len` must be a positive integer or None, got {max_cache_len!r}.")
         for name, value in (("k_clip_ratio", k_clip_ratio), ("v_clip_ratio", v_clip_ratio)):
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"`{name}` is a quantile and must lie in (0, 1], got {value!r}.")
@@ -87,6 +110,12 @@ class OscarQuantizedCache(Cache):
             raise ValueError(
                 f"OscarQuantizedCache supports full and sliding-window attention layers; {model_name} has layer types "
                 f"{unsupported}."
+            )
+
+        if "full_attention" in layer_types and head_dim % CODES_PER_BYTE:
+            raise ValueError(
+                f"{model_name} has head_dim {head_dim}, but 2-bit codes are packed {CODES_PER_BYTE} to a byte along "
+                f"head_dim, which must be a multiple of {CODES_PER_BYTE}. Use transformers' caches for this model."
             )
 
         layers = []
@@ -142,6 +171,11 @@ class OscarQuantizedCache(Cache):
         return cls(config, rotations=rotations, **cache_kwargs)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"This cache was built for {len(self.layers)} decoder layers but got states for layer {layer_idx}: it "
+                "is being used with another model. Build one cache per model from that model's config."
+            )
         layer = self.layers[layer_idx]
         if isinstance(layer, OscarQuantizedLayer):
             reads_segments = getattr(self.config, "_attn_implementation", None) == OSCAR_ATTENTION

@@ -212,10 +212,14 @@ class OscarQuantizedLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != self.batch_size or key_states.shape[1] != self.num_heads:
+        expected = (self.batch_size, self.num_heads, self.head_dim)
+        if (key_states.shape[0], key_states.shape[1], key_states.shape[-1]) != expected or (
+            value_states.shape != key_states.shape
+        ):
             raise ValueError(
-                f"Layer {self.layer_idx} holds a batch of {self.batch_size} x {self.num_heads} KV heads but got states "
-                f"of shape {tuple(key_states.shape)}: is this cache being reused with another model or batch? "
+                f"Layer {self.layer_idx} holds a batch of {self.batch_size} x {self.num_heads} KV heads of head_dim "
+                f"{self.head_dim} but got keys of shape {tuple(key_states.shape)} and values of shape "
+                f"{tuple(value_states.shape)}: is this cache being reused with another model or batch? "
                 "Call `cache.reset()` first."
             )
         if self.check_finite:

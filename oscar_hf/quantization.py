@@ -40,6 +40,44 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (h / math.sqrt(n)).to(dtype)
 
 
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % f for f in range(2, math.isqrt(n) + 1))
+
+
+def _paley_hadamard(order: int) -> torch.Tensor:
+    """The +-1 Hadamard matrix of `order = q + 1`, `q` a prime with `q % 4 == 3` (Paley's first construction)."""
+    q = order - 1
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = [0] + [1 if i in residues else -1 for i in range(1, q)]
+    jacobsthal = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+    s = torch.zeros(order, order, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jacobsthal
+    return s + torch.eye(order, dtype=torch.float64)
+
+
+def hadamard_rotation(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """An orthonormal rotation of size `n` that spreads outliers as a Hadamard matrix does, for any `n`.
+
+    A power of two gets the Sylvester matrix (`hadamard_matrix`). Otherwise `n = (q + 1) * 2**k` with `q` a prime,
+    `q % 4 == 3`, gets the Kronecker product of a Paley matrix and a Sylvester matrix, itself a Hadamard matrix
+    (80 = 20 * 4, 96 = 12 * 8, 72, 120 = 60 * 2, 160, 192, ...). Any other size gets a block-diagonal Hadamard over
+    the largest power-of-two block dividing `n`, which mixes only within blocks: a weaker rotation, still orthogonal.
+    """
+    if n < 1:
+        raise ValueError(f"A rotation needs a positive size, got {n}.")
+    if not n & (n - 1):
+        return hadamard_matrix(n, dtype)
+    power = n & -n  # the largest power of two dividing n
+    k = power
+    while k >= 1:
+        m = n // k
+        if m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+            h = torch.kron(_paley_hadamard(m), hadamard_matrix(k) * math.sqrt(k))
+            return (h / math.sqrt(n)).to(dtype)
+        k //= 2
+    return torch.block_diag(*[hadamard_matrix(power)] * (n // power)).to(dtype)
+
+
 def bit_reversal_permutation(n: int) -> torch.Tensor:
     """Indices `0..n-1` in bit-reversed order (`n` a power of two): spreads consecutive indices far apart."""
     if n < 1 or n & (n - 1):

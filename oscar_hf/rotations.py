@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .quantization import hadamard_matrix
+from .quantization import hadamard_rotation
 
 METHODS = ("naive", "hadamard", "oscar")
 # The reference recipe's clip quantiles: values beyond them are outliers worth sacrificing at 4 levels.
@@ -73,7 +73,7 @@ class OscarRotations:
             v_clip = 1.0 if v_clip_ratio is None else v_clip_ratio
             return cls("naive", num_layers, num_kv_heads, head_dim, torch.tensor(k_clip), torch.tensor(v_clip))
         if method == "hadamard":
-            h = hadamard_matrix(head_dim, torch.float32).expand(num_layers, 1, head_dim, head_dim).clone()
+            h = hadamard_rotation(head_dim, torch.float32).expand(num_layers, 1, head_dim, head_dim).clone()
             k_clip = DEFAULT_K_CLIP if k_clip_ratio is None else k_clip_ratio
             v_clip = DEFAULT_V_CLIP if v_clip_ratio is None else v_clip_ratio
             return cls(

@@ -1,0 +1,161 @@
+"""Model families, head sizes and dtypes: exactness with covering windows, and quantized runs against an oracle.
+
+The oracle for quantized runs, `FakeQuantCache`, is a `DynamicCache` that keeps every token exact and, at each
+forward, hands attention the history as OSCAR's windows say it must look: the tokens outside the sink and recent
+windows replaced by their quantized-then-dequantized rows (the reference math of `oscar_hf.quantization`), the
+tokens of the current forward exact. Its model runs eager attention, so neither the cache's storage nor the
+`"oscar"` attention path takes part in it.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from conftest import FAMILY_OVERRIDES, tiny_model
+from oscar_hf import OscarQuantizedCache, OscarRotations
+from oscar_hf.layer import OscarQuantizedLayer
+from oscar_hf.quantization import dequantize_rows, quantize_rows
+
+FAMILIES = sorted(FAMILY_OVERRIDES)
+WINDOWS = dict(sink_tokens=4, recent_tokens=8, demote_block=4)
+
+
+class FakeQuantCache(DynamicCache):
+    """Exact storage; attention sees the body tokens fake-quantized (see the module docstring)."""
+
+    def __init__(self, config, rotations: OscarRotations, sink_tokens, recent_tokens, demote_block):
+        super().__init__(config=config)
+        self.rotations = rotations
+        self.sink, self.recent, self.block = sink_tokens, recent_tokens, demote_block
+        self.windows = {}  # layer -> [sink_len, body_len, recent_len]
+
+    def _advance(self, layer_idx, n):
+        """OSCAR's window rule: fill the sink, then the recent window; demote whole blocks once it overflows."""
+        sink_len, body_len, recent_len = self.windows.get(layer_idx, [0, 0, 0])
+        taken = min(n, self.sink - sink_len)
+        sink_len, n = sink_len + taken, n - taken
+        if n:
+            recent_len += n
+            if recent_len > self.recent + self.block - 1:
+                demoted = (recent_len - self.recent) // self.block * self.block
+                body_len, recent_len = body_len + demoted, recent_len - demoted
+        self.windows[layer_idx] = [sink_len, body_len, recent_len]
+        return sink_len, body_len
+
+    def _fake_quantize(self, states, rotation, clip):
+        dtype = states.dtype
+        rows = states.float() if rotation is None else states.float() @ rotation[0].float()
+        rows = dequantize_rows(quantize_rows(rows.to(dtype), clip), torch.float32)
+        return (rows if rotation is None else rows @ rotation[0].float().T).to(dtype)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if isinstance(self.layers[layer_idx], DynamicSlidingWindowLayer):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        first = self.layers[layer_idx].get_seq_length() == 0
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        sink_len, body_len = self._advance(layer_idx, key_states.shape[-2])
+        if first:
+            return keys, values
+        # Tokens of this forward stay exact even when they were demoted within it.
+        stop = min(sink_len + body_len, keys.shape[-2] - key_states.shape[-2])
+        if stop <= sink_len:
+            return keys, values
+        k_rot, v_rot = self.rotations.layer_rotations(layer_idx)
+        keys, values = keys.clone(), values.clone()
+        at = slice(sink_len, stop)
+        keys[:, :, at] = self._fake_quantize(keys[:, :, at], k_rot, float(self.rotations.k_clip_ratios[layer_idx]))
+        values[:, :, at] = self._fake_quantize(values[:, :, at], v_rot, float(self.rotations.v_clip_ratios[layer_idx]))
+        return keys, values
+
+
+def teacher_forced_logits(model, cache, ids, prefill, chunks):
+    """Prefill `ids[:, :prefill]`, then feed the rest in `chunks` (sizes cycling): the logits of every forward."""
+    out = [model(input_ids=ids[:, :prefill], past_key_values=cache).logits]
+    pos, i = prefill, 0
+    while pos < ids.shape[1]:
+        n = chunks[i % len(chunks)]
+        out.append(model(input_ids=ids[:, pos : pos + n], past_key_values=cache).logits)
+        pos, i = pos + n, i + 1
+    return torch.cat(out, dim=1).float()
+
+
+def same_weights(family, attn, dtype=torch.float32, **overrides):
+    return tiny_model(family, attn_implementation=attn, **overrides).to(dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_greedy_generate_with_covering_windows_equals_dynamic_cache(family):
+    reference = same_weights(family, "eager")
+    model = same_weights(family, "oscar")
+    ids = torch.randint(3, 128, (2, 10))
+    expected = reference.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    cache = OscarQuantizedCache(model.config, method="hadamard", sink_tokens=8, recent_tokens=64)
+    got = model.generate(ids, past_key_values=cache, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert torch.equal(got, expected)
+    quantized = cache.quantized_layers()
+    assert quantized and all(layer.body_len == 0 for layer in quantized)
+    if getattr(model.config, "layer_types", None) and "sliding_attention" in model.config.layer_types:
+        # Gemma: the sliding layers are transformers' exact sliding layers, and 34 tokens did slide past the window.
+        sliding = [layer for layer in cache.layers if not isinstance(layer, OscarQuantizedLayer)]
+        assert sliding and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in sliding)
+
+
+def against_oracle(family, attn="oscar", head_dim=32, dtype=torch.float32, batch=2):
+    """Logits of a quantized run, of the oracle and of the exact model, teacher-forced on the same random tokens."""
+    reference = same_weights(family, "eager", dtype, head_dim=head_dim)
+    model = same_weights(family, attn, dtype, head_dim=head_dim)
+    ids = torch.randint(3, 128, (batch, 44))
+    rotations = OscarRotations.data_free("hadamard", 2, 2, head_dim)
+    oracle = FakeQuantCache(reference.config, rotations, **WINDOWS)
+    want = teacher_forced_logits(reference, oracle, ids, 24, (1, 1, 5, 1))
+    cache = OscarQuantizedCache(model.config, rotations=rotations, **WINDOWS)
+    got = teacher_forced_logits(model, cache, ids, 24, (1, 1, 5, 1))
+    assert max(layer.body_len for layer in cache.quantized_layers()) >= 28
+    exact = teacher_forced_logits(reference, DynamicCache(config=reference.config), ids, 24, (1, 1, 5, 1))
+    return got, want, exact
+
+
+@pytest.mark.parametrize(
+    "family, attn", [(family, "oscar") for family in FAMILIES] + [("llama", "eager"), ("gemma2", "eager")]
+)
+@torch.no_grad()
+def test_quantized_run_matches_the_fake_quantized_oracle(family, attn):
+    got, want, exact = against_oracle(family, attn)
+    assert (want - exact).abs().max() > 1e-2  # the oracle is not the exact model in disguise
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "family, head_dim", [("qwen3", 64), ("qwen3", 128), ("llama", 256), ("llama", 80), ("phi3", 96), ("qwen3", 112)]
+)
+@torch.no_grad()
+def test_head_dims_including_non_powers_of_two_match_the_oracle(family, head_dim):
+    got, want, exact = against_oracle(family, head_dim=head_dim, batch=1)
+    assert (want - exact).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [64, 80, 96, 112, 120, 256])
+def test_hadamard_rotation_of_any_head_dim_is_orthogonal_and_spreads_outliers(n):
+    from oscar_hf.quantization import hadamard_rotation
+
+    h = hadamard_rotation(n)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    # One outlier channel spreads over every channel of a full Hadamard matrix; 112 = 7 x 16 has none (no Paley
+    # order fits), and its block-diagonal fallback spreads over a 16-channel block.
+    spread = (h.abs() > 1e-9).sum(dim=1)
+    assert (spread == (16 if n == 112 else n)).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@torch.no_grad()
+def test_half_precision_quantized_run_tracks_the_oracle(family, dtype):
+    got, want, exact = against_oracle(family, head_dim=64, dtype=dtype)
+    assert torch.isfinite(got).all()
+    # The cache stores its exact windows rotated, one more half-precision rounding than the oracle: what is left
+    # must be well below the quantization's own effect.
+    assert (got - want).abs().max() < 0.35 * (want - exact).abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
