@@ -4,9 +4,10 @@ Split-K ("flash-decoding"), three launches:
 
 - **stage 0**, grid `(batch * kv_heads,)`: rotates the query by R_K (float32, IEEE dot) and rounds it to the storage
   dtype, as the reference does, into a padded `[rows, head_dim]` tile per KV head.
-- **stage 1**, grid `(batch * kv_heads, body_splits + 1)`. A program serves *all* query rows of one KV head (the
+- **stage 1**, grid `(batch * kv_heads, splits)`. A program serves *all* query rows of one KV head (the
   `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. Programs
-  `0 .. body_splits-1` each walk one chunk of the 2-bit body; the last program walks the sink and the recent window.
+  `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk 64-token chunks of the sink and of the
+  recent window.
   Each program writes its partial output, running max and running sum (base-2 online softmax).
 - **stage 2**, grid `(batch * kv_heads, group * q_len)`: merges one output row's partials over every split,
   normalises, un-rotates by R_V^T and writes `[batch, q_len, heads, head_dim]` memory (returned as the
@@ -15,11 +16,14 @@ Split-K ("flash-decoding"), three launches:
 INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
 row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
 
-    q . k     = scale * sum_s (q_s . (codes_s + base)) + (offset - base * scale) * sum(q)
-    sum_n p v = sum_s [(p * scale_v) @ (codes_s - 1.5)]  ++  sum_n p * (offset_v + 1.5 * scale_v)
+    q . k     = scale * sum_s (q_s . (4 + codes_s)) + (offset - 4 * scale) * sum(q)
+    sum_n p v = sum_s [(p * scale_v) @ (4 + codes_s)]  ++  sum_n p * (offset_v - 4 * scale_v)
 
-Codes become bf16/fp16 operands by bit pattern (`base + code`, exact), so the tensor cores multiply them directly and
-no conversion instruction runs per element; the scale/offset corrections are one multiply-add per (row, key). The PyTorch reference is `oscar_hf.attention.segment_attention_reference`.
+Codes become bf16/fp16 operands by bit pattern (`4 + code`, exact; see `_unpack_asm`), so the tensor cores multiply
+them directly and no conversion instruction runs per element; the scale/offset corrections are one multiply-add per
+(row, key). The packed bytes reach shared memory through the software pipeline (`num_stages`) with 16-byte copies and
+are unpacked in the registers of the matrix-product operand layout. The PyTorch reference is
+`oscar_hf.attention.segment_attention_reference`.
 """
 
 from __future__ import annotations
@@ -63,32 +67,64 @@ def _round(x, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 # Codes become floats by bit pattern, not by conversion instructions (which run at a quarter of the integer rate and
-# bound the kernel otherwise): OR-ing a code into the low mantissa bits of a power of two whose ulp is 1 gives
-# `base + code` exactly; the base is folded into the row's offset.
+# bound the kernel otherwise): a code OR-ed into the two mantissa bits whose ulp is 1 at 4.0 gives `4 + code`
+# exactly, in bf16 (0x4080 | code << 5) and in fp16 (0x4400 | code << 8); the base 4 is folded into the row's offset.
+# A small base keeps `sum p * (4 + code)` from cancelling against `4 * sum p` in float32.
+CODE_BASE = tl.constexpr(4.0)
+
+
+def _unpack_asm(dt: str, s: int) -> str:
+    """PTX for four packed bytes (one 32-bit register, `$2`) -> four `4 + code` values of quarter `s` (`$0`, `$1`):
+    one shift, one `lop3` ((t & mask) | exponent bits) and two byte permutes that interleave the code bytes with the
+    constant bytes."""
+    if dt == "bf16":  # low byte 0x80 | code << 5, high byte 0x40
+        shift = "shr.b32 t, $2, 1;" if s == 3 else f"shl.b32 t, $2, {5 - 2 * s};"
+        mask, bits, other, sel = "0x60606060", "0x80808080", "0x40404040", ("0x4140", "0x4342")
+    else:  # low byte 0, high byte 0x44 | code
+        shift = "mov.b32 t, $2;" if s == 0 else f"shr.b32 t, $2, {2 * s};"
+        mask, bits, other, sel = "0x03030303", "0x44444444", "0", ("0x1404", "0x3424")
+    return (
+        f"{{ .reg .b32 t, m, c, h; {shift} mov.b32 m, {mask}; mov.b32 c, {bits}; mov.b32 h, {other}; "
+        f"lop3.b32 t, t, m, c, 0xea; prmt.b32 $0, t, h, {sel[0]}; prmt.b32 $1, t, h, {sel[1]}; }}"
+    )
+
+
+_BF16_ASM_0, _BF16_ASM_1, _BF16_ASM_2, _BF16_ASM_3 = (tl.constexpr(_unpack_asm("bf16", s)) for s in range(4))
+_FP16_ASM_0, _FP16_ASM_1, _FP16_ASM_2, _FP16_ASM_3 = (tl.constexpr(_unpack_asm("fp16", s)) for s in range(4))
+
+
 @triton.jit
-def _code_base(DT: tl.constexpr):
-    if DT == tl.bfloat16:
-        return 128.0
+def _biased_codes(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """`4 + code` in DT for the codes of channel quarter `s` (bits `2s, 2s+1`) of each packed byte. With `ASM`
+    (compiled GPU code) four bytes are unpacked at a time (`_unpack_asm`); otherwise, and under the CPU interpreter,
+    the same bit patterns are built element by element."""
+    if ASM:
+        if DT == tl.bfloat16:
+            if s == 0:
+                asm: tl.constexpr = _BF16_ASM_0
+            elif s == 1:
+                asm: tl.constexpr = _BF16_ASM_1
+            elif s == 2:
+                asm: tl.constexpr = _BF16_ASM_2
+            else:
+                asm: tl.constexpr = _BF16_ASM_3
+            return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            if s == 0:
+                asm: tl.constexpr = _FP16_ASM_0
+            elif s == 1:
+                asm: tl.constexpr = _FP16_ASM_1
+            elif s == 2:
+                asm: tl.constexpr = _FP16_ASM_2
+            else:
+                asm: tl.constexpr = _FP16_ASM_3
+            return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
     else:
-        return 1024.0
-
-
-@triton.jit
-def _biased_codes(packed, shift: tl.constexpr, DT: tl.constexpr):
-    """`base + code` for the codes at bit offset `shift`, in DT: 128 + code in bf16 (0x4300), 1024 + code in fp16
-    (0x6400); both exact."""
-    if DT == tl.bfloat16:
-        return (((packed >> shift) & 3) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        return (((packed >> shift) & 3) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _centred_codes(packed, shift: tl.constexpr):
-    """`code - 1.5` (-1.5, -0.5, 0.5, 1.5) in float16: 256 + code (0x5C00, ulp 0.25 there, so the code sits at bit 2)
-    minus 257.5, both exact."""
-    x = ((((packed >> shift) & 3) << 2) | 0x5C00).to(tl.int16).to(tl.float16, bitcast=True)
-    return (x - 257.5).to(tl.float16)
+        c = (packed.to(tl.int32) >> (2 * s)) & 3
+        if DT == tl.bfloat16:
+            return ((c << 5) | 0x4080).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            return ((c << 8) | 0x4400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -129,44 +165,43 @@ def _online_softmax(scores, vis, m_i, l_i):
 
 @triton.jit
 def _int2_block(
-    start, end, b, kvh, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
-    kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t, ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
+    start, end, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, b,
+    kc_base, vc_base, ks_base, ko_base, vs_base, vo_base,
     pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
     QD: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
+    """One block of `BLOCK_N` 2-bit keys/values. `*_base` point at this (batch, KV head)'s rows: codes are
+    `QD`-byte rows, scale/offset one value per token (the layer's layout, checked by `unsupported_reason`)."""
     offs = start + tl.arange(0, BLOCK_N)
     n_ok = offs < end
-    offs64 = offs.to(tl.int64)
-    code_rows = b * s_c_b + kvh * s_c_h + offs64[:, None] * s_c_t + tl.arange(0, QD)[None, :]
-    p_rows = b * s_p_b + kvh * s_p_h + offs64
     # Key codes are loaded as [QD, BLOCK_N] (the dot's B operand as is, no transpose); value codes as [BLOCK_N, QD].
-    code_cols = b * s_c_b + kvh * s_c_h + offs64[None, :] * s_c_t + tl.arange(0, QD)[:, None]
-    kc = tl.load(kc_ptr + code_cols, mask=n_ok[None, :], other=0).to(tl.int32)
-    vc = tl.load(vc_ptr + code_rows, mask=n_ok[:, None], other=0).to(tl.int32)
-    k_scale = tl.load(ks_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
-    k_off = tl.load(ko_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
-    v_scale = tl.load(vs_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
-    v_off = tl.load(vo_ptr + p_rows, mask=n_ok, other=0.0).to(tl.float32)
+    kc = tl.load(kc_base + offs[None, :] * QD + tl.arange(0, QD)[:, None], mask=n_ok[None, :], other=0)
+    vc = tl.load(vc_base + offs[:, None] * QD + tl.arange(0, QD)[None, :], mask=n_ok[:, None], other=0)
+    k_scale = tl.load(ks_base + offs, mask=n_ok, other=0.0).to(tl.float32)
+    k_off = tl.load(ko_base + offs, mask=n_ok, other=0.0).to(tl.float32)
+    v_scale = tl.load(vs_base + offs, mask=n_ok, other=0.0).to(tl.float32)
+    v_off = tl.load(vo_base + offs, mask=n_ok, other=0.0).to(tl.float32)
 
-    qk = _mma(q0, _biased_codes(kc, 0, DT), FP32_DOT)
-    qk += _mma(q1, _biased_codes(kc, 2, DT), FP32_DOT)
-    qk += _mma(q2, _biased_codes(kc, 4, DT), FP32_DOT)
-    qk += _mma(q3, _biased_codes(kc, 6, DT), FP32_DOT)
-    # q . (base + code) * scale + (offset - base * scale) * sum(q) = q . (code * scale + offset)
-    k_off = k_off - _code_base(DT) * k_scale
+    ASM: tl.constexpr = not FP32_DOT
+    qk = _mma(q0, _biased_codes(kc, 0, DT, ASM), FP32_DOT)
+    qk += _mma(q1, _biased_codes(kc, 1, DT, ASM), FP32_DOT)
+    qk += _mma(q2, _biased_codes(kc, 2, DT, ASM), FP32_DOT)
+    qk += _mma(q3, _biased_codes(kc, 3, DT, ASM), FP32_DOT)
+    # q . (4 + code) * scale + (offset - 4 * scale) * sum(q) = q . (code * scale + offset)
+    k_off = k_off - CODE_BASE * k_scale
     scores = (qk * k_scale[None, :] + qsum[:, None] * k_off[None, :]) * sm_scale_log2
 
     vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
     p, alpha, m_i, l_i = _online_softmax(scores, vis, m_i, l_i)
-    # Values decode as (code - 1.5) * scale + (offset + 1.5 * scale): centred codes keep the two sums from cancelling,
-    # and the (p * scale) operand goes in as float16 (11-bit mantissa; p * scale <= the float16 scale).
+    # Values decode as (4 + code) * scale + (offset - 4 * scale). The (p * scale) operand goes in as float16 (11-bit
+    # mantissa; p * scale <= the float16 scale), with float16 codes, whatever the storage dtype.
     pv = (p * v_scale[None, :]).to(tl.float16)
-    a0 = a0 * alpha[:, None] + _mma(pv, _centred_codes(vc, 0), FP32_DOT)
-    a1 = a1 * alpha[:, None] + _mma(pv, _centred_codes(vc, 2), FP32_DOT)
-    a2 = a2 * alpha[:, None] + _mma(pv, _centred_codes(vc, 4), FP32_DOT)
-    a3 = a3 * alpha[:, None] + _mma(pv, _centred_codes(vc, 6), FP32_DOT)
-    a_off = a_off * alpha + tl.sum(p * (v_off + 1.5 * v_scale)[None, :], axis=1)
+    a0 = a0 * alpha[:, None] + _mma(pv, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
+    a1 = a1 * alpha[:, None] + _mma(pv, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
+    a2 = a2 * alpha[:, None] + _mma(pv, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
+    a3 = a3 * alpha[:, None] + _mma(pv, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
+    a_off = a_off * alpha + tl.sum(p * (v_off - CODE_BASE * v_scale)[None, :], axis=1)
     return m_i, l_i, a0, a1, a2, a3, a_off
 
 
@@ -230,19 +265,20 @@ def _rotate_query(
 
 # ---------------------------------------------------------------------------------------------------------- stage 1
 # Lengths change every decode step: not specializing on them keeps one compiled kernel per configuration.
-@triton.jit(do_not_specialize=["sink_len", "body_len", "recent_len", "body_chunk", "num_splits"])
+@triton.jit(do_not_specialize=["sink_len", "body_len", "recent_len", "body_chunk", "num_splits", "body_splits",
+                               "sink_splits"])
 def _decode_stage1(
     qr_ptr,
     sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
     rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
-    kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t,
+    kc_ptr, vc_ptr, s_c_b, s_c_h,
     ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
     mask_ptr, sm_b, sm_q, sm_t,
     part_o, part_m, part_l,
-    sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits,
+    sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits, body_splits, sink_splits,
     sm_scale_log2,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EXACT_CHUNK: tl.constexpr,
+    DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     QD: tl.constexpr = D // 4
     pid_bh = tl.program_id(0)
@@ -269,7 +305,7 @@ def _decode_stage1(
     a3 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
     a_off = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    if pid_s < num_splits - 1:
+    if pid_s < body_splits:
         qsum = (
             tl.sum(q0.to(tl.float32), axis=1)
             + tl.sum(q1.to(tl.float32), axis=1)
@@ -278,27 +314,36 @@ def _decode_stage1(
         )
         lo = pid_s * body_chunk
         hi = tl.minimum(lo + body_chunk, body_len)
+        c_off = b * s_c_b + kvh * s_c_h
+        p_off = b * s_p_b + kvh * s_p_h
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
-                start, hi, b, kvh, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
-                kc_ptr, vc_ptr, s_c_b, s_c_h, s_c_t, ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
+                start, hi, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, b,
+                kc_ptr + c_off, vc_ptr + c_off, ks_ptr + p_off, ko_ptr + p_off, vs_ptr + p_off, vo_ptr + p_off,
                 sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
                 QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
-    else:
-        for start in range(0, sink_len, BLOCK_N):
+    elif pid_s < body_splits + sink_splits:
+        # The exact segments are split too (EXACT_CHUNK tokens a program): one program walking all of them serially
+        # would finish long after the body splits. They are a few hundred tokens, not worth pipeline buffers.
+        lo = (pid_s - body_splits) * EXACT_CHUNK
+        hi = tl.minimum(lo + EXACT_CHUNK, sink_len)
+        for start in tl.range(lo, hi, BLOCK_E, num_stages=1):
             m_i, l_i, a0, a1, a2, a3, a_off = _exact_block(
-                start, sink_len, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
+                start, hi, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
                 sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
                 0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+                QD, BLOCK_E, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
-        for start in range(0, recent_len, BLOCK_N):
+    else:
+        lo = (pid_s - body_splits - sink_splits) * EXACT_CHUNK
+        hi = tl.minimum(lo + EXACT_CHUNK, recent_len)
+        for start in tl.range(lo, hi, BLOCK_E, num_stages=1):
             m_i, l_i, a0, a1, a2, a3, a_off = _exact_block(
-                start, recent_len, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
+                start, hi, b, kvh, q0, q1, q2, q3, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok,
                 rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
                 sink_len + body_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+                QD, BLOCK_E, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
 
     part = (pid_bh * num_splits + pid_s).to(tl.int64)
@@ -418,8 +463,8 @@ def unsupported_reason(query: torch.Tensor, layer, attention_mask: torch.Tensor 
         if ta.stride() != tb.stride() or ta.stride(-1) != 1:
             return f"{a}/{b_} layouts differ or are not contiguous in head_dim"
     body = layer._body_tensors()
-    if body[0].stride() != body[3].stride() or body[0].stride(-1) != 1:
-        return "body code layouts differ"
+    if body[0].stride() != body[3].stride() or body[0].stride()[2:] != (head_dim // CODES_PER_BYTE, 1):
+        return "body code layouts differ or token rows are not contiguous"
     params = body[1:3] + body[4:6]
     if any(t.stride() != params[0].stride() or t.stride(-1) != 1 for t in params):
         return "body scale/offset layouts differ"
@@ -444,9 +489,10 @@ def oscar_decode_attention(
     scaling: float | None = None,
     num_new: int | None = None,
     *,
-    block_n: int = 64,
+    block_n: int | None = None,
     programs_per_sm: int | None = None,
     min_blocks_per_split: int = 4,
+    exact_chunk: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
     _checked: bool = False,
@@ -471,18 +517,23 @@ def oscar_decode_attention(
     block_m = max(16, triton.next_power_of_2(group * q_len))
 
     n_bh = bsz * kvh
+    # Measured on H100 (benchmarks/RESULTS.md, sweep of 2026-11-23): few (batch x KV head) rows want 128-token blocks
+    # and ~3 programs per SM; many rows want 64-token blocks and more, shorter splits.
+    if block_n is None:
+        block_n = 128 if n_bh < 32 else 64
     body_blocks = triton.cdiv(body_len, block_n)
     if body_blocks:
         if programs_per_sm is None:
-            # Measured on H100 (benchmarks/RESULTS.md): few KV rows want fewer, longer splits; many want more.
-            programs_per_sm = 2 if n_bh < 32 else 8
+            programs_per_sm = 3 if n_bh < 32 else 8
         want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
         splits = max(1, min(want, body_blocks // max(1, min_blocks_per_split)))
         chunk = triton.cdiv(body_blocks, splits) * block_n
         splits = triton.cdiv(body_len, chunk)
     else:
         splits, chunk = 0, block_n
-    num_splits = splits + 1
+    sink_splits = triton.cdiv(sink_len, exact_chunk)
+    recent_splits = max(1, triton.cdiv(recent_len, exact_chunk))  # at least one program, even with nothing to do
+    num_splits = splits + sink_splits + recent_splits
 
     rk, srk = _rotation_arg(layer.k_rotation, kvh, head_dim, dev)
     rv, srv = _rotation_arg(layer.v_rotation, kvh, head_dim, dev)
@@ -516,13 +567,14 @@ def oscar_decode_attention(
         q_rot,
         layer.sink_keys, layer.sink_values, *layer.sink_keys.stride()[:3],
         layer.recent_keys, layer.recent_values, *layer.recent_keys.stride()[:3],
-        body[0], body[3], *body[0].stride()[:3],
+        body[0], body[3], *body[0].stride()[:2],
         body[1], body[2], body[4], body[5], *body[1].stride()[:2],
         mask_u8, sm_b, sm_q, sm_t,
         part_o, part_m, part_l,
-        sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits,
+        sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
         float(scale * _LOG2E),
-        D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DT=dt,
+        D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=min(block_n, 32, exact_chunk), EXACT_CHUNK=exact_chunk,
+        DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )

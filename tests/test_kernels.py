@@ -192,7 +192,9 @@ def test_decode_kernel_matches_reference(poisoned_allocations, rotation, q_len, 
     for _ in range(2):  # two steps: the second may demote
         seg, query = _step(layer, gen, q_len, group)
         assert layer.body_len > 0 and layer.body_len % 16 != 0 or layer.body_len > 0
-        out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, min_blocks_per_split=2)
+        # 16-token exact chunks: the sink and the recent window are each split over several programs.
+        out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, min_blocks_per_split=2,
+                                        exact_chunk=16)
         _check_against_reference(out, query, seg, None)
 
 
