@@ -1,0 +1,53 @@
+"""Dry runs of the GPU scripts on the CPU, on a tiny saved model: they must run end to end and pass their checks."""
+
+import importlib.util
+
+import json
+
+import pytest
+
+from conftest import REPO, tiny_model
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    tiny_model("qwen3", attn_implementation="sdpa").save_pretrained(path)
+    return str(path)
+
+
+def test_multi_gpu_script_dry_run_on_two_cpu_devices(saved_model, capsys):
+    # A prompt longer than the default windows (64 + 256 + 63), so that the compared runs quantize.
+    argv = [saved_model, "--devices", "cpu,cpu", "--dtype", "float32", "--batch", "1", "--prompt-tokens", "400",
+            "--new-tokens", "4", "--calib-tokens", "256", "--calib-seq-len", "64"]
+    assert script("multi_gpu").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| greedy tokens split == single       | ok" in out and "body 64 tokens 2-bit" in out
+    assert "cache storage on its layer's device" in out and "FAIL" not in out
+
+
+def test_multi_gpu_split_map_puts_half_the_layers_on_each_device(saved_model):
+    from transformers import AutoConfig
+
+    device_map = script("multi_gpu").split_device_map(AutoConfig.from_pretrained(saved_model), ["cuda:0", "cuda:1"])
+    assert device_map["model.layers.0"] == "cuda:0" and device_map["model.layers.1"] == "cuda:1"
+
+
+def test_stability_script_dry_run(saved_model, capsys, tmp_path):
+    argv = [saved_model, "--steps", "80", "--every", "40", "--device", "cpu", "--dtype", "float32",
+            "--prompt-tokens", "400", "--json", str(tmp_path / "s.json")]
+    assert script("stability").main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("stable")
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == [40, 80] and rows[-1]["context"] == 480
+    assert all(not r["non_finite"] and r["sink_body_recent"][1] > 0 for r in rows)
+    # Once a block is demoted, memory per token falls: the exact windows are a fixed cost.
+    assert rows[-1]["held_bytes_per_token"] < rows[0]["held_bytes_per_token"]
