@@ -165,8 +165,13 @@ def test_quantized_history_changes_the_output_but_stays_close():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(do_sample=False), dict(do_sample=True, top_k=20, temperature=0.8), dict(num_beams=3, do_sample=False)],
-    ids=["greedy", "sampling", "beam"],
+    [
+        dict(do_sample=False),
+        dict(do_sample=True, top_k=20, temperature=0.8),
+        dict(do_sample=True, num_return_sequences=3),
+        dict(num_beams=3, do_sample=False),
+    ],
+    ids=["greedy", "sampling", "sampling-3-sequences", "beam"],
 )
 @torch.no_grad()
 def test_generate_modes_with_covering_windows_equal_dynamic_cache(kwargs):
