@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 _ENABLED = os.environ.get("OSCAR_HF_KERNELS", "1") != "0"
 _TRITON_OK: bool | None = None
 
@@ -49,7 +51,10 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
 
     if unsupported_reason(query, segments.layer, attention_mask, segments.num_new) is not None:
         return None
-    return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new, _checked=True)
+    # Triton launches on the current CUDA device; with a model split over GPUs (device_map) a layer's tensors may sit
+    # on another one.
+    with torch.cuda.device(query.device):
+        return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new, _checked=True)
 
 
 def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset) -> bool:
@@ -60,7 +65,8 @@ def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset) -> bool:
 
     if not can_quantize(rows):
         return False
-    quantize_rows_into(rows, clip_ratio, codes, scale, offset)
+    with torch.cuda.device(rows.device):  # see decode_attention_fast_path
+        quantize_rows_into(rows, clip_ratio, codes, scale, offset)
     return True
 
 
