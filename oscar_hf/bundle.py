@@ -165,6 +165,18 @@ def load_bundle(directory: str | os.PathLike) -> "OscarRotations":
         raise ValueError(f"Invalid rotation bundle {root}: {err}") from err
 
 
+def attach_evaluation(directory: str | os.PathLike, evaluation: dict) -> Path:
+    """Store `evaluation` (the format `model_card` reads: description, metrics, results) in a local bundle's
+    oscar_config.json and re-render its README.md; the tensors are left untouched. Returns the directory."""
+    root = Path(directory)
+    rot = load_bundle(root)  # validates the bundle before anything is rewritten
+    config = _read_config(root / CONFIG_FILE)
+    config["evaluation"] = evaluation
+    (root / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+    (root / CARD_FILE).write_text(str(model_card(rot, config)))
+    return root
+
+
 def resolve_bundle_dir(
     repo_id_or_dir: str | os.PathLike,
     revision: str | None = None,
