@@ -276,13 +276,21 @@ def _decode_stage1(
     mask_ptr, sm_b, sm_q, sm_t,
     part_o, part_m, part_l,
     sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits, body_splits, sink_splits,
-    sm_scale_log2,
+    sm_scale_log2, lengths_ptr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EXACT_CHUNK: tl.constexpr,
     DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    DEVICE_LENGTHS: tl.constexpr,
 ):
     QD: tl.constexpr = D // 4
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
+    if DEVICE_LENGTHS:
+        # CUDA-graph replay: the segment lengths live in device memory (the layer's `lengths`), so one captured
+        # launch serves every step; the grid was sized for the buffers' capacity and idle programs write neutral
+        # partials.
+        sink_len = tl.load(lengths_ptr)
+        body_len = tl.load(lengths_ptr + 1)
+        recent_len = tl.load(lengths_ptr + 2)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kvh = (pid_bh % num_kv_heads).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
@@ -512,7 +520,14 @@ def oscar_decode_attention(
     kvh = layer.num_heads
     group = num_heads // kvh
     dev = query.device
-    sink_len, body_len, recent_len = layer.sink_len, layer.body_len, layer.recent_len
+    device_lengths = getattr(layer, "graph_mode", False)
+    if device_lengths:
+        if attention_mask is not None:
+            raise ValueError("CUDA-graph decoding reads no attention mask: pass attention_mask=None (unpadded batch).")
+        # Sized for the buffers' capacity: the grid must not change between replays.
+        sink_len, body_len, recent_len = layer.sink_tokens, layer.body_capacity, layer.recent_capacity
+    else:
+        sink_len, body_len, recent_len = layer.sink_len, layer.body_len, layer.recent_len
     kv_len = sink_len + body_len + recent_len
     block_m = max(16, triton.next_power_of_2(group * q_len))
 
@@ -572,10 +587,10 @@ def oscar_decode_attention(
         mask_u8, sm_b, sm_q, sm_t,
         part_o, part_m, part_l,
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
-        float(scale * _LOG2E),
+        float(scale * _LOG2E), layer.lengths if device_lengths else mask_u8,
         D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=min(block_n, 32, exact_chunk), EXACT_CHUNK=exact_chunk,
         DT=dt,
-        HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(),
+        HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
         num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2[(n_bh, group * q_len)](

@@ -104,6 +104,9 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.check_finite = check_finite
         self.layer_idx = layer_idx
         self.sink_len = self.body_len = self.recent_len = 0
+        # CUDA-graph decoding (`oscar_hf.graphs`): single-token appends go to a device-side index and the kernels read
+        # the segment lengths from `self.lengths`, so one captured step replays for every position.
+        self.graph_mode = False
 
     def __repr__(self):
         return (
@@ -227,6 +230,10 @@ class OscarQuantizedLayer(CacheLayerMixin):
             self._raise_if_not_finite(value_states, "values")
         had_history = self.get_seq_length() > 0
         rot_keys, rot_values = self.rotate_states(key_states, value_states)
+        if self.graph_mode:
+            self._graph_append(rot_keys, rot_values)
+            segments = OscarSegments(self, key_states.shape[-2], rot_keys, rot_values)
+            return segments, segments
         self._append(rot_keys, rot_values)
         if not had_history:
             return key_states, value_states
@@ -241,6 +248,73 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if self.v_rotation is not None:
             values = unrotate(values, self.v_rotation).to(value_states.dtype)
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    # ------------------------------------------------------------------ CUDA-graph decoding
+    def enter_graph_mode(self) -> None:
+        """Switch single-token decode steps to device-indexed writes (see `oscar_hf.graphs.GraphDecoder`).
+
+        Needs a full sink and a body allocated once (`max_cache_len`): a captured graph holds buffer addresses, so
+        nothing may be reallocated while it replays.
+        """
+        if not self.is_initialized or self.sink_len < self.sink_tokens:
+            raise ValueError(
+                f"Graph decoding starts after a prompt of at least sink_tokens={self.sink_tokens} tokens; layer "
+                f"{self.layer_idx} holds {self.get_seq_length()}."
+            )
+        if self.max_cache_len is None:
+            raise ValueError(
+                "Graph decoding needs buffers that never move: build the cache with max_cache_len=<prompt + new tokens>."
+            )
+        if self.check_finite:
+            raise ValueError("check_finite synchronises with the host every step and cannot run inside a CUDA graph.")
+        self.lengths = torch.zeros(3, dtype=torch.int32, device=self.device)
+        self.sync_lengths()
+        self.graph_mode = True
+
+    def exit_graph_mode(self) -> None:
+        self.graph_mode = False
+
+    def sync_lengths(self) -> None:
+        """Copy the host-side segment lengths to `self.lengths` (after an eager demotion or a restore)."""
+        host = torch.tensor([self.sink_len, self.body_len, self.recent_len], dtype=torch.int32)
+        self.lengths.copy_(host)
+
+    def make_room(self, num_tokens: int = 1) -> None:
+        """Demote (eagerly, outside any graph) when the recent window cannot take `num_tokens` more tokens: the
+        captured step only ever appends."""
+        if self.recent_len + num_tokens <= self.recent_capacity:
+            return
+        keys, values = self.recent_keys[:, :, : self.recent_len], self.recent_values[:, :, : self.recent_len]
+        # The same tokens `_append` would demote when these tokens arrive: the window then keeps `recent_tokens`.
+        demoted = (self.recent_len + num_tokens - self.recent_tokens) // self.demote_block * self.demote_block
+        demoted = min(demoted, self.recent_len)
+        if self.body_len + demoted > self.body_capacity:
+            raise ValueError(
+                f"The cache is full: max_cache_len={self.max_cache_len} leaves no room for more tokens in layer "
+                f"{self.layer_idx}."
+            )
+        self._demote(keys[:, :, :demoted], values[:, :, :demoted])
+        kept = self.recent_len - demoted
+        self.recent_keys[:, :, :kept] = keys[:, :, demoted:].clone()
+        self.recent_values[:, :, :kept] = values[:, :, demoted:].clone()
+        self.recent_len = kept
+        self.sync_lengths()
+
+    def _graph_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write at the device-side recent length and advance it on the device."""
+        n = keys.shape[-2]
+        if self.recent_len + n > self.recent_capacity:
+            raise RuntimeError("The recent window is full; call make_room() before the graph step.")
+        index = self.lengths[2:3].long() + torch.arange(n, device=self.device)
+        self.recent_keys.index_copy_(2, index, keys)
+        self.recent_values.index_copy_(2, index, values)
+        self.lengths[2:3] += n
+        if not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.recent_len += n  # run eagerly (CPU, warm-up): the host count moves now; a replay's moves in advance()
+
+    def advance(self, num_tokens: int = 1) -> None:
+        """Host-side bookkeeping of a replayed step's append."""
+        self.recent_len += num_tokens
 
     def _raise_if_not_finite(self, states: torch.Tensor, name: str) -> None:
         bad = ~torch.isfinite(states)

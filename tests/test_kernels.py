@@ -254,3 +254,29 @@ def test_decode_kernel_declines_when_new_tokens_were_demoted():
     seg, query = _step(layer, gen, 4, 1)
     assert layer.recent_len < 4 and layer.body_len > 0
     assert "demoted" in dk.unsupported_reason(query, layer, None, 4)
+
+
+@in_process
+def test_decode_kernel_reads_device_lengths_in_graph_mode(poisoned_allocations):
+    """Graph mode: the grid is sized for the buffers' capacity and the lengths come from `layer.lengths`, so the
+    same launch must give the same attention at every step, demotions included."""
+    gen = torch.Generator().manual_seed(21)
+    layer = OscarQuantizedLayer(
+        _random_rotation(2, 64, gen), _random_rotation(2, 64, gen), 0.96, 0.92,
+        sink_tokens=8, recent_tokens=16, demote_block=8, max_cache_len=400,
+    )
+    layer.update(_rows((1, 2, 57, 64), gen), _rows((1, 2, 57, 64), gen))
+    layer.enter_graph_mode()
+    assert layer.body_capacity > 3 * layer.body_len  # most programs find nothing to do
+    for _ in range(10):  # crosses a demotion (make_room)
+        layer.make_room(1)
+        seg, query = _step(layer, gen, 1, 4)
+        assert layer.lengths.tolist() == [layer.sink_len, layer.body_len, layer.recent_len]
+        out = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=16, exact_chunk=16)
+        assert torch.isfinite(out).all(), "an output element was never written (poisoned NaN survived)"
+        # The host-length launch splits the body differently; only the merge order of the partials may differ.
+        layer.graph_mode = False
+        expected = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=16, exact_chunk=16)
+        layer.graph_mode = True
+        assert _rel(out, expected) < 1e-2
+        assert _rel(out, segment_attention_reference(query, seg, None, None)) < 0.1
