@@ -39,20 +39,24 @@ def test_greedy_generate_with_covering_windows_equals_dynamic_cache(family):
     reference = same_weights(family, "eager")
     model = same_weights(family, "oscar")
     ids = torch.randint(3, 128, (2, 10))
-    expected = reference.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    expected = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     cache = OscarQuantizedCache(model.config, method="hadamard", sink_tokens=8, recent_tokens=64)
-    got = model.generate(ids, past_key_values=cache, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    got = model.generate(ids, past_key_values=cache, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert torch.equal(got, expected)
     quantized = cache.quantized_layers()
     assert quantized and all(layer.body_len == 0 for layer in quantized)
     if getattr(model.config, "layer_types", None) and "sliding_attention" in model.config.layer_types:
-        # Gemma: the sliding layers are transformers' exact sliding layers, and 34 tokens did slide past the window.
+        # Gemma: the sliding layers are transformers' exact sliding layers, and 26 tokens did slide past the window.
         sliding = [layer for layer in cache.layers if not isinstance(layer, OscarQuantizedLayer)]
         assert sliding and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in sliding)
 
 
-def against_oracle(family, attn="oscar", head_dim=32, dtype=torch.float32, batch=2):
-    """Logits of a quantized run, of the oracle and of the exact model, teacher-forced on the same random tokens."""
+def against_oracle(family, attn="oscar", head_dim=32, dtype=torch.float32, batch=2, with_exact=False):
+    """Logits of a quantized run and of the oracle (and of the exact model), teacher-forced on the same random tokens.
+
+    No test needs to show separately that the oracle quantizes: the cache does (its body is checked), so an oracle
+    that did not would differ from it.
+    """
     reference = same_weights(family, "eager", dtype, head_dim=head_dim)
     model = same_weights(family, attn, dtype, head_dim=head_dim)
     ids = torch.randint(3, 128, (batch, 44))
@@ -62,6 +66,8 @@ def against_oracle(family, attn="oscar", head_dim=32, dtype=torch.float32, batch
     cache = OscarQuantizedCache(model.config, rotations=rotations, **WINDOWS)
     got = teacher_forced_logits(model, cache, ids, 24, (1, 1, 5, 1))
     assert max(layer.body_len for layer in cache.quantized_layers()) >= 28
+    if not with_exact:
+        return got, want
     exact = teacher_forced_logits(reference, DynamicCache(config=reference.config), ids, 24, (1, 1, 5, 1))
     return got, want, exact
 
@@ -71,8 +77,7 @@ def against_oracle(family, attn="oscar", head_dim=32, dtype=torch.float32, batch
 )
 @torch.no_grad()
 def test_quantized_run_matches_the_fake_quantized_oracle(family, attn):
-    got, want, exact = against_oracle(family, attn)
-    assert (want - exact).abs().max() > 1e-2  # the oracle is not the exact model in disguise
+    got, want = against_oracle(family, attn)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
@@ -81,8 +86,7 @@ def test_quantized_run_matches_the_fake_quantized_oracle(family, attn):
 )
 @torch.no_grad()
 def test_head_dims_including_non_powers_of_two_match_the_oracle(family, head_dim):
-    got, want, exact = against_oracle(family, head_dim=head_dim, batch=1)
-    assert (want - exact).abs().max() > 1e-2
+    got, want = against_oracle(family, head_dim=head_dim, batch=1)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
@@ -98,11 +102,13 @@ def test_hadamard_rotation_of_any_head_dim_is_orthogonal_and_spreads_outliers(n)
     assert (spread == (16 if n == 112 else n)).all()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "family, dtype",
+    [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma3_text", torch.bfloat16), ("qwen3_moe", torch.float16)],
+)
 @torch.no_grad()
 def test_half_precision_quantized_run_tracks_the_oracle(family, dtype):
-    got, want, exact = against_oracle(family, head_dim=64, dtype=dtype)
+    got, want, exact = against_oracle(family, head_dim=64, dtype=dtype, with_exact=True)
     assert torch.isfinite(got).all()
     # The cache stores its exact windows rotated, one more half-precision rounding than the oracle: what is left
     # must be well below the quantization's own effect.
