@@ -8,8 +8,8 @@ Checks, each printed as a row of a table and all required for exit status 0:
 - greedy `generate()` with a hadamard OscarQuantizedCache (quantizing: default 64/256 windows under a longer prompt)
   gives the same tokens on the split model as on one device;
 - every quantized layer holds its storage on the device of its decoder layer;
-- `calibrate()` (what `oscar-calibrate --device-map ...` runs) on the split model gives the same covariance spectra
-  and clip ratios as on one device.
+- `calibrate()` on the split model gives the same covariance spectra and clip ratios as on one device, and so does
+  the `oscar-calibrate` command with `--device-map balanced`.
 The layers are split half and half with an explicit `device_map` (the reference model is small enough that
 `device_map="auto"` would put it on one GPU); `--auto` uses `device_map="auto"` with `max_memory` capping each GPU at
 a little over half the model instead.
@@ -18,8 +18,11 @@ a little over half the model instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +31,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import oscar_hf
-from oscar_hf import OscarQuantizedCache
+from oscar_hf import OscarQuantizedCache, OscarRotations
+from oscar_hf.calibrate.cli import main as cli_main
 from oscar_hf.calibrate.core import calibrate
 
 
@@ -170,6 +174,26 @@ def main(argv=None) -> int:
     check("calibration split == single", spectra < 1e-2 and clips,
           f"max rel. spectrum diff {spectra:.2e}, clip ratios {'equal' if clips else 'differ'}; "
           f"{args.calib_tokens} tokens: {t_cal_single:.1f} s single, {t_cal_split:.1f} s split")
+
+    # The command line, splitting the model itself: accelerate's "balanced" map spreads even a small model over
+    # every visible GPU (on a CPU-only machine it is one device).
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "tokens.npy", calib.numpy())
+        cli_args = ["--model", args.model, "--data", str(Path(tmp) / "tokens.npy"), "--num-tokens", str(calib.numel()),
+                    "--output", str(Path(tmp) / "bundle"), "--seq-len", str(seq_len), "--heldout-tokens",
+                    str(seq_len), "--weight-tokens", "-1", "--dtype", args.dtype, "--device-map", "balanced",
+                    "--no-progress"]
+        with contextlib.redirect_stdout(io.StringIO()) as log:
+            status = cli_main(cli_args)
+        rot_cli = OscarRotations.from_pretrained(Path(tmp) / "bundle")
+    cli_device = next((line.split("(device ")[-1].rstrip(")") for line in log.getvalue().splitlines()
+                       if "(device " in line), "?")
+    cli_spectra = max(
+        ((a - b).abs().max() / a.abs().max()).item()
+        for a, b in ((rot_single.k_eigenvalues, rot_cli.k_eigenvalues), (rot_single.v_eigenvalues, rot_cli.v_eigenvalues))
+    )
+    check("oscar-calibrate --device-map balanced", status == 0 and cli_spectra < 1e-2,
+          f"exit {status}, max rel. spectrum diff to single {cli_spectra:.2e}, first device {cli_device}")
 
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'check':<{width}} | result | detail |\n|{'-' * (width + 2)}|--------|--------|")
