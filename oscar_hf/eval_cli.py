@@ -295,10 +295,18 @@ def plot_kl(path: str, kl_per_step: dict[str, torch.Tensor], first_position: int
             "--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)."
         ) from err
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    lowest = math.inf
     for name, kl in kl_per_step.items():
-        positions = np.arange(first_position, first_position + len(kl))
-        ax.plot(positions, smooth(kl, window).numpy().clip(min=1e-8), label=name, linewidth=1.2)
+        # Step 0 is predicted by the prefill, which attends over the exact prompt: its KL is 0 and off a log axis.
+        curve = smooth(torch.as_tensor(kl)[1:], window).numpy()
+        positions = np.arange(first_position + 1, first_position + 1 + len(curve))
+        ax.plot(positions, curve.clip(min=1e-12), label=name, linewidth=1.2)
+        positive = curve[curve > 0]
+        if positive.size:
+            lowest = min(lowest, float(positive.min()))
     ax.set_yscale("log")
+    if math.isfinite(lowest):
+        ax.set_ylim(bottom=lowest / 2)
     ax.set_xlabel("context position (tokens)")
     ax.set_ylabel(f"KL(exact || method), {window}-step moving average")
     ax.set_title(title, fontsize=9)
