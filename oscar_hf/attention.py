@@ -108,8 +108,15 @@ def segment_attention_reference(
         if attention_mask is None and q_len > 1:
             # The queries are the last q_len positions: each sees the whole history and the new tokens up to itself.
             attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        gqa = num_heads != keys.shape[1]
+        if gqa and attention_mask is not None:
+            # SDPA's memory-efficient kernel takes a mask but not GQA, and its math fallback materialises float32
+            # scores of every head (tens of GB for a long chunked prefill): expand K/V instead, as transformers does.
+            keys = keys.repeat_interleave(num_heads // keys.shape[1], dim=1)
+            values = values.repeat_interleave(num_heads // values.shape[1], dim=1)
+            gqa = False
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attention_mask, scale=scaling, enable_gqa=num_heads != keys.shape[1]
+            q, keys, values, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa
         )
     if layer.v_rotation is not None:
         out = unrotate(out, expand_rotation(layer.v_rotation, num_heads))
@@ -138,10 +145,21 @@ def oscar_attention_forward(
         out = explicit_attention(query, key, value, attention_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
     out = None
+    graph_mode = key.layer.graph_mode
+    if graph_mode:
+        # GraphDecoder feeds one token of an unpadded batch: its causal mask allows the whole history, and a mask
+        # tensor sized for this step's length would go stale in the captured graph.
+        attention_mask = None
     # The kernels compute plain softmax attention; soft-capped scores go through the reference.
     fast = _fast_path() if query.is_cuda and softcap is None else None
     if fast is not None:
         out = fast(query, key, attention_mask, scaling)
+    if out is None and graph_mode and query.is_cuda:
+        raise RuntimeError(
+            "Graph decoding needs the Triton decode kernel (the PyTorch reference reads host-side lengths that a "
+            "captured graph would freeze); it declined this call. Check oscar_hf.kernels.enabled() and "
+            "oscar_hf.kernels.decode_attention.unsupported_reason."
+        )
     if out is None:
         out = segment_attention_reference(query, key, attention_mask, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
