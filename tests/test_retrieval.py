@@ -127,19 +127,17 @@ def test_only_chunked_feeding_makes_the_query_read_the_2bit_history():
 
 
 @pytest.mark.slow
-def test_reference_model_retrieves_in_bf16_and_hadamard_stays_close(ref_model_path):
+def test_reference_model_can_do_the_retrieval_task_with_an_exact_cache(ref_model_path):
+    """The task must be within the model's reach before quantized caches are scored on it: the 25M-parameter code
+    model finds about half of the needles (12/24 measured in float32 with oscar-eval), so fewer than 8 of these 24 cases
+    (about a minute on an idle 2-core CPU) mean the task or its construction broke."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ref_model_path)
     model = AutoModelForCausalLM.from_pretrained(ref_model_path, dtype=torch.float32, attn_implementation="oscar")
     tokens = np.load(ref_model_path / "heldout_tokens.npy", mmap_mode="r")[CALIBRATION_SPLIT:]
     cases = build_cases(tokenizer, tokens, 24, context_tokens=3072)
+    assert min(len(c.input_ids) for c in cases) >= 3000
     exact = run_retrieval(model.eval(), tokenizer, cases, chunk_tokens=512)
-    hadamard = run_retrieval(
-        model, tokenizer, cases, lambda: OscarQuantizedCache(model.config, method="hadamard"), chunk_tokens=512
-    )
-    print(f"exact {exact['correct']}/24, hadamard {hadamard['correct']}/24")
-    # The 25M-parameter model retrieves some needles, not all (see benchmarks/RESULTS.md): the test asks that it
-    # can do the task at all and that the 2-bit cache does not lose most of what the exact cache finds.
+    print(f"exact cache: {exact['correct']}/24 needles retrieved")
     assert exact["correct"] >= 8
-    assert hadamard["correct"] >= exact["correct"] - 6
