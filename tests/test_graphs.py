@@ -55,3 +55,24 @@ def test_graph_mode_refuses_what_it_cannot_capture():
     sdpa = tiny_model("qwen3", attn_implementation="sdpa")
     with pytest.raises(ValueError, match='attn_implementation="oscar"'):
         GraphDecoder(sdpa, OscarQuantizedCache(sdpa.config, method="hadamard", max_cache_len=64))
+
+
+def test_generate_prefill_chunk_size_feeds_the_prompt_through_the_cache():
+    """`generate(prefill_chunk_size=...)` (transformers' chunked prefill): later chunks attend over the 2-bit history,
+    as a manual chunk-by-chunk forward does."""
+    model = tiny_model("qwen3")
+    ids = torch.randint(3, model.config.vocab_size, (1, 100))
+    kw = dict(method="hadamard", sink_tokens=8, recent_tokens=16, demote_block=4)
+    cache = OscarQuantizedCache(model.config, **kw)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, prefill_chunk_size=32)
+    manual = OscarQuantizedCache(model.config, **kw)
+    with torch.no_grad():
+        for start in range(0, 100, 32):
+            logits = model(ids[:, start : start + 32], past_key_values=manual).logits[0, -1]
+    assert out[0, 100].item() == logits.argmax().item()
+    assert manual.layers[0].body_len > 0  # the prompt's middle was quantized before the last chunks attended to it
+    one_shot = OscarQuantizedCache(model.config, **kw)
+    with torch.no_grad():
+        exact_logits = model(ids, past_key_values=one_shot).logits[0, -1]
+    assert not torch.allclose(logits, exact_logits)  # chunks read the quantized history, not the exact prompt
