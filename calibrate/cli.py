@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of pass 1 (the query covariance that weights the values); -1: all fitting tokens "
                         "(the exact two-pass recipe). Pass 2 always covers all fitting tokens.")
     p.add_argument("--no-clip-fit", action="store_true", help="keep the reference clip ratios 0.96 / 0.92")
+    p.add_argument("--no-error-feedback", action="store_true",
+                   help="plain rounding (the reference recipe) instead of error-feedback coding of K and V")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="model dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--device-map", default=None, help='e.g. "auto", "cuda", "cpu" (default: cuda if available)')
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout_tokens=args.heldout_tokens,
         weight_tokens=None if args.weight_tokens < 0 else args.weight_tokens,
         fit_clip=not args.no_clip_fit,
+        error_feedback=not args.no_error_feedback,
         progress=not args.no_progress,
         metadata=metadata,
     )

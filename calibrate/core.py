@@ -12,7 +12,7 @@ from oscar_hf.cache import model_geometry
 from oscar_hf.quantization import hadamard_matrix
 from oscar_hf.rotations import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarRotations
 
-from .fit import DEFAULT_CLIP_CANDIDATES, ClipSearch, rotation_from_covariance
+from .fit import DEFAULT_CLIP_CANDIDATES, ClipSearch, feedback_factors, output_projection_gram, rotation_from_covariance
 from .statistics import StatisticsCollector, capturing
 
 GROUPINGS = ("layer", "head", "auto")
@@ -78,6 +78,7 @@ def calibrate(
     sink_tokens: int = 64,
     progress: bool = True,
     metadata: dict | None = None,
+    error_feedback: bool = True,
 ) -> tuple[OscarRotations, CalibrationReport]:
     """Fit OSCAR rotations (and clip ratios) for `model` on the token ids `tokens` `[N]`.
 
@@ -87,7 +88,9 @@ def calibrate(
     fit and used to choose the clip ratios per layer and per K/V, by the attention-output error on those tokens
     (`ClipSearch`). `grouping`: `"layer"` (one rotation per layer, the reference), `"head"` (one per KV head), or
     `"auto"` (per layer, whichever gives the lower held-back error; a layer that keeps a shared rotation stores it for
-    every head). Returns the bundle and a report.
+    every head). With `error_feedback` (default) the bundle also carries error-feedback factors: keys are coded to
+    minimise their error in the query covariance, values in the metric of the layer's `o_proj` (see
+    `quantization.quantize_rows`); the rotated channels are reordered heaviest first. Returns the bundle and a report.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
@@ -177,6 +180,19 @@ def calibrate(
         k_ev[layer], v_ev[layer] = ek[i].expand(groups, d), ev[i].expand(groups, d)
         k_all[layer], v_all[layer] = k_clip[i], v_clip[i]
 
+    k_fb = v_fb = None
+    if error_feedback:
+        k_fb, v_fb = torch.zeros_like(k_rot), torch.zeros_like(v_rot)
+        for i, layer in enumerate(layer_ids):
+            q_metric = q_cov[i] if groups > 1 else q_cov[i].mean(0, keepdim=True)
+            k_rot[layer], k_fb[layer] = feedback_factors(k_rot[layer], q_metric)
+            gram = output_projection_gram(model, layer, num_kv_heads, head_dim)
+            if gram is None:  # no o_proj to weigh value errors with: plain rounding for V (identity factor)
+                gram = torch.eye(d, dtype=torch.float64).expand(num_kv_heads, d, d)
+            v_rot[layer], v_fb[layer] = feedback_factors(v_rot[layer], gram if groups > 1 else gram.mean(0, keepdim=True))
+        for layer in set(range(num_layers)) - set(layer_ids):  # unquantized layers: identity factors
+            k_fb[layer] = v_fb[layer] = torch.eye(d)
+
     seconds = time.perf_counter() - start
     report = CalibrationReport(
         fit_tokens=int(fit.numel() // seq_len * seq_len),
@@ -200,6 +216,7 @@ def calibrate(
         weight_tokens=int(min(fit.numel(), weight_tokens or fit.numel())) // seq_len * seq_len,
         clip_fit="held-back attention-output error" if fit_clip else "reference defaults",
         statistics="two passes, float64 (query covariance, then score-weighted value covariance)",
+        error_feedback="K: query covariance, V: o_proj metric" if error_feedback else "none (plain rounding)",
     )
     meta["calibration"] = calibration
     meta.setdefault("model_id", getattr(text_config, "_name_or_path", None) or None)
@@ -215,5 +232,7 @@ def calibrate(
         k_eigenvalues=k_ev,
         v_eigenvalues=v_ev,
         metadata=meta,
+        k_feedback=k_fb,
+        v_feedback=v_fb,
     )
     return rotations, report

@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from oscar_hf.quantization import bit_reversal_permutation, dequantize_rows, hadamard_matrix, quantize_rows, rotate, unrotate
+from oscar_hf.quantization import (
+    bit_reversal_permutation,
+    dequantize_rows,
+    error_feedback_factor,
+    hadamard_matrix,
+    quantize_rows,
+    rotate,
+    unrotate,
+)
 
 DEFAULT_CLIP_CANDIDATES = (0.86, 0.90, 0.92, 0.94, 0.96, 0.98, 1.0)
 
@@ -106,3 +114,31 @@ class ClipSearch:
         cols = [self.candidates.index(round(float(c), 6)) for c in clip]
         err = table[torch.arange(table.shape[0]), torch.tensor(cols)]
         return (err / self.energy.clamp_min(1e-30)).float()
+
+
+def output_projection_gram(model, layer_idx: int, num_kv_heads: int, head_dim: int) -> torch.Tensor | None:
+    """`[kv_heads, D, D]`: for each KV head, `sum_j W_j^T W_j` over the `o_proj` column blocks of the query heads that
+    read it -- the metric in which a value error reaches the residual stream. None when the layer has no `o_proj`."""
+    try:
+        weight = model.get_decoder().layers[layer_idx].self_attn.o_proj.weight
+    except AttributeError:
+        return None
+    w = weight.detach().double().cpu()
+    heads = w.shape[1] // head_dim
+    if heads * head_dim != w.shape[1] or heads % num_kv_heads:
+        return None
+    blocks = w.reshape(w.shape[0], heads, head_dim).transpose(0, 1)  # [heads, hidden, D]
+    grams = blocks.transpose(1, 2) @ blocks  # [heads, D, D]
+    return grams.reshape(num_kv_heads, heads // num_kv_heads, head_dim, head_dim).sum(1)
+
+
+def feedback_factors(rotation: torch.Tensor, metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the rotated channels by decreasing metric weight (error feedback codes the heaviest first, GPTQ's
+    "act order"; a permutation of R's columns changes nothing else) and return `(R', factor)` for
+    `quantize_rows(..., feedback=factor)`. `rotation` `[groups, D, D]`, `metric` `[groups or 1, D, D]` (original space)."""
+    r = rotation.double()
+    rotated = r.transpose(-1, -2) @ metric.double() @ r
+    order = rotated.diagonal(dim1=-2, dim2=-1).mean(0).argsort(descending=True)
+    r = r[..., order]
+    rotated = rotated[..., order, :][..., :, order]
+    return r.float(), error_feedback_factor(rotated)

@@ -82,7 +82,7 @@ def save_bundle(rot: "OscarRotations", save_directory: str | os.PathLike, evalua
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"k_clip_ratios": rot.k_clip_ratios, "v_clip_ratios": rot.v_clip_ratios}
-    for name in ("k_rotations", "v_rotations", "k_eigenvalues", "v_eigenvalues"):
+    for name in ("k_rotations", "v_rotations", "k_eigenvalues", "v_eigenvalues", "k_feedback", "v_feedback"):
         value = getattr(rot, name)
         if value is not None:
             tensors[name] = value
@@ -160,6 +160,8 @@ def load_bundle(directory: str | os.PathLike) -> "OscarRotations":
             k_eigenvalues=tensors.get("k_eigenvalues"),
             v_eigenvalues=tensors.get("v_eigenvalues"),
             metadata=metadata,
+            k_feedback=tensors.get("k_feedback"),
+            v_feedback=tensors.get("v_feedback"),
         )
     except ValueError as err:
         raise ValueError(f"Invalid rotation bundle {root}: {err}") from err

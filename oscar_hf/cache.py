@@ -124,6 +124,7 @@ class OscarQuantizedCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
                 continue
             k_rot, v_rot = rotations.layer_rotations(idx)
+            k_feedback, v_feedback = rotations.layer_feedback(idx)
             layers.append(
                 OscarQuantizedLayer(
                     k_rot,
@@ -136,6 +137,8 @@ class OscarQuantizedCache(Cache):
                     max_cache_len=max_cache_len,
                     check_finite=check_finite,
                     layer_idx=idx,
+                    k_feedback=k_feedback,
+                    v_feedback=v_feedback,
                 )
             )
         super().__init__(layers=layers)

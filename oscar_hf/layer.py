@@ -91,6 +91,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
         max_cache_len: int | None = None,
         check_finite: bool = False,
         layer_idx: int | None = None,
+        k_feedback: torch.Tensor | None = None,
+        v_feedback: torch.Tensor | None = None,
     ):
         super().__init__()
         self.k_rotation_init = k_rotation
@@ -103,6 +105,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.max_cache_len = max_cache_len
         self.check_finite = check_finite
         self.layer_idx = layer_idx
+        self.k_feedback_init, self.v_feedback_init = k_feedback, v_feedback
         self.sink_len = self.body_len = self.recent_len = 0
         # CUDA-graph decoding (`oscar_hf.graphs`): single-token appends go to a device-side index and the kernels read
         # the segment lengths from `self.lengths`, so one captured step replays for every position.
@@ -133,6 +136,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.batch_size, self.num_heads, self.head_dim = batch, heads, head_dim
         self.k_rotation = None if self.k_rotation_init is None else self.k_rotation_init.to(self.device, torch.float32)
         self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32)
+        self.k_feedback = None if self.k_feedback_init is None else self.k_feedback_init.to(self.device, torch.float32)
+        self.v_feedback = None if self.v_feedback_init is None else self.v_feedback_init.to(self.device, torch.float32)
 
         def exact(n):
             return torch.zeros(batch, heads, n, head_dim, dtype=self.dtype, device=self.device)
@@ -361,15 +366,20 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if keys.is_cuda:
             from .kernels import quantize_into_fast_path as kernel
         at = slice(self.body_len, self.body_len + n)
-        for rows, ratio, codes, scale, offset in (
-            (keys, self.k_clip_ratio, self.body_key_codes, self.body_key_scale, self.body_key_offset),
-            (values, self.v_clip_ratio, self.body_value_codes, self.body_value_scale, self.body_value_offset),
+        for rows, ratio, feedback, codes, scale, offset in (
+            (keys, self.k_clip_ratio, self.k_feedback, self.body_key_codes, self.body_key_scale, self.body_key_offset),
+            (
+                values, self.v_clip_ratio, self.v_feedback,
+                self.body_value_codes, self.body_value_scale, self.body_value_offset,
+            ),
         ):
-            if kernel is not None and kernel(rows, ratio, codes[:, :, at], scale[:, :, at], offset[:, :, at]):
+            # Error-feedback coding is sequential over channels: the PyTorch reference does it (no Triton kernel yet).
+            if feedback is None and kernel is not None and kernel(rows, ratio, codes[:, :, at], scale[:, :, at],
+                                                                  offset[:, :, at]):
                 continue
             for start in range(0, n, _QUANTIZE_SLICE_ROWS):
                 stop = min(n, start + _QUANTIZE_SLICE_ROWS)
-                q = quantize_rows(rows[:, :, start:stop], ratio)
+                q = quantize_rows(rows[:, :, start:stop], ratio, feedback)
                 dst = slice(self.body_len + start, self.body_len + stop)
                 codes[:, :, dst], scale[:, :, dst], offset[:, :, dst] = q.codes, q.scale, q.offset
         self.body_len += n

@@ -115,11 +115,29 @@ class QuantizedRows:
     offset: torch.Tensor
 
 
-def quantize_rows(rows: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0) -> QuantizedRows:
+def error_feedback_factor(metric: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The factor `quantize_rows(..., feedback=)` takes for a metric `[..., D, D]` (symmetric PSD, in the stored
+    rotated space): `U` upper-triangular with `U^T U = (metric + damp * mean(diag) * I)^-1`, float32."""
+    m = metric.double()
+    m = 0.5 * (m + m.transpose(-1, -2))
+    eye = torch.eye(m.shape[-1], dtype=torch.float64, device=m.device)
+    m = m + damp * m.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1e-30) * eye
+    return torch.linalg.cholesky(torch.linalg.inv(m), upper=True).float()
+
+
+def quantize_rows(
+    rows: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0, feedback: torch.Tensor | None = None
+) -> QuantizedRows:
     """Clip each row to its `clip_ratio` quantile of `|x|`, then quantize it to 2 bits (asymmetric min-max).
 
     Rows are independent: a row holding NaN or Inf gets a non-finite scale and never touches any other row.
     `clip_ratio=1.0` clips nothing (the quantile is the max).
+
+    `feedback` (`[heads or 1, D, D]` from `error_feedback_factor`, for rows `[..., heads, n, D]`) picks the codes with
+    error feedback instead of rounding each value alone: channels are coded in order and each one's rounding error is
+    pushed onto the channels not yet coded (the GPTQ/OBQ update), so that the error left in the row is small in the
+    metric -- for keys the query covariance, which weighs errors by how much they move attention scores. The grid
+    (scale, offset) is the same; only the choice of codes changes.
     """
     if rows.shape[-1] % CODES_PER_BYTE:
         raise ValueError(f"head_dim must be a multiple of {CODES_PER_BYTE} to pack 2-bit codes, got {rows.shape[-1]}.")
@@ -134,9 +152,27 @@ def quantize_rows(rows: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0) ->
     scale = ((hi - lo) / (NUM_LEVELS - 1)).clamp(max=_FP16_MAX).to(PARAM_DTYPE).float()
     # A constant row has a null range: any code decodes to the offset, so the division is guarded, not skipped.
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.floor((x - lo) / safe_scale + 0.5).clamp(0, NUM_LEVELS - 1)
+    if feedback is None:
+        codes = torch.floor((x - lo) / safe_scale + 0.5).clamp(0, NUM_LEVELS - 1)
+    else:
+        codes = _codes_with_feedback(rows.float(), lo, safe_scale, feedback.to(rows.device, torch.float32))
     codes = torch.nan_to_num(codes, nan=0.0).to(torch.uint8)
     return QuantizedRows(pack_codes(codes), scale.squeeze(-1).to(PARAM_DTYPE), lo.squeeze(-1).to(PARAM_DTYPE))
+
+
+def _codes_with_feedback(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Sequential rounding of `x` `[..., H, n, D]` on the grid `lo + scale * {0..3}` with GPTQ error feedback."""
+    x = x.clone()
+    d = x.shape[-1]
+    factor = factor.unsqueeze(-3)  # [H, 1, D, D]: broadcast over the tokens of each head
+    codes = torch.empty_like(x)
+    for j in range(d):
+        c = torch.floor((x[..., j : j + 1] - lo) / scale + 0.5).clamp(0, NUM_LEVELS - 1)
+        codes[..., j : j + 1] = c
+        if j + 1 < d:
+            err = (x[..., j : j + 1] - (c * scale + lo)) / factor[..., j, j : j + 1]
+            x[..., j + 1 :] -= err * factor[..., j, j + 1 :]
+    return codes
 
 
 def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -32,6 +32,9 @@ class OscarRotations:
         k_clip_ratios, v_clip_ratios: `[num_layers]` float32 quantiles in (0, 1].
         num_kv_heads: KV heads of the model the rotations were made for.
         k_eigenvalues, v_eigenvalues: `[num_layers, groups, head_dim]` spectra of the fitted covariances (oscar only).
+        k_feedback, v_feedback: optional `[num_layers, groups, head_dim, head_dim]` error-feedback factors
+            (`quantization.error_feedback_factor` of the metric the errors are weighed in, in the rotated space);
+            with them the cache picks 2-bit codes with error feedback. Same storage format, same decode path.
         metadata: free-form provenance (model id, revision, calibration data, token count, ...).
     """
 
@@ -46,6 +49,8 @@ class OscarRotations:
     k_eigenvalues: torch.Tensor | None = None
     v_eigenvalues: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    k_feedback: torch.Tensor | None = None
+    v_feedback: torch.Tensor | None = None
 
     def __post_init__(self):
         self.k_clip_ratios = torch.as_tensor(self.k_clip_ratios, dtype=torch.float32).reshape(-1)
@@ -105,6 +110,7 @@ class OscarRotations:
                 raise ValueError(f"{name} must lie in (0, 1], got {ratios.tolist()}.")
         if (self.k_rotations is None) != (self.v_rotations is None):
             raise ValueError("K and V rotations must both be given or both be absent.")
+        self._validate_feedback()
         if self.k_rotations is None:
             if self.method != "naive":
                 raise ValueError(f"method={self.method!r} needs rotation matrices; only 'naive' has none.")
@@ -132,6 +138,31 @@ class OscarRotations:
                     f"{name} of layer {layer} is not orthogonal (max |R^T R - I| = {err.max().item():.3g} > "
                     f"{ORTHOGONALITY_TOLERANCE}); the cache would return wrong attention outputs."
                 )
+
+    def _validate_feedback(self) -> None:
+        for name in ("k_feedback", "v_feedback"):
+            f = getattr(self, name)
+            if f is None:
+                continue
+            if self.k_rotations is None:
+                raise ValueError(f"{name} needs rotations: error feedback works in the rotated space.")
+            if f.dim() != 4 or f.shape[0] != self.num_layers or f.shape[1] not in (1, self.num_kv_heads) or f.shape[
+                2:
+            ] != (self.head_dim, self.head_dim):
+                raise ValueError(
+                    f"{name} has shape {tuple(f.shape)}; expected [{self.num_layers}, 1 or {self.num_kv_heads}, "
+                    f"{self.head_dim}, {self.head_dim}]."
+                )
+            if not torch.isfinite(f).all():
+                raise ValueError(f"{name} holds NaN or Inf values.")
+            diag = f.diagonal(dim1=-2, dim2=-1)
+            if (diag <= 0).any() or (f.tril(-1) != 0).any():
+                raise ValueError(f"{name} must be upper-triangular with a positive diagonal (a Cholesky factor).")
+
+    def layer_feedback(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(K factor, V factor)` for one layer, each `[groups, head_dim, head_dim]` or `None`."""
+        pick = lambda f: None if f is None else f[layer_idx]  # noqa: E731
+        return pick(self.k_feedback), pick(self.v_feedback)
 
     def check_compatible(self, num_layers: int, num_kv_heads: int, head_dim: int, model_name: str = "the model"):
         """Raise a `ValueError` when these rotations were made for a model of another shape."""
