@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-clip-fit", action="store_true", help="keep the reference clip ratios 0.96 / 0.92")
     p.add_argument("--no-error-feedback", action="store_true",
                    help="plain rounding (the reference recipe) instead of error-feedback coding of K and V")
+    p.add_argument("--rotation", choices=("fitted", "hadamard"), default="fitted",
+                   help="fitted: R = U.H.P_br from the covariances (OSCAR); hadamard: keep the data-free rotation")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="model dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--device-map", default=None, help='e.g. "auto", "cuda", "cpu" (default: cuda if available)')
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_tokens=None if args.weight_tokens < 0 else args.weight_tokens,
         fit_clip=not args.no_clip_fit,
         error_feedback=not args.no_error_feedback,
+        rotation=args.rotation,
         progress=not args.no_progress,
         metadata=metadata,
     )

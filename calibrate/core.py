@@ -79,6 +79,7 @@ def calibrate(
     progress: bool = True,
     metadata: dict | None = None,
     error_feedback: bool = True,
+    rotation: str = "fitted",
 ) -> tuple[OscarRotations, CalibrationReport]:
     """Fit OSCAR rotations (and clip ratios) for `model` on the token ids `tokens` `[N]`.
 
@@ -90,7 +91,8 @@ def calibrate(
     `"auto"` (per layer, whichever gives the lower held-back error; a layer that keeps a shared rotation stores it for
     every head). With `error_feedback` (default) the bundle also carries error-feedback factors: keys are coded to
     minimise their error in the query covariance, values in the metric of the layer's `o_proj` (see
-    `quantization.quantize_rows`); the rotated channels are reordered heaviest first. Returns the bundle and a report.
+    `quantization.quantize_rows`); the rotated channels are reordered heaviest first. `rotation="hadamard"` keeps the
+    data-free Hadamard rotation (and fits only the feedback and clips). Returns the bundle and a report.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
@@ -135,6 +137,11 @@ def calibrate(
 
     slots, d = len(layer_ids), head_dim
     hadamard = hadamard_matrix(d, torch.float32).expand(slots, 1, d, d)
+    if rotation not in ("fitted", "hadamard"):
+        raise ValueError(f"rotation must be 'fitted' or 'hadamard', got {rotation!r}.")
+    if rotation == "hadamard":
+        for name, (rk, rv, ek, ev) in candidates.items():
+            candidates[name] = (hadamard.expand_as(rk).clone(), hadamard.expand_as(rv).clone(), ek, ev)
     variants = {name: (c[0], c[1]) for name, c in candidates.items()}
     variants["hadamard"] = (hadamard, hadamard)
     errors: dict[str, list[float]] = {}
@@ -217,6 +224,7 @@ def calibrate(
         clip_fit="held-back attention-output error" if fit_clip else "reference defaults",
         statistics="two passes, float64 (query covariance, then score-weighted value covariance)",
         error_feedback="K: query covariance, V: o_proj metric" if error_feedback else "none (plain rounding)",
+        rotation=rotation,
     )
     meta["calibration"] = calibration
     meta.setdefault("model_id", getattr(text_config, "_name_or_path", None) or None)

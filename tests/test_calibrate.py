@@ -106,6 +106,24 @@ def test_calibrate_tiny_model_gives_a_valid_bundle_with_best_held_back_clips(gro
     OscarQuantizedCache(config=model.config, rotations=rot)  # accepted by the cache
 
 
+def test_error_feedback_factors_and_hadamard_rotation_option():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (1536,))
+    rot, _ = calibrate(model, tokens, seq_len=256, fit_clip=False, rotation="hadamard", progress=False)
+    h = hadamard_matrix(32).float()
+    # Columns are the Hadamard matrix's, reordered by decreasing query-metric weight (error feedback codes those first).
+    for layer in range(2):
+        r = rot.k_rotations[layer, 0]
+        matches = (r.T @ h).abs().isclose(torch.tensor(1.0), atol=1e-5).sum(1)
+        assert (matches == 1).all()
+    assert rot.k_feedback.shape == (2, 1, 32, 32) and torch.equal(rot.k_feedback, rot.k_feedback.triu())
+    assert rot.metadata["calibration"]["rotation"] == "hadamard"
+    plain, _ = calibrate(model, tokens, seq_len=256, fit_clip=False, error_feedback=False, progress=False)
+    assert plain.k_feedback is None and plain.metadata["calibration"]["error_feedback"].startswith("none")
+    with pytest.raises(ValueError, match="rotation"):
+        calibrate(model, tokens, seq_len=256, fit_clip=False, rotation="random", progress=False)
+
+
 def test_calibration_leaves_model_outputs_unchanged():
     model = tiny_model()
     ids = torch.randint(0, 97, (1, 64))
