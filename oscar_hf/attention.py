@@ -53,6 +53,12 @@ def expand_rotation(rotation: torch.Tensor, num_query_heads: int) -> torch.Tenso
     return rotation.repeat_interleave(num_query_heads // groups, dim=0)
 
 
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """`[q_len, kv_len]` booleans for queries at the last `q_len` positions: each sees the history and the new
+    tokens up to itself."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
 def explicit_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -74,7 +80,7 @@ def explicit_attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal_mask(q_len, kv_len, query.device)
     if attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     else:
@@ -106,8 +112,7 @@ def segment_attention_reference(
         out = explicit_attention(q, keys, values, attention_mask, scaling, softcap)
     else:
         if attention_mask is None and q_len > 1:
-            # The queries are the last q_len positions: each sees the whole history and the new tokens up to itself.
-            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+            attention_mask = causal_mask(q_len, kv_len, q.device)
         gqa = num_heads != keys.shape[1]
         if gqa and attention_mask is not None:
             # SDPA's memory-efficient kernel takes a mask but not GQA, and its math fallback materialises float32

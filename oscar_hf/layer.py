@@ -276,9 +276,6 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.sync_lengths()
         self.graph_mode = True
 
-    def exit_graph_mode(self) -> None:
-        self.graph_mode = False
-
     def sync_lengths(self) -> None:
         """Copy the host-side segment lengths to `self.lengths` (after an eager demotion or a restore)."""
         host = torch.tensor([self.sink_len, self.body_len, self.recent_len], dtype=torch.int32)
@@ -290,9 +287,9 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if self.recent_len + num_tokens <= self.recent_capacity:
             return
         keys, values = self.recent_keys[:, :, : self.recent_len], self.recent_values[:, :, : self.recent_len]
-        # The same tokens `_append` would demote when these tokens arrive: the window then keeps `recent_tokens`.
-        demoted = (self.recent_len + num_tokens - self.recent_tokens) // self.demote_block * self.demote_block
-        demoted = min(demoted, self.recent_len)
+        # The tokens `_append` would demote when these tokens arrive (the window then keeps `recent_tokens`), taken
+        # before they arrive: only ones already in the window.
+        demoted = min(self._tokens_to_demote(num_tokens), self.recent_len)
         if self.body_len + demoted > self.body_capacity:
             raise ValueError(
                 f"The cache is full: max_cache_len={self.max_cache_len} leaves no room for more tokens in layer "
@@ -350,12 +347,17 @@ class OscarQuantizedLayer(CacheLayerMixin):
         pending_keys = torch.cat([self.recent_keys[:, :, : self.recent_len], keys], dim=-2)
         pending_values = torch.cat([self.recent_values[:, :, : self.recent_len], values], dim=-2)
         total = pending_keys.shape[-2]
-        demoted = (total - self.recent_tokens) // self.demote_block * self.demote_block
+        demoted = self._tokens_to_demote(m)
         self._demote(pending_keys[:, :, :demoted], pending_values[:, :, :demoted])
         kept = total - demoted
         self.recent_keys[:, :, :kept] = pending_keys[:, :, demoted:]
         self.recent_values[:, :, :kept] = pending_values[:, :, demoted:]
         self.recent_len = kept
+
+    def _tokens_to_demote(self, incoming: int) -> int:
+        """How many of the oldest window tokens leave for the 2-bit body when `incoming` tokens arrive in a full
+        window: whole `demote_block`s, leaving `recent_tokens` to `recent_tokens + demote_block - 1` exact."""
+        return (self.recent_len + incoming - self.recent_tokens) // self.demote_block * self.demote_block
 
     def _demote(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize rotated rows and append them to the 2-bit body (the Triton write kernel on CUDA, straight into
@@ -475,6 +477,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         # Buffers are dropped, not zeroed: the next update may bring another batch size or device.
         self.sink_len = self.body_len = self.recent_len = 0
         self.is_initialized = False
+        self.graph_mode = False  # the device-side lengths go with the buffers
         for name in self._all_tensors():
             if hasattr(self, name):
                 delattr(self, name)

@@ -76,3 +76,18 @@ def test_generate_prefill_chunk_size_feeds_the_prompt_through_the_cache():
     with torch.no_grad():
         exact_logits = model(ids, past_key_values=one_shot).logits[0, -1]
     assert not torch.allclose(logits, exact_logits)  # chunks read the quantized history, not the exact prompt
+
+
+def test_reset_leaves_graph_mode_so_the_cache_serves_a_new_prompt():
+    model = tiny_model("qwen3")
+    kw = dict(method="hadamard", sink_tokens=8, recent_tokens=16, demote_block=4, max_cache_len=100)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40))
+    cache = OscarQuantizedCache(model.config, **kw)
+    GraphDecoder(model, cache).generate(ids, 5)
+    assert cache.layers[0].graph_mode
+    cache.reset()
+    assert not cache.layers[0].graph_mode
+    with torch.no_grad():
+        again = model(ids, past_key_values=cache).logits
+        fresh = model(ids, past_key_values=OscarQuantizedCache(model.config, **kw)).logits
+    assert torch.equal(again, fresh)
