@@ -1,6 +1,7 @@
 """Long-run stability: one sequence decoded for many steps through an OscarQuantizedCache.
 
     python benchmarks/stability.py .assets/oscar-ref-code-qwen3 --steps 20000 --baseline --json stability.json
+    python benchmarks/stability.py .assets/oscar-ref-code-qwen3 --steps 20000 --graph   # GraphDecoder steps
     python benchmarks/stability.py ../shared/models/oscar-ref-code-qwen3 --steps 300 --every 100 --device cpu  # dry run
 
 A prompt of held-out tokens, then `--steps` single-token decode steps in one sequence (greedy, or teacher-forced on
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import oscar_hf
 from oscar_hf import OscarQuantizedCache
+from oscar_hf.graphs import GraphDecoder
 
 
 def sync(device: torch.device) -> None:
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--rotations", default=None, help="an OSCAR bundle directory (overrides --method)")
     p.add_argument("--teacher-forced", action="store_true", help="feed held-out tokens instead of greedy ones")
     p.add_argument("--baseline", action="store_true", help="time a DynamicCache step at each checkpoint's length")
+    p.add_argument("--graph", action="store_true",
+                   help="decode through oscar_hf.graphs.GraphDecoder (one captured step, demotion between replays)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--json", default=None)
@@ -88,12 +92,22 @@ def main(argv=None) -> int:
         if args.teacher_forced:
             p.error("--teacher-forced needs heldout_tokens.npy in the model directory")
         tokens = torch.randint(0, model.config.vocab_size, (needed,), generator=torch.Generator().manual_seed(0))
+    # Graph mode needs static buffers: capacity for the whole run.
+    sizing = {"max_cache_len": needed} if args.graph else {}
     if args.rotations:
-        cache = OscarQuantizedCache.from_pretrained(args.rotations, config=model.config)
+        cache = OscarQuantizedCache.from_pretrained(args.rotations, config=model.config, **sizing)
     else:
-        cache = OscarQuantizedCache(model.config, method=args.method)
+        cache = OscarQuantizedCache(model.config, method=args.method, **sizing)
 
-    logits = model(input_ids=tokens[None, : args.prompt_tokens].to(device), past_key_values=cache).logits[:, -1]
+    prompt = tokens[None, : args.prompt_tokens].to(device)
+    if args.graph:
+        decoder = GraphDecoder(model, cache)
+        logits = decoder.prefill(prompt)
+        forward = decoder.step
+    else:
+        logits = model(input_ids=prompt, past_key_values=cache).logits[:, -1]
+        def forward(ids):
+            return model(input_ids=ids, past_key_values=cache).logits[:, -1]
     context = tokens[: args.prompt_tokens].tolist()
     bad = torch.zeros((), dtype=torch.bool, device=device)
     nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -109,7 +123,7 @@ def main(argv=None) -> int:
         else:
             nxt = logits.argmax(-1, keepdim=True)
         generated.append(nxt)
-        logits = model(input_ids=nxt, past_key_values=cache).logits[:, -1]
+        logits = forward(nxt)
         bad |= ~torch.isfinite(logits).all()
         if step % args.every == 0 or step == args.steps:
             sync(device)
@@ -147,7 +161,7 @@ def main(argv=None) -> int:
     )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{device_name}, torch {torch.__version__}, {args.dtype}, method {args.rotations or args.method}, "
-          f"{'teacher-forced' if args.teacher_forced else 'greedy'}, prompt {args.prompt_tokens}, {args.steps} steps")
+          f"{'teacher-forced' if args.teacher_forced else 'greedy'}{', CUDA graph' if args.graph else ''}, prompt {args.prompt_tokens}, {args.steps} steps")
     head = "| step | context | ms/step | DynamicCache ms/step | held B/token | alloc B/token | bits/elem | non-finite |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for r in rows:
