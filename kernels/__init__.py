@@ -57,7 +57,7 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
         return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new, _checked=True)
 
 
-def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset) -> bool:
+def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=None) -> bool:
     """Quantize `rows` into the given buffers with the Triton kernel; False (nothing written) when it cannot."""
     if not (_ENABLED and rows.is_cuda and triton_available()):
         return False
@@ -66,7 +66,7 @@ def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset) -> bool:
     if not can_quantize(rows):
         return False
     with torch.cuda.device(rows.device):  # see decode_attention_fast_path
-        quantize_rows_into(rows, clip_ratio, codes, scale, offset)
+        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback)
     return True
 
 

@@ -8,6 +8,10 @@ agree with the reference bit for bit.
 
 One program quantizes `BLOCK_R` rows of one (batch, head) and writes their codes, scales and offsets straight into
 the layer's preallocated body buffers, so a demotion is one launch per tensor and no temporary.
+
+With an error-feedback factor (`quantization.error_feedback_factor`, which a calibrated bundle carries) the grid is
+the same but codes are chosen channel by channel, each rounding error pushed onto the channels not yet coded, as
+`quantization._codes_with_feedback` does: a loop over the D channels with the row block held in registers.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
 
@@ -77,8 +82,12 @@ def _quantize_rows_kernel(
     so_h,
     so_t,
     clip_ratio,
+    fb_ptr,
+    s_fb_h,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    HAS_FEEDBACK: tl.constexpr,
+    EXACT_PRODUCTS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -102,14 +111,34 @@ def _quantize_rows_kernel(
     safe_scale = tl.where(scale > 0, scale, 1.0)
 
     packed = tl.zeros([BLOCK_R, QD], dtype=tl.int32)
-    for s in tl.static_range(4):
-        cols = s * QD + tl.arange(0, QD)
-        xq = tl.load(x_row + cols[None, :] * sx_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        xq = tl.minimum(tl.maximum(xq, -thr), thr)
-        code = tl.floor(tl.math.div_rn(xq - lo[:, None], safe_scale[:, None]) + 0.5)
-        code = tl.where(code != code, 0.0, code)
-        code = tl.minimum(tl.maximum(code, 0.0), 3.0)
-        packed = packed | (code.to(tl.int32) << (2 * s))
+    if HAS_FEEDBACK:
+        # Sequential coding of the unclipped row (the reference's order of operations, element for element): channel
+        # j is read out of the register tile, rounded on the grid, and its error divided by F[j, j] and spread over
+        # the later channels with F[j, j+1:].
+        cols = tl.arange(0, D)
+        byte_cols = tl.arange(0, QD)
+        f_base = fb_ptr + h * s_fb_h
+        for j in range(D):
+            xj = tl.sum(tl.where(cols[None, :] == j, x, 0.0), axis=1)
+            code = tl.floor(tl.math.div_rn(xj - lo, safe_scale) + 0.5)
+            code = tl.minimum(tl.maximum(code, 0.0), 3.0)
+            err = tl.math.div_rn(xj - (code * safe_scale + lo), tl.load(f_base + j * D + j))
+            f_row = tl.load(f_base + j * D + cols, mask=cols > j, other=0.0)
+            if EXACT_PRODUCTS:  # a product rounded on its own, as in PyTorch: no fused multiply-add contraction
+                x = x - libdevice.mul_rn(err[:, None], f_row[None, :])
+            else:
+                x = x - err[:, None] * f_row[None, :]
+            code = tl.where(code != code, 0.0, code)
+            packed = packed | tl.where(byte_cols[None, :] == j % QD, code.to(tl.int32)[:, None] << (2 * (j // QD)), 0)
+    else:
+        for s in tl.static_range(4):
+            cols = s * QD + tl.arange(0, QD)
+            xq = tl.load(x_row + cols[None, :] * sx_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            xq = tl.minimum(tl.maximum(xq, -thr), thr)
+            code = tl.floor(tl.math.div_rn(xq - lo[:, None], safe_scale[:, None]) + 0.5)
+            code = tl.where(code != code, 0.0, code)
+            code = tl.minimum(tl.maximum(code, 0.0), 3.0)
+            packed = packed | (code.to(tl.int32) << (2 * s))
 
     tl.store(
         codes_ptr + b * sc_b + h * sc_h + t[:, None] * sc_t + tl.arange(0, QD)[None, :],
@@ -148,11 +177,14 @@ def quantize_rows_into(
     codes: torch.Tensor,
     scale: torch.Tensor,
     offset: torch.Tensor,
+    feedback: torch.Tensor | None = None,
     block_rows: int = 16,
     num_warps: int = 4,
 ) -> None:
     """Quantize `rows` `[..., T, D]` (already rotated) into `codes` `[..., T, D/4]` uint8 and `scale`/`offset`
-    `[..., T]` float16, which may be strided views of a larger buffer (the layer's body at `body_len`)."""
+    `[..., T]` float16, which may be strided views of a larger buffer (the layer's body at `body_len`).
+    `feedback`: an error-feedback factor `[heads or 1, D, D]` (`quantization.error_feedback_factor`), or None for
+    plain rounding."""
     if not can_quantize(rows):
         raise ValueError(
             f"The Triton quantizer takes CUDA rows of dtype {SUPPORTED_DTYPES} and a power-of-two head_dim >= 16; "
@@ -179,6 +211,13 @@ def quantize_rows_into(
         raise ValueError(f"clip_ratio is a quantile and must lie in (0, 1], got {clip_ratio}.")
     x, c, s, o = _as_4d(rows, 1), _as_4d(codes, 1), _as_4d(scale, 0), _as_4d(offset, 0)
     b, h, n, _ = x.shape
+    if feedback is not None:
+        fb = feedback.to(device=rows.device, dtype=torch.float32).reshape(-1, d, d).contiguous()
+        if fb.shape[0] not in (1, h):
+            raise ValueError(f"A feedback factor of {fb.shape[0]} groups does not fit rows of {h} heads.")
+        s_fb_h = d * d if fb.shape[0] > 1 else 0
+    else:
+        fb, s_fb_h = torch.empty(1, dtype=torch.float32, device=rows.device), 0
     grid = (b * h, triton.cdiv(n, block_rows))
     _quantize_rows_kernel[grid](
         x,
@@ -192,13 +231,17 @@ def quantize_rows_into(
         *s.stride(),
         *o.stride(),
         float(clip_ratio),
+        fb,
+        s_fb_h,
         D=d,
         BLOCK_R=block_rows,
+        HAS_FEEDBACK=feedback is not None,
+        EXACT_PRODUCTS=not _interpreting(),  # the interpreter computes in NumPy, which never fuses
         num_warps=num_warps,
     )
 
 
-def quantize_rows(rows: torch.Tensor, clip_ratio: float = 1.0):
+def quantize_rows(rows: torch.Tensor, clip_ratio: float = 1.0, feedback: torch.Tensor | None = None):
     """`oscar_hf.quantization.quantize_rows` on the Triton kernel: returns new `QuantizedRows`."""
     from oscar_hf.quantization import QuantizedRows
 
@@ -208,7 +251,9 @@ def quantize_rows(rows: torch.Tensor, clip_ratio: float = 1.0):
     offset = torch.empty(lead, dtype=PARAM_DTYPE, device=rows.device)
     flat = rows.reshape(-1, rows.shape[-1]) if rows.dim() > 4 else rows
     if rows.dim() > 4:
+        if feedback is not None:
+            raise ValueError("Error-feedback coding takes rows of at most 4 dims ([B, H, T, D]).")
         quantize_rows_into(flat, clip_ratio, codes.view(-1, codes.shape[-1]), scale.view(-1), offset.view(-1))
     else:
-        quantize_rows_into(rows, clip_ratio, codes, scale, offset)
+        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback)
     return QuantizedRows(codes, scale, offset)

@@ -375,9 +375,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
                 self.body_value_codes, self.body_value_scale, self.body_value_offset,
             ),
         ):
-            # Error-feedback coding is sequential over channels: the PyTorch reference does it (no Triton kernel yet).
-            if feedback is None and kernel is not None and kernel(rows, ratio, codes[:, :, at], scale[:, :, at],
-                                                                  offset[:, :, at]):
+            if kernel is not None and kernel(rows, ratio, codes[:, :, at], scale[:, :, at], offset[:, :, at], feedback):
                 continue
             for start in range(0, n, _QUANTIZE_SLICE_ROWS):
                 stop = min(n, start + _QUANTIZE_SLICE_ROWS)

@@ -40,7 +40,7 @@ from oscar_hf.kernels import decode_attention as dk  # noqa: E402
 from oscar_hf.kernels import decode_attention_fast_path  # noqa: E402
 from oscar_hf.kernels import quantize as qk  # noqa: E402
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments  # noqa: E402
-from oscar_hf.quantization import quantize_rows  # noqa: E402
+from oscar_hf.quantization import error_feedback_factor, quantize_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -85,6 +85,37 @@ def test_quantize_kernel_matches_reference_bit_for_bit(clip_ratio, dtype):
     # Nothing outside the destination rows was touched.
     assert (codes[:, :, :at] == 0xA5).all() and (codes[:, :, at + n :] == 0xA5).all()
     assert scale[:, :, :at].isnan().all() and scale[:, :, at + n :].isnan().all()
+
+
+@in_process
+@pytest.mark.parametrize("groups", [1, 2], ids=["shared-factor", "per-head-factor"])
+def test_quantize_kernel_with_error_feedback_matches_reference_bit_for_bit(groups):
+    gen = torch.Generator().manual_seed(40 + groups)
+    b, h, d = 2, 2, 64
+    n = int(torch.randint(17, 40, (1,), generator=gen))
+    rows = _rows((b, h, n, d), gen)
+    rows[0, 0, 3] = 0.7  # constant row
+    # A skewed metric (as a query covariance is), so feedback really moves codes.
+    a = torch.randn(groups, d, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    metric = a @ a.mT
+    factor = error_feedback_factor(metric).to(DEVICE)
+    ref = quantize_rows(rows, 0.96, feedback=factor)
+    plain = quantize_rows(rows, 0.96)
+    assert (ref.codes != plain.codes).float().mean() > 0.05  # feedback changes codes: the comparison means something
+
+    cap, at = n + 9, 4
+    codes = torch.full((b, h, cap, d // 4), 0xA5, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
+    offset = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
+    qk.quantize_rows_into(rows, 0.96, codes[:, :, at : at + n], scale[:, :, at : at + n], offset[:, :, at : at + n],
+                          feedback=factor)
+    torch.testing.assert_close(codes[:, :, at : at + n], ref.codes, rtol=0, atol=0)
+    torch.testing.assert_close(scale[:, :, at : at + n], ref.scale, rtol=0, atol=0)
+    torch.testing.assert_close(offset[:, :, at : at + n], ref.offset, rtol=0, atol=0)
+    assert (codes[:, :, :at] == 0xA5).all() and (codes[:, :, at + n :] == 0xA5).all()
+    with pytest.raises(ValueError, match="groups does not fit"):
+        qk.quantize_rows_into(rows, 0.96, codes[:, :, at : at + n], scale[:, :, at : at + n],
+                              offset[:, :, at : at + n], feedback=factor[:1].expand(3, d, d))
 
 
 @in_process
