@@ -1,7 +1,7 @@
 """Calibration time on a GPU for a Qwen3-8B-shaped random-weight model (speed does not depend on weight values).
 
     python benchmarks/bench_calibrate.py                       # 36 layers, 32 q / 8 kv heads, head_dim 128, 32K tokens
-    python benchmarks/bench_calibrate.py --tokens 65536 --grouping head
+    python benchmarks/bench_calibrate.py --rotation fitted --grouping layer --clip-fit   # the paper's recipe + clip fit
 
 Reports the seconds of `oscar_hf.calibrate.calibrate` (both statistics passes, the eigendecompositions and the clip
 search on held-back tokens) and of each phase's forward passes, plus peak GPU memory. Target: under 2 minutes for
@@ -27,7 +27,10 @@ def main():
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grouping", default="layer", choices=("layer", "head", "auto"))
+    p.add_argument("--grouping", default="head", choices=("layer", "head", "auto"))
+    p.add_argument("--rotation", default="hadamard", choices=("hadamard", "fitted"))
+    p.add_argument("--clip-fit", action="store_true")
+    p.add_argument("--no-error-feedback", action="store_true")
     p.add_argument("--weight-tokens", type=int, default=-1, help="-1: exact two passes over all fitting tokens")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args()
@@ -53,6 +56,7 @@ def main():
     rot, report = calibrate(
         model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, grouping=args.grouping,
         weight_tokens=None if args.weight_tokens < 0 else args.weight_tokens, progress=True,
+        rotation=args.rotation, fit_clip=args.clip_fit, error_feedback=not args.no_error_feedback,
     )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -63,6 +67,9 @@ def main():
         "heldout_tokens": report.heldout_tokens,
         "layers": args.layers,
         "grouping": args.grouping,
+        "rotation": args.rotation,
+        "clip_fit": args.clip_fit,
+        "error_feedback": not args.no_error_feedback,
         "seconds": round(seconds, 2),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "target_seconds": 120,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import time
@@ -26,7 +27,7 @@ from oscar_hf.attention import segment_attention_reference
 from oscar_hf.kernels.decode_attention import oscar_decode_attention
 from oscar_hf.kernels.quantize import quantize_rows_into
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments
-from oscar_hf.quantization import hadamard_matrix, quantize_rows
+from oscar_hf.quantization import error_feedback_factor, hadamard_matrix, quantize_rows
 
 HQ, HKV, D = 32, 8, 128
 SINK, RECENT = 64, 256
@@ -132,10 +133,18 @@ def run_attention(shapes, copy_bw, configs, gen):
     return rows
 
 
+def feedback_factor(gen) -> torch.Tensor:
+    """A per-head error-feedback factor from a skewed random metric (a query covariance's shape)."""
+    a = torch.randn(HKV, D, D, generator=gen, dtype=torch.float64) * torch.logspace(0, -1.5, D, dtype=torch.float64)
+    return error_feedback_factor(a @ a.mT).cuda()
+
+
 def run_write(copy_bw, gen):
-    """Demotion of 64 tokens (K and V) and the write of a 2K-token prompt, batch 1 and 8."""
+    """Demotion of 64 tokens (K and V) and the write of a 2K-token prompt, batch 1 and 8, with plain rounding and
+    with error-feedback coding (the calibrated bundles' default)."""
     rows = []
-    for batch, tokens in ((1, 64), (8, 64), (1, 2048), (8, 2048)):
+    factor = feedback_factor(gen)
+    for (batch, tokens), fb in itertools.product(((1, 64), (8, 64), (1, 2048), (8, 2048)), (None, factor)):
         keys = (torch.randn(batch, HKV, tokens, D, device="cuda") * 2).to(torch.bfloat16)
         cap = tokens + 128
         codes = torch.empty(batch, HKV, cap, D // 4, dtype=torch.uint8, device="cuda")
@@ -144,19 +153,19 @@ def run_write(copy_bw, gen):
         at = slice(37, 37 + tokens)
 
         def write():
-            quantize_rows_into(keys, 0.96, codes[:, :, at], scale[:, :, at], offset[:, :, at])
-            quantize_rows_into(keys, 0.92, codes[:, :, at], scale[:, :, at], offset[:, :, at])
+            quantize_rows_into(keys, 0.96, codes[:, :, at], scale[:, :, at], offset[:, :, at], fb)
+            quantize_rows_into(keys, 0.92, codes[:, :, at], scale[:, :, at], offset[:, :, at], fb)
 
         write()
-        ref = quantize_rows(keys, 0.92)
+        ref = quantize_rows(keys, 0.92, fb)
         exact = bool((codes[:, :, at] == ref.codes).all() and (scale[:, :, at] == ref.scale).all()
                      and (offset[:, :, at] == ref.offset).all())
         mismatch = (codes[:, :, at] != ref.codes).float().mean().item()
         ms = bench(write)
         graph_ms = bench_graph(write)
-        ref_ms = bench(lambda: (quantize_rows(keys, 0.96), quantize_rows(keys, 0.92)))
+        ref_ms = bench(lambda: (quantize_rows(keys, 0.96, fb), quantize_rows(keys, 0.92, fb)))
         nbytes = 2 * (keys.numel() * 2 + codes[:, :, at].numel() + 4 * scale[:, :, at].numel())
-        row = dict(batch=batch, tokens=tokens, kernel_ms=ms, kernel_graph_ms=graph_ms, reference_ms=ref_ms, bytes=nbytes,
+        row = dict(batch=batch, tokens=tokens, feedback=fb is not None, kernel_ms=ms, kernel_graph_ms=graph_ms, reference_ms=ref_ms, bytes=nbytes,
                    floor_ms=nbytes / copy_bw * 1e3, bit_exact=exact, code_mismatch=mismatch)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -274,10 +283,11 @@ def main():
     for r in attn:
         print(f"  b{r['batch']} {r['context'] // 1024}K q{r['q_len']}: " + ", ".join(
             f"{c} {v[0] * 1e3:.1f}" for c, v in sorted(r["all"].items(), key=lambda kv: kv[1][0])))
-    print("\n| write: batch | tokens (K+V) | kernel us graph (eager) | reference us | floor us | bit-exact |")
-    print("|---|---|---|---|---|---|")
+    print("\n| write: batch | tokens (K+V) | coding | kernel us graph (eager) | reference us | floor us | bit-exact |")
+    print("|---|---|---|---|---|---|---|")
     for r in write:
-        print(f"| {r['batch']} | {r['tokens']} | {r['kernel_graph_ms'] * 1e3:.1f} ({r['kernel_ms'] * 1e3:.1f}) | "
+        coding = "error feedback" if r["feedback"] else "plain"
+        print(f"| {r['batch']} | {r['tokens']} | {coding} | {r['kernel_graph_ms'] * 1e3:.1f} ({r['kernel_ms'] * 1e3:.1f}) | "
               f"{r['reference_ms'] * 1e3:.1f} | "
               f"{r['floor_ms'] * 1e3:.2f} | {r['bit_exact']} ({r['code_mismatch']:.1e} codes differ) |")
     if gen_res:

@@ -24,20 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to write the bundle into")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the bundle to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    p.add_argument("--grouping", choices=("layer", "head", "auto"), default="layer",
-                   help="one rotation per layer (reference), per KV head, or per-layer choice on held-back error")
+    p.add_argument("--grouping", choices=("layer", "head", "auto"), default="head",
+                   help="one rotation and feedback factor per KV head (default), per layer (the reference), or a "
+                        "per-layer choice on held-back error")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--heldout-tokens", type=int, default=None,
-                   help="tokens held back for clip fitting (default N/16, at most 4096)")
+                   help="tokens held back from the fit to measure the bundle's error (and fit clips with "
+                        "--clip-fit); default N/16, at most 4096")
     p.add_argument("--weight-tokens", type=int, default=16384,
-                   help="tokens of pass 1 (the query covariance that weights the values); -1: all fitting tokens "
-                        "(the exact two-pass recipe). Pass 2 always covers all fitting tokens.")
-    p.add_argument("--no-clip-fit", action="store_true", help="keep the reference clip ratios 0.96 / 0.92")
-    p.add_argument("--no-error-feedback", action="store_true",
-                   help="plain rounding (the reference recipe) instead of error-feedback coding of K and V")
-    p.add_argument("--rotation", choices=("fitted", "hadamard"), default="fitted",
-                   help="fitted: R = U.H.P_br from the covariances (OSCAR); hadamard: keep the data-free rotation")
+                   help="--rotation fitted: tokens of pass 1 (the query covariance that weights the values); -1: all "
+                        "fitting tokens (the exact two-pass recipe). Pass 2 always covers all fitting tokens.")
+    p.add_argument("--clip-fit", action=argparse.BooleanOptionalAction, default=False,
+                   help="choose clip ratios per layer and K/V on held-back tokens (default: the reference 0.96 / 0.92)")
+    p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=True,
+                   help="code K and V with error feedback in the query-covariance / o_proj metrics (default); "
+                        "--no-error-feedback: plain rounding, as the reference recipe")
+    p.add_argument("--rotation", choices=("fitted", "hadamard"), default="hadamard",
+                   help="hadamard (default): the data-free rotation, the statistics go to the error feedback; "
+                        "fitted: R = U.H.P_br from the covariances (the paper's recipe)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="model dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--device-map", default=None, help='e.g. "auto", "cuda", "cpu" (default: cuda if available)')
@@ -82,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         grouping=args.grouping,
         heldout_tokens=args.heldout_tokens,
         weight_tokens=None if args.weight_tokens < 0 else args.weight_tokens,
-        fit_clip=not args.no_clip_fit,
-        error_feedback=not args.no_error_feedback,
+        fit_clip=args.clip_fit,
+        error_feedback=args.error_feedback,
         rotation=args.rotation,
         progress=not args.no_progress,
         metadata=metadata,
@@ -96,13 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  time: {report.seconds:.1f} s calibration, {total:.1f} s total (device {model.device})")
     print(f"  grouping: {report.grouping} -> per layer {','.join(report.layer_grouping)}")
     if report.errors:
-        print("  held-back attention-output error ||O_q - O||^2/||O||^2 (oscar: fitted clips; hadamard: 0.96/0.92):")
+        print("  held-back attention-output error ||O_q - O||^2/||O||^2 (oscar: this bundle; hadamard: plain rounding, "
+              "0.96/0.92):")
     print("\n".join("    " + line for line in report.table().splitlines()))
     if report.errors:
         for kind in ("k", "v"):
             ours, base = sum(report.errors[f"{kind}_oscar"]), sum(report.errors[f"{kind}_hadamard"])
-            print(f"  {kind.upper()} error, sum over layers: oscar {ours:.3e} vs hadamard {base:.3e} "
-                  f"({base / max(ours, 1e-30):.2f}x lower)")
+            ratio = base / max(ours, 1e-30)
+            verdict = f"{ratio:.2f}x lower" if ratio >= 1 else f"{1 / ratio:.2f}x higher"
+            print(f"  {kind.upper()} error, sum over layers: oscar {ours:.3e} vs hadamard {base:.3e} ({verdict})")
+        if rotations.v_feedback is not None:
+            print("  (values are coded for their error after o_proj, which this raw attention-output error does not "
+                  "weigh; the decode-mode KL of oscar-eval is the end-to-end measure)")
     print(f"  bundle written to {args.output}")
     if args.push_to_hub:
         info = rotations.push_to_hub(args.push_to_hub, private=args.private or None)

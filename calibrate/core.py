@@ -70,32 +70,37 @@ def calibrate(
     *,
     seq_len: int = 2048,
     batch_size: int = 1,
-    grouping: str = "layer",
+    grouping: str = "head",
     heldout_tokens: int | None = None,
     weight_tokens: int | None = None,
-    fit_clip: bool = True,
+    fit_clip: bool = False,
     clip_candidates=DEFAULT_CLIP_CANDIDATES,
     sink_tokens: int = 64,
     progress: bool = True,
     metadata: dict | None = None,
     error_feedback: bool = True,
-    rotation: str = "fitted",
+    rotation: str = "hadamard",
 ) -> tuple[OscarRotations, CalibrationReport]:
-    """Fit OSCAR rotations (and clip ratios) for `model` on the token ids `tokens` `[N]`.
+    """Fit an OSCAR bundle for `model` on the token ids `tokens` `[N]`.
 
-    Pass 1 runs on the first `weight_tokens` fitting tokens (default: all, the exact two-pass recipe) to get the
-    query covariance that weights the values; pass 2 runs on all fitting tokens (see `statistics`).
-    The last `heldout_tokens` tokens (default: N/16, at most 4,096, whole sequences) are held back from the covariance
-    fit and used to choose the clip ratios per layer and per K/V, by the attention-output error on those tokens
-    (`ClipSearch`). `grouping`: `"layer"` (one rotation per layer, the reference), `"head"` (one per KV head), or
-    `"auto"` (per layer, whichever gives the lower held-back error; a layer that keeps a shared rotation stores it for
-    every head). With `error_feedback` (default) the bundle also carries error-feedback factors: keys are coded to
-    minimise their error in the query covariance, values in the metric of the layer's `o_proj` (see
-    `quantization.quantize_rows`); the rotated channels are reordered heaviest first. `rotation="hadamard"` keeps the
-    data-free Hadamard rotation (and fits only the feedback and clips). Returns the bundle and a report.
+    The default is what measured best on the reference model (benchmarks/RESULTS.md): the data-free Hadamard
+    rotation, with the covariance statistics spent on *error-feedback coding* per KV head -- keys coded to minimise
+    their error in the query covariance of the heads that read them, values in the metric of the layer's `o_proj`
+    (`quantization.quantize_rows`), the rotated channels reordered heaviest first -- and the reference clip ratios.
+    `rotation="fitted"` builds the paper's `R = U . H . P_br` from the covariances instead (two passes: the value
+    covariance is weighted by the query covariance, see `statistics`; pass 1 runs on the first `weight_tokens`
+    fitting tokens, default all). `grouping`: `"head"` (one rotation and feedback factor per KV head), `"layer"` (one
+    per layer, the reference), or `"auto"` (per layer, whichever gives the lower held-back error).
+
+    The last `heldout_tokens` tokens (default N/16, at most 4,096, whole sequences) are held back from the fit. On
+    them the bundle's attention-output error is measured against plain Hadamard quantization (the command's
+    summary), and with `fit_clip` the clip ratios are chosen per layer and per K/V among `clip_candidates` by that
+    error (`ClipSearch`, with the bundle's own coding). Returns the bundle and a report.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
+    if rotation not in ("fitted", "hadamard"):
+        raise ValueError(f"rotation must be 'fitted' or 'hadamard', got {rotation!r}.")
     start = time.perf_counter()
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     text_config, num_layers, num_kv_heads, head_dim, layer_types = model_geometry(model.config)
@@ -104,7 +109,8 @@ def calibrate(
         raise ValueError("The model has no full-attention layers: there is nothing for OSCAR to quantize.")
     seq_len = min(seq_len, tokens.numel())
     if heldout_tokens is None:
-        heldout_tokens = max(seq_len, min(4096, tokens.numel() // 16)) if fit_clip else 0
+        # At least one sequence when there is room for a fitting one too (the summary's error needs it).
+        heldout_tokens = max(seq_len, min(4096, tokens.numel() // 16)) if tokens.numel() >= 2 * seq_len else 0
     heldout_tokens = heldout_tokens // seq_len * seq_len
     fit = tokens[: tokens.numel() - heldout_tokens]
     held = tokens[tokens.numel() - heldout_tokens :]
@@ -119,86 +125,93 @@ def calibrate(
     model.eval()
     collector = StatisticsCollector(layer_ids, num_kv_heads, head_dim, device=model.device)
     with capturing(model, collector):
-        weight_fit = fit if weight_tokens is None else fit[: max(seq_len, weight_tokens)]
-        _run(model, weight_fit, seq_len, batch_size, progress, "pass 1/2: query covariance")
-        collector.start_value_pass()
-        _run(model, fit, seq_len, batch_size, progress, "pass 2/2: query + value covariance")
+        if rotation == "fitted":
+            weight_fit = fit if weight_tokens is None else fit[: max(seq_len, weight_tokens)]
+            _run(model, weight_fit, seq_len, batch_size, progress, "pass 1/2: query covariance")
+            collector.start_value_pass()
+            _run(model, fit, seq_len, batch_size, progress, "pass 2/2: query + value covariance")
+        else:  # only the query covariance is needed (the feedback metric of the keys): one pass
+            _run(model, fit, seq_len, batch_size, progress, "query covariance")
 
-    q_cov, v_cov = collector.query_covariance().cpu(), collector.value_covariance().cpu()
-    candidates = {}
-    if grouping in ("layer", "auto"):
-        rk, ek = rotation_from_covariance(q_cov.mean(1, keepdim=True))
-        rv, ev = rotation_from_covariance(v_cov.mean(1, keepdim=True))
-        candidates["layer"] = (rk, rv, ek, ev)
-    if grouping in ("head", "auto"):
-        candidates["head"] = (*rotation_from_covariance(q_cov), *rotation_from_covariance(v_cov))
-        rk, ek, rv, ev = candidates["head"]
-        candidates["head"] = (rk, rv, ek, ev)
-
+    q_cov = collector.query_covariance().cpu()
     slots, d = len(layer_ids), head_dim
     hadamard = hadamard_matrix(d, torch.float32).expand(slots, 1, d, d)
-    if rotation not in ("fitted", "hadamard"):
-        raise ValueError(f"rotation must be 'fitted' or 'hadamard', got {rotation!r}.")
-    if rotation == "hadamard":
+    candidates = {}  # grouping -> (R_K, R_V, K eigenvalues, V eigenvalues), each [slots, groups, ...]
+    for name in ("layer", "head"):
+        if grouping not in (name, "auto"):
+            continue
+        qc = q_cov.mean(1, keepdim=True) if name == "layer" else q_cov
+        rk, ek = rotation_from_covariance(qc)
+        if rotation == "fitted":
+            vc = collector.value_covariance().cpu()
+            rv, ev = rotation_from_covariance(vc.mean(1, keepdim=True) if name == "layer" else vc)
+        else:
+            rk, rv, ev = hadamard.expand_as(rk).clone(), hadamard.expand_as(rk).clone(), torch.zeros_like(ek)
+        candidates[name] = (rk, rv, ek, ev)
+
+    # Error feedback reorders each rotation's channels (heaviest first) and gives the factors the coder uses.
+    feedback = {}
+    if error_feedback:
         for name, (rk, rv, ek, ev) in candidates.items():
-            candidates[name] = (hadamard.expand_as(rk).clone(), hadamard.expand_as(rv).clone(), ek, ev)
-    variants = {name: (c[0], c[1]) for name, c in candidates.items()}
-    variants["hadamard"] = (hadamard, hadamard)
+            k_fb, v_fb = torch.empty_like(rk), torch.empty_like(rv)
+            for i, layer in enumerate(layer_ids):
+                q_metric = q_cov[i] if name == "head" else q_cov[i].mean(0, keepdim=True)
+                rk[i], k_fb[i] = feedback_factors(rk[i], q_metric)
+                gram = output_projection_gram(model, layer, num_kv_heads, head_dim)
+                if gram is None:  # no o_proj to weigh value errors with: plain rounding for V (identity factor)
+                    gram = torch.eye(d, dtype=torch.float64).expand(num_kv_heads, d, d)
+                rv[i], v_fb[i] = feedback_factors(rv[i], gram if name == "head" else gram.mean(0, keepdim=True))
+            feedback[name] = (k_fb, v_fb)
+
     errors: dict[str, list[float]] = {}
     layer_choice = [grouping if grouping != "auto" else "layer"] * slots
-    cands = tuple(sorted(set(clip_candidates) | {DEFAULT_K_CLIP, DEFAULT_V_CLIP}))
-    if fit_clip:
+    k_clip = torch.full((slots,), DEFAULT_K_CLIP)
+    v_clip = torch.full((slots,), DEFAULT_V_CLIP)
+    if held.numel():
+        cands = tuple(sorted(set(clip_candidates) | {DEFAULT_K_CLIP, DEFAULT_V_CLIP})) if fit_clip else (
+            DEFAULT_V_CLIP, DEFAULT_K_CLIP)
+        variants = {name: (c[0], c[1], *feedback.get(name, (None, None))) for name, c in candidates.items()}
+        variants["hadamard"] = (hadamard, hadamard, None, None)
         search = ClipSearch(variants, cands, sink_tokens=sink_tokens)
         collector.phase, collector.clip_search = "clip", search
         with capturing(model, collector):
-            _run(model, held, seq_len, batch_size, progress, "held-back: clip ratios")
+            _run(model, held, seq_len, batch_size, progress, "held-back: " + ("clip ratios" if fit_clip else "error"))
+        chosen = {name: search.best(name) if fit_clip else (k_clip, v_clip) for name in candidates}
         if grouping == "auto":
-            per_group = {}
-            for name in ("layer", "head"):
-                kc, vc = search.best(name)
-                per_group[name] = search.relative_error(name, "k", kc) + search.relative_error(name, "v", vc)
+            per_group = {
+                name: search.relative_error(name, "k", kc) + search.relative_error(name, "v", vc)
+                for name, (kc, vc) in chosen.items()
+            }
             layer_choice = ["head" if per_group["head"][i] < per_group["layer"][i] else "layer" for i in range(slots)]
-        k_clip = torch.empty(slots)
-        v_clip = torch.empty(slots)
         for i, name in enumerate(layer_choice):
-            kc, vc = search.best(name)
+            kc, vc = chosen[name]
             k_clip[i], v_clip[i] = kc[i], vc[i]
             for kind, clip in (("k", kc), ("v", vc)):
                 errors.setdefault(f"{kind}_oscar", []).append(float(search.relative_error(name, kind, clip)[i]))
-                errors.setdefault(f"{kind}_oscar_default_clip", []).append(
-                    float(search.relative_error(name, kind, DEFAULT_K_CLIP if kind == "k" else DEFAULT_V_CLIP)[i])
-                )
+                if fit_clip:
+                    default = DEFAULT_K_CLIP if kind == "k" else DEFAULT_V_CLIP
+                    errors.setdefault(f"{kind}_oscar_default_clip", []).append(
+                        float(search.relative_error(name, kind, default)[i]))
         errors["k_hadamard"] = search.relative_error("hadamard", "k", DEFAULT_K_CLIP).tolist()
         errors["v_hadamard"] = search.relative_error("hadamard", "v", DEFAULT_V_CLIP).tolist()
-    else:
-        k_clip = torch.full((slots,), DEFAULT_K_CLIP)
-        v_clip = torch.full((slots,), DEFAULT_V_CLIP)
 
     groups = 1 if all(c == "layer" for c in layer_choice) else num_kv_heads
     eye = torch.eye(d).expand(num_layers, groups, d, d).clone()
     k_rot, v_rot = eye.clone(), eye.clone()
+    k_fb = eye.clone() if error_feedback else None  # unquantized layers keep identity factors
+    v_fb = eye.clone() if error_feedback else None
     k_ev = torch.zeros(num_layers, groups, d)
     v_ev = torch.zeros(num_layers, groups, d)
     k_all = torch.ones(num_layers)
     v_all = torch.ones(num_layers)
     for i, layer in enumerate(layer_ids):
-        rk, rv, ek, ev = candidates[layer_choice[i]]
+        name = layer_choice[i]
+        rk, rv, ek, ev = candidates[name]
         k_rot[layer], v_rot[layer] = rk[i].expand(groups, d, d), rv[i].expand(groups, d, d)
         k_ev[layer], v_ev[layer] = ek[i].expand(groups, d), ev[i].expand(groups, d)
         k_all[layer], v_all[layer] = k_clip[i], v_clip[i]
-
-    k_fb = v_fb = None
-    if error_feedback:
-        k_fb, v_fb = torch.zeros_like(k_rot), torch.zeros_like(v_rot)
-        for i, layer in enumerate(layer_ids):
-            q_metric = q_cov[i] if groups > 1 else q_cov[i].mean(0, keepdim=True)
-            k_rot[layer], k_fb[layer] = feedback_factors(k_rot[layer], q_metric)
-            gram = output_projection_gram(model, layer, num_kv_heads, head_dim)
-            if gram is None:  # no o_proj to weigh value errors with: plain rounding for V (identity factor)
-                gram = torch.eye(d, dtype=torch.float64).expand(num_kv_heads, d, d)
-            v_rot[layer], v_fb[layer] = feedback_factors(v_rot[layer], gram if groups > 1 else gram.mean(0, keepdim=True))
-        for layer in set(range(num_layers)) - set(layer_ids):  # unquantized layers: identity factors
-            k_fb[layer] = v_fb[layer] = torch.eye(d)
+        if error_feedback:
+            k_fb[layer], v_fb[layer] = feedback[name][0][i].expand(groups, d, d), feedback[name][1][i].expand(groups, d, d)
 
     seconds = time.perf_counter() - start
     report = CalibrationReport(
@@ -220,9 +233,11 @@ def calibrate(
         seq_len=seq_len,
         grouping_requested=grouping,
         layer_grouping=",".join(layer_choice),
-        weight_tokens=int(min(fit.numel(), weight_tokens or fit.numel())) // seq_len * seq_len,
+        weight_tokens=int(min(fit.numel(), weight_tokens or fit.numel())) // seq_len * seq_len if rotation == "fitted"
+        else 0,
         clip_fit="held-back attention-output error" if fit_clip else "reference defaults",
-        statistics="two passes, float64 (query covariance, then score-weighted value covariance)",
+        statistics="two passes, float64 (query covariance, then score-weighted value covariance)"
+        if rotation == "fitted" else "one pass, float64 (query covariance)",
         error_feedback="K: query covariance, V: o_proj metric" if error_feedback else "none (plain rounding)",
         rotation=rotation,
     )

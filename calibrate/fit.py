@@ -55,7 +55,9 @@ class ClipSearch:
     candidate ratio, quantized with `oscar_hf.quantization` and dequantized, while the attention sink and the window
     holding the queries stay exact, as in the cache. The score is `sum ||O_c - O||^2`, O the exact output.
 
-    `variants` maps a name to per-slot `(R_K, R_V)` stacks `[slots, groups, D, D]`; all are scored on the same tokens.
+    `variants` maps a name to per-slot `(R_K, R_V)` stacks `[slots, groups, D, D]`, optionally followed by the
+    error-feedback factors `(F_K, F_V)` (same shape, or None) that the cache would code with; all are scored on the
+    same tokens.
     """
 
     def __init__(
@@ -91,15 +93,16 @@ class ClipSearch:
 
         exact = attend(k, v)
         self.energy[slot] += exact.double().pow(2).sum().cpu()
-        for name, (k_rot, v_rot) in self.variants.items():
+        for name, (k_rot, v_rot, *factors) in self.variants.items():
             rk, rv = k_rot[slot].to(k.device), v_rot[slot].to(k.device)
+            k_fb, v_fb = (None if f is None else f[slot] for f in (factors or (None, None)))
             k_mid, v_mid = rotate(k[:, :, lo:hi], rk), rotate(v[:, :, lo:hi], rv)
             for j, c in enumerate(self.candidates):
                 kq = k.clone()
-                kq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(k_mid, c)), rk)
+                kq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(k_mid, c, k_fb)), rk)
                 self.k_error[name][slot, j] += (attend(kq, v) - exact).double().pow(2).sum().cpu()
                 vq = v.clone()
-                vq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(v_mid, c)), rv)
+                vq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(v_mid, c, v_fb)), rv)
                 self.v_error[name][slot, j] += (attend(k, vq) - exact).double().pow(2).sum().cpu()
 
     def best(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,7 +95,8 @@ def test_rotation_is_eigenvectors_times_hadamard_times_bit_reversal():
 def test_calibrate_tiny_model_gives_a_valid_bundle_with_best_held_back_clips(grouping, groups):
     model = tiny_model()
     tokens = torch.randint(0, 97, (2048,))
-    rot, report = calibrate(model, tokens, seq_len=256, grouping=grouping, heldout_tokens=512, progress=False)
+    rot, report = calibrate(model, tokens, seq_len=256, grouping=grouping, heldout_tokens=512, fit_clip=True,
+                            rotation="fitted", progress=False)
     assert rot.method == "oscar" and rot.groups == groups and rot.k_rotations.shape == (2, groups, 32, 32)
     assert report.fit_tokens == 1536 and report.heldout_tokens == 512
     assert set(report.errors) >= {"k_oscar", "k_hadamard", "v_oscar", "v_hadamard"}
@@ -109,7 +110,7 @@ def test_calibrate_tiny_model_gives_a_valid_bundle_with_best_held_back_clips(gro
 def test_error_feedback_factors_and_hadamard_rotation_option():
     model = tiny_model()
     tokens = torch.randint(0, 97, (1536,))
-    rot, _ = calibrate(model, tokens, seq_len=256, fit_clip=False, rotation="hadamard", progress=False)
+    rot, _ = calibrate(model, tokens, seq_len=256, grouping="layer", rotation="hadamard", progress=False)
     h = hadamard_matrix(32).float()
     # Columns are the Hadamard matrix's, reordered by decreasing query-metric weight (error feedback codes those first).
     for layer in range(2):
@@ -118,10 +119,29 @@ def test_error_feedback_factors_and_hadamard_rotation_option():
         assert (matches == 1).all()
     assert rot.k_feedback.shape == (2, 1, 32, 32) and torch.equal(rot.k_feedback, rot.k_feedback.triu())
     assert rot.metadata["calibration"]["rotation"] == "hadamard"
-    plain, _ = calibrate(model, tokens, seq_len=256, fit_clip=False, error_feedback=False, progress=False)
+    plain, _ = calibrate(model, tokens, seq_len=256, error_feedback=False, rotation="fitted", progress=False)
     assert plain.k_feedback is None and plain.metadata["calibration"]["error_feedback"].startswith("none")
     with pytest.raises(ValueError, match="rotation"):
-        calibrate(model, tokens, seq_len=256, fit_clip=False, rotation="random", progress=False)
+        calibrate(model, tokens, seq_len=256, rotation="random", progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_bundle_is_hadamard_with_per_head_feedback_and_beats_plain_hadamard_on_held_back_keys(seed):
+    torch.manual_seed(seed)
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2048,))
+    rot, report = calibrate(model, tokens, seq_len=256, heldout_tokens=512, progress=False)
+    meta = rot.metadata["calibration"]
+    assert meta["rotation"] == "hadamard" and meta["layer_grouping"] == "head,head"
+    assert meta["statistics"].startswith("one pass") and meta["clip_fit"] == "reference defaults"
+    assert rot.groups == 2 and rot.k_feedback.shape == (2, 2, 32, 32) and rot.v_feedback.shape == (2, 2, 32, 32)
+    # One factor per KV head: the two heads' query covariances differ, so do their factors.
+    assert not torch.allclose(rot.k_feedback[0, 0], rot.k_feedback[0, 1])
+    torch.testing.assert_close(rot.k_clip_ratios, torch.full((2,), 0.96))
+    torch.testing.assert_close(rot.v_clip_ratios, torch.full((2,), 0.92))
+    # The summary's comparison: the held-back attention-output error of the bundle's keys, coded with feedback in the
+    # query metric, is below plain Hadamard rounding at the same clips, layer by layer.
+    assert all(o < h for o, h in zip(report.errors["k_oscar"], report.errors["k_hadamard"])), report.errors
 
 
 def test_calibration_leaves_model_outputs_unchanged():
@@ -157,7 +177,7 @@ def test_cli_writes_a_loadable_bundle(tmp_path, capsys):
     assert "tokens: 2816 fitted + 256 held back" in out and "K err oscar" in out
     rot = OscarRotations.from_pretrained(tmp_path / "bundle", config=model.config)
     config = json.loads((tmp_path / "bundle" / "oscar_config.json").read_text())
-    assert config["calibration"]["num_tokens"] == 3072 and config["grouping"] == "layer"
+    assert config["calibration"]["num_tokens"] == 3072 and config["grouping"] == "head"
     assert rot.k_clip_ratios.shape == (2,)
 
 
