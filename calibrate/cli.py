@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="code K and V with error feedback in the query-covariance / o_proj metrics (default); "
                         "--no-error-feedback: plain rounding, as the reference recipe")
+    p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=False,
+                   help="store keys minus their calibrated mean per KV head (softmax ignores the shift); off by default")
     p.add_argument("--rotation", choices=("fitted", "hadamard"), default="hadamard",
                    help="hadamard (default): the data-free rotation, the statistics go to the error feedback; "
                         "fitted: R = U.H.P_br from the covariances (the paper's recipe)")
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         fit_clip=args.clip_fit,
         error_feedback=args.error_feedback,
         rotation=args.rotation,
+        center_keys=args.center_keys,
         progress=not args.no_progress,
         metadata=metadata,
     )
@@ -107,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     if report.errors:
         for kind in ("k", "v"):
             ours, base = sum(report.errors[f"{kind}_oscar"]), sum(report.errors[f"{kind}_hadamard"])
-            ratio = base / max(ours, 1e-30)
-            verdict = f"{ratio:.2f}x lower" if ratio >= 1 else f"{1 / ratio:.2f}x higher"
+            if ours <= 0 or base <= 0:  # no held-back query saw a quantized key (too few tokens)
+                verdict = "not comparable"
+            else:
+                verdict = f"{base / ours:.2f}x lower" if base >= ours else f"{ours / base:.2f}x higher"
             print(f"  {kind.upper()} error, sum over layers: oscar {ours:.3e} vs hadamard {base:.3e} ({verdict})")
         if rotations.v_feedback is not None:
             print("  (values are coded for their error after o_proj, which this raw attention-output error does not "

@@ -56,8 +56,8 @@ class ClipSearch:
     holding the queries stay exact, as in the cache. The score is `sum ||O_c - O||^2`, O the exact output.
 
     `variants` maps a name to per-slot `(R_K, R_V)` stacks `[slots, groups, D, D]`, optionally followed by the
-    error-feedback factors `(F_K, F_V)` (same shape, or None) that the cache would code with; all are scored on the
-    same tokens.
+    error-feedback factors `(F_K, F_V)` (same shape, or None) that the cache would code with and the mean keys
+    `[slots, kv_heads, D]` (or None) it would subtract; all are scored on the same tokens.
     """
 
     def __init__(
@@ -93,13 +93,16 @@ class ClipSearch:
 
         exact = attend(k, v)
         self.energy[slot] += exact.double().pow(2).sum().cpu()
-        for name, (k_rot, v_rot, *factors) in self.variants.items():
+        for name, (k_rot, v_rot, *extra) in self.variants.items():
             rk, rv = k_rot[slot].to(k.device), v_rot[slot].to(k.device)
-            k_fb, v_fb = (None if f is None else f[slot] for f in (factors or (None, None)))
-            k_mid, v_mid = rotate(k[:, :, lo:hi], rk), rotate(v[:, :, lo:hi], rv)
+            k_fb, v_fb, k_mean = (list(extra) + [None, None, None])[:3]
+            k_fb, v_fb = (None if f is None else f[slot] for f in (k_fb, v_fb))
+            # A mean key subtracted before quantization and added back is what the cache's shift of all keys does.
+            mean = 0.0 if k_mean is None else k_mean[slot].to(k.device, torch.float32)[None, :, None, :]
+            k_mid, v_mid = rotate(k[:, :, lo:hi] - mean, rk), rotate(v[:, :, lo:hi], rv)
             for j, c in enumerate(self.candidates):
                 kq = k.clone()
-                kq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(k_mid, c, k_fb)), rk)
+                kq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(k_mid, c, k_fb)), rk) + mean
                 self.k_error[name][slot, j] += (attend(kq, v) - exact).double().pow(2).sum().cpu()
                 vq = v.clone()
                 vq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(v_mid, c, v_fb)), rv)

@@ -51,6 +51,7 @@ class StatisticsCollector:
         kw = dict(dtype=torch.float64, device=device)
         self.query_sums = torch.zeros(n, h, d, d, **kw)
         self.query_tokens = torch.zeros(n, **kw)
+        self.key_sums = torch.zeros(n, h, d, **kw)  # for the mean key the cache subtracts (`OscarRotations.k_means`)
         self.value_sums = torch.zeros(n, h, d, d, **kw)
         self.value_weights = torch.zeros(n, h, **kw)
         self.phase = "query"
@@ -65,11 +66,16 @@ class StatisticsCollector:
         self._query_cov = self.query_covariance()
         self.query_sums.zero_()
         self.query_tokens.zero_()
+        self.key_sums.zero_()
         self.phase = "full"
 
     def query_covariance(self) -> torch.Tensor:
         """`[layers, kv_heads, D, D]`: `Q_g^T Q_g / n` per KV head."""
         return self.query_sums / self.query_tokens.view(-1, 1, 1, 1)
+
+    def key_mean(self) -> torch.Tensor:
+        """`[layers, kv_heads, D]`: the mean post-RoPE key per KV head."""
+        return self.key_sums / self.query_tokens.view(-1, 1, 1)
 
     def value_covariance(self) -> torch.Tensor:
         """`[layers, kv_heads, D, D]`: `V^T diag(w) V / sum(w)` per KV head (weights normalised to mean 1)."""
@@ -98,6 +104,7 @@ class StatisticsCollector:
             q = query.reshape(b, hkv, hq // hkv, s, d).transpose(0, 1).reshape(hkv, -1, d).double()
             self.query_sums[slot] += q.transpose(1, 2) @ q
             self.query_tokens[slot] += b * s
+            self.key_sums[slot] += key.double().sum(dim=(0, 2))
         if self.phase == "full":
             k = key.double()
             v = value.double()

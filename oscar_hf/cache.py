@@ -139,6 +139,7 @@ class OscarQuantizedCache(Cache):
                     layer_idx=idx,
                     k_feedback=k_feedback,
                     v_feedback=v_feedback,
+                    k_mean=rotations.layer_key_mean(idx),
                 )
             )
         super().__init__(layers=layers)

@@ -93,6 +93,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         layer_idx: int | None = None,
         k_feedback: torch.Tensor | None = None,
         v_feedback: torch.Tensor | None = None,
+        k_mean: torch.Tensor | None = None,
     ):
         super().__init__()
         self.k_rotation_init = k_rotation
@@ -106,6 +107,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.check_finite = check_finite
         self.layer_idx = layer_idx
         self.k_feedback_init, self.v_feedback_init = k_feedback, v_feedback
+        self.k_mean_init = k_mean
         self.sink_len = self.body_len = self.recent_len = 0
         # CUDA-graph decoding (`oscar_hf.graphs`): single-token appends go to a device-side index and the kernels read
         # the segment lengths from `self.lengths`, so one captured step replays for every position.
@@ -138,6 +140,17 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32)
         self.k_feedback = None if self.k_feedback_init is None else self.k_feedback_init.to(self.device, torch.float32)
         self.v_feedback = None if self.v_feedback_init is None else self.v_feedback_init.to(self.device, torch.float32)
+        # The mean key, as `[1, heads or 1, 1, D]` in the original space and in the rotated (stored) space.
+        self.k_mean = self.k_mean_rotated = None
+        if self.k_mean_init is not None:
+            mean = self.k_mean_init.to(self.device, torch.float32).reshape(-1, head_dim)
+            if mean.shape[0] not in (1, heads):
+                raise ValueError(
+                    f"The mean key of layer {self.layer_idx} has {mean.shape[0]} groups, but the model has {heads} KV "
+                    "heads: the bundle was made for another model."
+                )
+            self.k_mean = mean[None, :, None, :]
+            self.k_mean_rotated = self.k_mean if self.k_rotation is None else rotate(self.k_mean, self.k_rotation)
 
         def exact(n):
             return torch.zeros(batch, heads, n, head_dim, dtype=self.dtype, device=self.device)
@@ -204,9 +217,18 @@ class OscarQuantizedLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ writes
     def rotate_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values in the layer's rotated space, in the model dtype."""
-        keys = key_states if self.k_rotation is None else rotate(key_states, self.k_rotation).to(self.dtype)
+        keys = key_states if self.k_rotation is None else rotate(key_states, self.k_rotation)
+        if self.k_mean_rotated is not None:
+            keys = keys.float() - self.k_mean_rotated
         values = value_states if self.v_rotation is None else rotate(value_states, self.v_rotation).to(self.dtype)
-        return keys, values
+        return keys.to(self.dtype), values
+
+    def centered_keys(self, key_states: torch.Tensor) -> torch.Tensor:
+        """New key states as the layer stores them, un-rotated: minus the mean key when the bundle has one (the same
+        shift for every key, so scores move by a per-query constant that softmax ignores)."""
+        if self.k_mean is None:
+            return key_states
+        return (key_states.float() - self.k_mean).to(key_states.dtype)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, return_segments: bool = False, **kwargs
@@ -252,7 +274,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
             keys = unrotate(keys, self.k_rotation).to(key_states.dtype)
         if self.v_rotation is not None:
             values = unrotate(values, self.v_rotation).to(value_states.dtype)
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        return torch.cat([keys, self.centered_keys(key_states)], dim=-2), torch.cat([values, value_states], dim=-2)
 
     # ------------------------------------------------------------------ CUDA-graph decoding
     def enter_graph_mode(self) -> None:

@@ -35,6 +35,10 @@ class OscarRotations:
         k_feedback, v_feedback: optional `[num_layers, groups, head_dim, head_dim]` error-feedback factors
             (`quantization.error_feedback_factor` of the metric the errors are weighed in, in the rotated space);
             with them the cache picks 2-bit codes with error feedback. Same storage format, same decode path.
+        k_means: optional `[num_layers, groups, head_dim]` mean key (original, unrotated space) that the cache
+            subtracts from every stored key. Subtracting one vector from all keys shifts every score of a query by
+            the same amount, which softmax ignores, so attention is unchanged while the rows to quantize lose their
+            common offset (a smaller range, a finer 2-bit grid).
         metadata: free-form provenance (model id, revision, calibration data, token count, ...).
     """
 
@@ -51,6 +55,7 @@ class OscarRotations:
     metadata: dict[str, Any] = field(default_factory=dict)
     k_feedback: torch.Tensor | None = None
     v_feedback: torch.Tensor | None = None
+    k_means: torch.Tensor | None = None
 
     def __post_init__(self):
         self.k_clip_ratios = torch.as_tensor(self.k_clip_ratios, dtype=torch.float32).reshape(-1)
@@ -158,6 +163,21 @@ class OscarRotations:
             diag = f.diagonal(dim1=-2, dim2=-1)
             if (diag <= 0).any() or (f.tril(-1) != 0).any():
                 raise ValueError(f"{name} must be upper-triangular with a positive diagonal (a Cholesky factor).")
+        m = self.k_means
+        if m is not None:
+            if m.dim() != 3 or m.shape[0] != self.num_layers or m.shape[1] not in (1, self.num_kv_heads) or (
+                m.shape[2] != self.head_dim
+            ):
+                raise ValueError(
+                    f"k_means has shape {tuple(m.shape)}; expected [{self.num_layers}, 1 or {self.num_kv_heads}, "
+                    f"{self.head_dim}]."
+                )
+            if not torch.isfinite(m).all():
+                raise ValueError("k_means holds NaN or Inf values.")
+
+    def layer_key_mean(self, layer_idx: int) -> torch.Tensor | None:
+        """The mean key `[groups, head_dim]` the cache subtracts in this layer, or `None`."""
+        return None if self.k_means is None else self.k_means[layer_idx]
 
     def layer_feedback(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`(K factor, V factor)` for one layer, each `[groups, head_dim, head_dim]` or `None`."""

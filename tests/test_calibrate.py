@@ -137,6 +137,7 @@ def test_default_bundle_is_hadamard_with_per_head_feedback_and_beats_plain_hadam
     assert rot.groups == 2 and rot.k_feedback.shape == (2, 2, 32, 32) and rot.v_feedback.shape == (2, 2, 32, 32)
     # One factor per KV head: the two heads' query covariances differ, so do their factors.
     assert not torch.allclose(rot.k_feedback[0, 0], rot.k_feedback[0, 1])
+    assert rot.k_means is None and meta["key_centering"] == "none"
     torch.testing.assert_close(rot.k_clip_ratios, torch.full((2,), 0.96))
     torch.testing.assert_close(rot.v_clip_ratios, torch.full((2,), 0.92))
     # The summary's comparison: the held-back attention-output error of the bundle's keys, coded with feedback in the
@@ -154,6 +155,19 @@ def test_calibration_leaves_model_outputs_unchanged():
         during = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(during, before)
     assert collector.query_tokens.tolist() == [64.0, 64.0]
+
+
+def test_center_keys_stores_each_heads_mean_key():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (1536,))
+    rot, report = calibrate(model, tokens, seq_len=256, heldout_tokens=512, center_keys=True, progress=False)
+    assert rot.k_means.shape == (2, 2, 32) and rot.metadata["calibration"]["key_centering"].startswith("mean key")
+    # The stored mean is the mean post-RoPE key of the fitting tokens, per head.
+    collector = StatisticsCollector([0, 1], 2, 32)
+    with capturing(model, collector), torch.no_grad():
+        model(input_ids=tokens[:1024].view(4, 256), use_cache=False)
+    torch.testing.assert_close(rot.k_means, collector.key_mean().float(), atol=1e-5, rtol=1e-4)
+    assert set(report.errors) >= {"k_oscar", "k_hadamard"}
 
 
 def test_auto_grouping_records_a_choice_per_layer():
