@@ -155,7 +155,9 @@ def main(argv=None) -> int:
 
     calib = tokens_for(args.model, config.vocab_size, args.calib_tokens, 0)
     seq_len = min(args.calib_seq_len, args.calib_tokens // 4)
-    kw = dict(seq_len=seq_len, heldout_tokens=seq_len, progress=False)
+    # The fitted recipe with clip search: both statistics passes and the held-back search run on the split model
+    # (the default Hadamard bundle has no value spectrum to compare).
+    kw = dict(seq_len=seq_len, heldout_tokens=seq_len, progress=False, rotation="fitted", fit_clip=True)
     start = time.perf_counter()
     rot_single, _ = calibrate(single, calib, **kw)
     t_cal_single = time.perf_counter() - start
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
         cli_args = ["--model", args.model, "--data", str(Path(tmp) / "tokens.npy"), "--num-tokens", str(calib.numel()),
                     "--output", str(Path(tmp) / "bundle"), "--seq-len", str(seq_len), "--heldout-tokens",
                     str(seq_len), "--weight-tokens", "-1", "--dtype", args.dtype, "--device-map", "balanced",
-                    "--no-progress"]
+                    "--rotation", "fitted", "--clip-fit", "--no-progress"]
         with contextlib.redirect_stdout(io.StringIO()) as log:
             status = cli_main(cli_args)
         rot_cli = OscarRotations.from_pretrained(Path(tmp) / "bundle")
