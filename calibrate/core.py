@@ -141,6 +141,7 @@ def calibrate(
     key_mean = collector.key_mean().float().cpu() if center_keys else None  # [slots, kv_heads, D]
     slots, d = len(layer_ids), head_dim
     hadamard = hadamard_matrix(d, torch.float32).expand(slots, 1, d, d)
+    v_cov = collector.value_covariance().cpu() if rotation == "fitted" else None
     candidates = {}  # grouping -> (R_K, R_V, K eigenvalues, V eigenvalues), each [slots, groups, ...]
     for name in ("layer", "head"):
         if grouping not in (name, "auto"):
@@ -148,8 +149,7 @@ def calibrate(
         qc = q_cov.mean(1, keepdim=True) if name == "layer" else q_cov
         rk, ek = rotation_from_covariance(qc)
         if rotation == "fitted":
-            vc = collector.value_covariance().cpu()
-            rv, ev = rotation_from_covariance(vc.mean(1, keepdim=True) if name == "layer" else vc)
+            rv, ev = rotation_from_covariance(v_cov.mean(1, keepdim=True) if name == "layer" else v_cov)
         else:
             rk, rv, ev = hadamard.expand_as(rk).clone(), hadamard.expand_as(rk).clone(), torch.zeros_like(ek)
         candidates[name] = (rk, rv, ek, ev)
@@ -157,15 +157,19 @@ def calibrate(
     # Error feedback reorders each rotation's channels (heaviest first) and gives the factors the coder uses.
     feedback = {}
     if error_feedback:
+        grams = []  # per layer [kv_heads, D, D]: the o_proj metric of the values
+        for layer in layer_ids:
+            gram = output_projection_gram(model, layer, num_kv_heads, head_dim)
+            if gram is None:  # no o_proj to weigh value errors with: plain rounding for V (identity factor)
+                gram = torch.eye(d, dtype=torch.float64).expand(num_kv_heads, d, d)
+            grams.append(gram)
         for name, (rk, rv, ek, ev) in candidates.items():
             k_fb, v_fb = torch.empty_like(rk), torch.empty_like(rv)
-            for i, layer in enumerate(layer_ids):
+            for i in range(slots):
                 q_metric = q_cov[i] if name == "head" else q_cov[i].mean(0, keepdim=True)
                 rk[i], k_fb[i] = feedback_factors(rk[i], q_metric)
-                gram = output_projection_gram(model, layer, num_kv_heads, head_dim)
-                if gram is None:  # no o_proj to weigh value errors with: plain rounding for V (identity factor)
-                    gram = torch.eye(d, dtype=torch.float64).expand(num_kv_heads, d, d)
-                rv[i], v_fb[i] = feedback_factors(rv[i], gram if name == "head" else gram.mean(0, keepdim=True))
+                v_metric = grams[i] if name == "head" else grams[i].mean(0, keepdim=True)
+                rv[i], v_fb[i] = feedback_factors(rv[i], v_metric)
             feedback[name] = (k_fb, v_fb)
 
     errors: dict[str, list[float]] = {}
@@ -176,7 +180,7 @@ def calibrate(
         cands = tuple(sorted(set(clip_candidates) | {DEFAULT_K_CLIP, DEFAULT_V_CLIP})) if fit_clip else (
             DEFAULT_V_CLIP, DEFAULT_K_CLIP)
         variants = {name: (c[0], c[1], *feedback.get(name, (None, None)), key_mean) for name, c in candidates.items()}
-        variants["hadamard"] = (hadamard, hadamard, None, None)
+        variants["hadamard"] = (hadamard, hadamard, None, None, None)
         search = ClipSearch(variants, cands, sink_tokens=sink_tokens)
         collector.phase, collector.clip_search = "clip", search
         with capturing(model, collector):

@@ -55,9 +55,9 @@ class ClipSearch:
     candidate ratio, quantized with `oscar_hf.quantization` and dequantized, while the attention sink and the window
     holding the queries stay exact, as in the cache. The score is `sum ||O_c - O||^2`, O the exact output.
 
-    `variants` maps a name to per-slot `(R_K, R_V)` stacks `[slots, groups, D, D]`, optionally followed by the
-    error-feedback factors `(F_K, F_V)` (same shape, or None) that the cache would code with and the mean keys
-    `[slots, kv_heads, D]` (or None) it would subtract; all are scored on the same tokens.
+    `variants` maps a name to `(R_K, R_V, F_K, F_V, key_mean)`: per-slot rotation stacks `[slots, groups, D, D]`, the
+    error-feedback factors the cache would code with (same shape, or None for plain rounding) and the mean keys
+    `[slots, kv_heads, D]` it would subtract (or None); all are scored on the same tokens.
     """
 
     def __init__(
@@ -93,9 +93,8 @@ class ClipSearch:
 
         exact = attend(k, v)
         self.energy[slot] += exact.double().pow(2).sum().cpu()
-        for name, (k_rot, v_rot, *extra) in self.variants.items():
+        for name, (k_rot, v_rot, k_fb, v_fb, k_mean) in self.variants.items():
             rk, rv = k_rot[slot].to(k.device), v_rot[slot].to(k.device)
-            k_fb, v_fb, k_mean = (list(extra) + [None, None, None])[:3]
             k_fb, v_fb = (None if f is None else f[slot] for f in (k_fb, v_fb))
             # A mean key subtracted before quantization and added back is what the cache's shift of all keys does.
             mean = 0.0 if k_mean is None else k_mean[slot].to(k.device, torch.float32)[None, :, None, :]

@@ -115,7 +115,7 @@ class OscarRotations:
                 raise ValueError(f"{name} must lie in (0, 1], got {ratios.tolist()}.")
         if (self.k_rotations is None) != (self.v_rotations is None):
             raise ValueError("K and V rotations must both be given or both be absent.")
-        self._validate_feedback()
+        self._validate_coding_tensors()
         if self.k_rotations is None:
             if self.method != "naive":
                 raise ValueError(f"method={self.method!r} needs rotation matrices; only 'naive' has none.")
@@ -144,7 +144,8 @@ class OscarRotations:
                     f"{ORTHOGONALITY_TOLERANCE}); the cache would return wrong attention outputs."
                 )
 
-    def _validate_feedback(self) -> None:
+    def _validate_coding_tensors(self) -> None:
+        """The optional tensors that change how rows are coded: error-feedback factors and mean keys."""
         for name in ("k_feedback", "v_feedback"):
             f = getattr(self, name)
             if f is None:
