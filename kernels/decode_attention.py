@@ -1,15 +1,16 @@
 """Triton decode attention over an `OscarQuantizedLayer`: BF16 sink + packed INT2 body + BF16 recent window.
 
-Split-K ("flash-decoding") in one launch, grid `(batch * kv_heads, splits)`. A program serves *all* query rows of one
-KV head (the `group` query heads that share it, times `q_len` query positions) from one load of each key/value block:
+Split-K ("flash-decoding"), two launches:
 
-- it rotates those rows by R_K and rounds them to the storage dtype, as the reference does;
-- programs `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk `exact_chunk`-token chunks of
-  the sink and of the recent window. Each writes its partial output, running max and running sum (base-2 online
-  softmax);
-- the last program of a (batch, KV head) to finish (an atomic arrival counter per (batch, KV head)) merges the
-  partials of every split, normalises, un-rotates by R_V^T and writes `[batch, q_len, heads, head_dim]` memory
-  (returned as the `[batch, heads, q_len, head_dim]` view), then zeroes its counter for the next call.
+- **stage 1**, grid `(batch * kv_heads, splits)`. A program serves *all* query rows of one KV head (the
+  `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. It first
+  rotates those rows by R_K and rounds them to the storage dtype, as the reference does. Programs
+  `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk `exact_chunk`-token chunks of the sink
+  and of the recent window.
+  Each program writes its partial output, running max and running sum (base-2 online softmax).
+- **stage 2**, grid `(batch * kv_heads, group * q_len)`: merges one output row's partials over every split,
+  normalises, un-rotates by R_V^T and writes `[batch, q_len, heads, head_dim]` memory (returned as the
+  `[batch, heads, q_len, head_dim]` view).
 
 INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
 row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
@@ -40,8 +41,6 @@ _LOG2E = 1.4426950408889634
 _MASKED = tl.constexpr(-1.0e30)  # a finite "minus infinity": exp2 of a difference of two of them stays finite (no NaN)
 
 _SM_COUNT: dict[int, int] = {}
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED_COUNTERS: list[torch.Tensor] = []
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -246,94 +245,23 @@ def _exact_block(
     return m_i, l_i, a0, a1, a2, a3, a_off * alpha
 
 
-# ---------------------------------------------------------------------------------------------------------- kernel
-@triton.jit(noinline=True)
-def _merge(
-    part_o, part_m, part_l, rv_ptr, srv_g, out_ptr, so_b, so_h, so_t, pid_bh, num_splits, q_len, num_kv_heads, group,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, DT: tl.constexpr, HAS_RV: tl.constexpr, FP32_DOT: tl.constexpr,
-):
-    """Merges the partials of every split of one (batch, KV head) for all its rows at once, normalises, un-rotates by
-    R_V^T and writes the output rows. Called by the last program only, as a separate function that takes scalars:
-    inlined, it kept values live through the attention loop (Triton 3.6, sm_90, block_n 128: 200 registers, not 168: two
-    programs per SM instead of three)."""
-    QD: tl.constexpr = D // 4
-    # BLOCK_S splits a step, unrolled so that their loads are issued together: the merge starts when every other
-    # program of the row has finished, so its latency adds to the call's.
-    BLOCK_S: tl.constexpr = 64 // BLOCK_M
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    kvh = (pid_bh % num_kv_heads).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < group * q_len
-    cols = tl.arange(0, QD)[None, :]
-    first = pid_bh.to(tl.int64) * num_splits
-
-    m_run = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
-    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-    o0 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-    o1 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-    o2 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-    o3 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-    for s0 in tl.range(0, num_splits, BLOCK_S, num_stages=1):
-        for j in tl.static_range(BLOCK_S):
-            part = first + s0 + j
-            ok = rows < tl.where(s0 + j < num_splits, group * q_len, 0)  # a split past the last reads nothing
-            m_s = tl.load(part_m + part * BLOCK_M + rows, mask=ok, other=_MASKED)
-            l_s = tl.load(part_l + part * BLOCK_M + rows, mask=ok, other=0.0)
-            o_s = part_o + (part * BLOCK_M + rows)[:, None] * D + cols
-            p0 = tl.load(o_s, mask=ok[:, None], other=0.0)
-            p1 = tl.load(o_s + QD, mask=ok[:, None], other=0.0)
-            p2 = tl.load(o_s + 2 * QD, mask=ok[:, None], other=0.0)
-            p3 = tl.load(o_s + 3 * QD, mask=ok[:, None], other=0.0)
-            m_new = tl.maximum(m_run, m_s)
-            alpha = tl.math.exp2(m_run - m_new)
-            w = tl.math.exp2(m_s - m_new)
-            l_run = l_run * alpha + w * l_s
-            o0 = o0 * alpha[:, None] + w[:, None] * p0
-            o1 = o1 * alpha[:, None] + w[:, None] * p1
-            o2 = o2 * alpha[:, None] + w[:, None] * p2
-            o3 = o3 * alpha[:, None] + w[:, None] * p3
-            m_run = m_new
-    # Padding rows have no partials; a unit sum keeps them finite (they are not stored).
-    inv_l = 1.0 / tl.where(row_ok, l_run, 1.0)
-    o0 = o0 * inv_l[:, None]
-    o1 = o1 * inv_l[:, None]
-    o2 = o2 * inv_l[:, None]
-    o3 = o3 * inv_l[:, None]
-
-    out_rows = out_ptr + b * so_b + (kvh * group + rows // q_len) * so_h + (rows % q_len) * so_t
-    if HAS_RV:
-        r_v = rv_ptr + kvh * srv_g
-        # One output quarter an iteration, in a loop that is neither unrolled nor pipelined (registers, as above).
-        for e0 in tl.range(0, D, QD, num_stages=1):
-            out = _rotate(o0, r_v, 0, e0, QD, QD, D, True, FP32_DOT)
-            out += _rotate(o1, r_v, QD, e0, QD, QD, D, True, FP32_DOT)
-            out += _rotate(o2, r_v, 2 * QD, e0, QD, QD, D, True, FP32_DOT)
-            out += _rotate(o3, r_v, 3 * QD, e0, QD, QD, D, True, FP32_DOT)
-            tl.store(out_rows[:, None] + e0 + cols, _round(out, DT, FP32_DOT), mask=row_ok[:, None])
-    else:
-        tl.store(out_rows[:, None] + cols, _round(o0, DT, FP32_DOT), mask=row_ok[:, None])
-        tl.store(out_rows[:, None] + QD + cols, _round(o1, DT, FP32_DOT), mask=row_ok[:, None])
-        tl.store(out_rows[:, None] + 2 * QD + cols, _round(o2, DT, FP32_DOT), mask=row_ok[:, None])
-        tl.store(out_rows[:, None] + 3 * QD + cols, _round(o3, DT, FP32_DOT), mask=row_ok[:, None])
-
-
+# ---------------------------------------------------------------------------------------------------------- stage 1
 # Lengths change every decode step: not specializing on them keeps one compiled kernel per configuration.
 @triton.jit(do_not_specialize=["sink_len", "body_len", "recent_len", "body_chunk", "num_splits", "body_splits",
                                "sink_splits"])
-def _decode_kernel(
-    q_ptr, sq_b, sq_h, sq_t, rk_ptr, srk_g, rv_ptr, srv_g,
+def _decode_stage1(
+    q_ptr, sq_b, sq_h, sq_t, rk_ptr, srk_g,
     sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
     rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
     kc_ptr, vc_ptr, s_c_b, s_c_h,
     ks_ptr, ko_ptr, vs_ptr, vo_ptr, s_p_b, s_p_h,
     mask_ptr, sm_b, sm_q, sm_t,
-    part_o, part_m, part_l, counters,
-    out_ptr, so_b, so_h, so_t,
+    part_o, part_m, part_l,
     sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits, body_splits, sink_splits,
     sm_scale_log2, lengths_ptr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EXACT_CHUNK: tl.constexpr,
-    DT: tl.constexpr, HAS_RK: tl.constexpr, HAS_RV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    FP32_DOT: tl.constexpr, DEVICE_LENGTHS: tl.constexpr,
+    DT: tl.constexpr, HAS_RK: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    DEVICE_LENGTHS: tl.constexpr,
 ):
     QD: tl.constexpr = D // 4
     pid_bh = tl.program_id(0)
@@ -442,16 +370,58 @@ def _decode_kernel(
     tl.store(part_m + part * BLOCK_M + rows, m_i, mask=row_ok)
     tl.store(part_l + part * BLOCK_M + rows, l_i, mask=row_ok)
 
-    # The last program of this (batch, KV head) to arrive merges. One thread issues the atomic: the barrier puts every
-    # thread's partial stores before its release, and its acquire (broadcast to the program through shared memory and
-    # a barrier) puts the other programs' stores before the merge's loads. (The interpreter runs programs in turn.)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counters + pid_bh, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        _merge(part_o, part_m, part_l, rv_ptr, srv_g, out_ptr, so_b, so_h, so_t, pid_bh, num_splits, q_len,
-               num_kv_heads, group, D, BLOCK_M, DT, HAS_RV, FP32_DOT)
-        # Every program of this row has arrived: zero the counter for the next launch (no memset per call).
-        tl.store(counters + pid_bh, 0)
+
+# ---------------------------------------------------------------------------------------------------------- stage 2
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_stage2(
+    part_o, part_m, part_l,
+    rv_ptr, srv_g,
+    out_ptr, so_b, so_h, so_t,
+    num_splits, q_len, num_kv_heads, group,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, HAS_RV: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    """One program per output row `(b, kv head, query row)`: merges that row's partials over all splits (BLOCK_S at a
+    time, independent loads), normalises, and un-rotates by R_V^T with vector FMAs."""
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, D)
+    first = pid_bh.to(tl.int64) * num_splits
+
+    m_max = tl.max(tl.full([BLOCK_S], _MASKED, dtype=tl.float32), axis=0)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = s0 + splits < num_splits
+        m_s = tl.load(part_m + (first + s0 + splits) * BLOCK_M + row, mask=ok, other=_MASKED)
+        m_max = tl.maximum(m_max, tl.max(m_s, axis=0))
+    l_tot = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), axis=0)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = s0 + splits < num_splits
+        part = first + s0 + splits
+        m_s = tl.load(part_m + part * BLOCK_M + row, mask=ok, other=_MASKED)
+        l_s = tl.load(part_l + part * BLOCK_M + row, mask=ok, other=0.0)
+        o_s = tl.load(part_o + (part * BLOCK_M + row)[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0)
+        w = tl.where(ok, tl.math.exp2(m_s - m_max), 0.0)
+        l_tot += tl.sum(w * l_s, axis=0)
+        acc += tl.sum(w[:, None] * o_s, axis=0)
+    o = acc / l_tot
+
+    g = row // q_len
+    qi = row % q_len
+    out_row = out_ptr + b * so_b + (kvh * group + g) * so_h + qi * so_t
+    if HAS_RV:
+        # out[e] = sum_d o[d] * R_V[e, d]  (o @ R_V^T), BLOCK_E output channels at a time.
+        r_base = rv_ptr + kvh * srv_g
+        for e0 in tl.static_range(0, D, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            r = tl.load(r_base + e[:, None] * D + cols[None, :])
+            out_e = tl.sum(r * o[None, :], axis=1)
+            tl.store(out_row + e, _round(out_e, out_ptr.dtype.element_ty, FP32_DOT))
+    else:
+        tl.store(out_row + cols, _round(o, out_ptr.dtype.element_ty, FP32_DOT))
 
 
 # ---------------------------------------------------------------------------------------------------------- launcher
@@ -466,20 +436,6 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least `n` zeroed int32 arrival counters on `device`, one per (batch, KV head), shared by every call there.
-    The merging program zeroes its counter again, so no call needs a memset and a captured CUDA graph can replay the
-    same buffer. Calls must therefore not overlap on one device (different streams with no ordering between them)."""
-    buf = _SPLIT_COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            # A captured graph may still replay against the smaller buffer: keep it allocated.
-            _RETIRED_COUNTERS.append(buf)
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[device] = buf
-    return buf
 
 
 def _rotation_arg(rotation: torch.Tensor | None, num_kv_heads: int, head_dim: int, device) -> tuple[torch.Tensor, int]:
@@ -623,20 +579,27 @@ def oscar_decode_attention(
     scale = scaling if scaling is not None else head_dim**-0.5
     dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
     body = layer._body_tensors()
-    _decode_kernel[(n_bh, num_splits)](
-        query, query.stride(0), query.stride(1), query.stride(2), rk, srk, rv, srv,
+    _decode_stage1[(n_bh, num_splits)](
+        query, query.stride(0), query.stride(1), query.stride(2), rk, srk,
         layer.sink_keys, layer.sink_values, *layer.sink_keys.stride()[:3],
         layer.recent_keys, layer.recent_values, *layer.recent_keys.stride()[:3],
         body[0], body[3], *body[0].stride()[:2],
         body[1], body[2], body[4], body[5], *body[1].stride()[:2],
         mask_u8, sm_b, sm_q, sm_t,
-        part_o, part_m, part_l, _split_counters(dev, n_bh),
-        out, out.stride(0), out.stride(1), out.stride(2),
+        part_o, part_m, part_l,
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
         float(scale * _LOG2E), layer.lengths if device_lengths else mask_u8,
         D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=min(block_n, 32, exact_chunk), EXACT_CHUNK=exact_chunk,
-        DT=dt, HAS_RK=layer.k_rotation is not None, HAS_RV=layer.v_rotation is not None,
+        DT=dt, HAS_RK=layer.k_rotation is not None,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
         num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_stage2[(n_bh, group * q_len)](
+        part_o, part_m, part_l,
+        rv, srv,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        num_splits, q_len, kvh, group,
+        D=head_dim, BLOCK_M=block_m, BLOCK_S=16, BLOCK_E=32, HAS_RV=layer.v_rotation is not None,
+        FP32_DOT=_interpreting(), num_warps=4,
     )
     return out

@@ -230,39 +230,6 @@ def test_decode_kernel_matches_reference(poisoned_allocations, rotation, q_len, 
 
 
 @in_process
-@pytest.mark.parametrize("q_len,group", [(1, 4), (7, 4)], ids=["16-rows", "28-rows"])
-def test_decode_kernel_merges_many_splits(poisoned_allocations, q_len, group):
-    """27 programs per (batch, KV head), a count that is no multiple of the merge's step (4 splits at 16 rows, 2 at 28
-    rows padded to 32): the last program to arrive merges every partial of its rows."""
-    gen = torch.Generator().manual_seed(31 + q_len)
-    layer = _filled_layer(gen, batch=2, kv_heads=1, head_dim=64, prompt=400, rotation="per_head")
-    seg, query = _step(layer, gen, q_len, group)
-    # 24 body splits of one 16-token block, one sink chunk and two recent-window chunks of 16 tokens.
-    assert 23 * 16 < layer.body_len <= 24 * 16 and layer.sink_len <= 16 < layer.recent_len <= 32
-    out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, programs_per_sm=64,
-                                    min_blocks_per_split=1, exact_chunk=16)
-    _check_against_reference(out, query, seg, None)
-
-
-@in_process
-def test_decode_kernel_reuses_zeroed_split_counters(poisoned_allocations):
-    """The arrival counters are allocated once per device and left at zero by every call, so consecutive calls (and a
-    captured CUDA graph) need no memset: each still gets the reference answer."""
-    gen = torch.Generator().manual_seed(17)
-    big = _filled_layer(gen, batch=2, kv_heads=2, head_dim=64, prompt=130, rotation="shared")
-    small = _filled_layer(gen, batch=1, kv_heads=2, head_dim=64, prompt=70, rotation=None)
-    counters = None
-    for layer in (big, small, big):
-        seg, query = _step(layer, gen, 1, 2)
-        out = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=16, exact_chunk=16)
-        _check_against_reference(out, query, seg, None)
-        now = dk._split_counters(query.device, 1)
-        assert counters is None or now.data_ptr() == counters.data_ptr()
-        assert (now == 0).all(), "a counter was left non-zero: the next call would merge too early or never"
-        counters = now
-
-
-@in_process
 def test_decode_kernel_left_padded_batch_with_mask(poisoned_allocations):
     gen = torch.Generator().manual_seed(11)
     q_len, group = 2, 4
