@@ -1,12 +1,13 @@
 """Triton decode attention over an `OscarQuantizedLayer`: BF16 sink + packed INT2 body + BF16 recent window.
 
-Split-K ("flash-decoding"), two launches:
+Split-K ("flash-decoding"), three launches:
 
+- **stage 0**, grid `(batch * kv_heads,)`: rotates the query by R_K (float32, IEEE dot) and rounds it to the storage
+  dtype, as the reference does, into a padded `[rows, head_dim]` tile per KV head.
 - **stage 1**, grid `(batch * kv_heads, splits)`. A program serves *all* query rows of one KV head (the
-  `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. It first
-  rotates those rows by R_K and rounds them to the storage dtype, as the reference does. Programs
-  `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk `exact_chunk`-token chunks of the sink
-  and of the recent window.
+  `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. Programs
+  `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk 64-token chunks of the sink and of the
+  recent window.
   Each program writes its partial output, running max and running sum (base-2 online softmax).
 - **stage 2**, grid `(batch * kv_heads, group * q_len)`: merges one output row's partials over every split,
   normalises, un-rotates by R_V^T and writes `[batch, q_len, heads, head_dim]` memory (returned as the
@@ -127,23 +128,16 @@ def _biased_codes(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _rotate(x, r_base, k0, c0, K: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-            TRANSPOSE: tl.constexpr, FP32_DOT: tl.constexpr):
-    """`x @ R[k0:k0+K, c0:c0+C]` (`x @ R^T[...]` with `TRANSPOSE`) for float32 `x` `[M, K]` and the float32 rotation
-    `R` `[D, D]` at `r_base`. On the GPU the product runs on the tensor cores as three TF32 products of split operands
-    (`tf32x3`): about 22 significant bits of each operand, against 11 for one TF32 product, and IEEE FMAs would cost
-    several times more. A bf16/fp16 `x` is exact in TF32 (its split part is zero). The interpreter multiplies in IEEE
-    float32."""
-    k = (k0 + tl.arange(0, K))[:, None]
-    c = (c0 + tl.arange(0, C))[None, :]
-    if TRANSPOSE:
-        r = tl.load(r_base + c * D + k)
+def _query_quarter(q_rows, row_ok, r_base, s: tl.constexpr, D: tl.constexpr, QD: tl.constexpr, HAS_RK: tl.constexpr):
+    """Channels `[s*QD, (s+1)*QD)` of the query rows rotated by R_K (float32, IEEE products), `[M, QD]`."""
+    if HAS_RK:
+        q = tl.load(q_rows[:, None] + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        r = tl.load(r_base + tl.arange(0, D)[:, None] * D + (s * QD + tl.arange(0, QD))[None, :])
+        return tl.dot(q, r, input_precision="ieee")
     else:
-        r = tl.load(r_base + k * D + c)
-    if FP32_DOT:
-        return tl.dot(x, r, input_precision="ieee")
-    else:
-        return tl.dot(x, r, input_precision="tf32x3")
+        return tl.load(
+            q_rows[:, None] + (s * QD + tl.arange(0, QD))[None, :], mask=row_ok[:, None], other=0.0
+        ).to(tl.float32)
 
 
 @triton.jit
@@ -245,12 +239,36 @@ def _exact_block(
     return m_i, l_i, a0, a1, a2, a3, a_off * alpha
 
 
+# ---------------------------------------------------------------------------------------------------------- stage 0
+@triton.jit
+def _rotate_query(
+    q_ptr, sq_b, sq_h, sq_t, rk_ptr, srk_g, qr_ptr, q_len, num_kv_heads, group,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, DT: tl.constexpr, HAS_RK: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """`[B * kv_heads, BLOCK_M, D]` rotated query rows (the `group * q_len` rows of one KV head, zero-padded), rounded
+    to the storage dtype as the reference rounds them: once per step, not once per split."""
+    QD: tl.constexpr = D // 4
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    g = rows // q_len
+    qi = rows % q_len
+    row_ok = rows < group * q_len
+    q_rows = q_ptr + b * sq_b + (kvh * group + g) * sq_h + qi * sq_t
+    r_base = rk_ptr + kvh * srk_g
+    out = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D
+    for s in tl.static_range(4):
+        q_s = _round(_query_quarter(q_rows, row_ok, r_base, s, D, QD, HAS_RK), DT, FP32_DOT)
+        tl.store(out + (s * QD + tl.arange(0, QD))[None, :], q_s)
+
+
 # ---------------------------------------------------------------------------------------------------------- stage 1
 # Lengths change every decode step: not specializing on them keeps one compiled kernel per configuration.
 @triton.jit(do_not_specialize=["sink_len", "body_len", "recent_len", "body_chunk", "num_splits", "body_splits",
                                "sink_splits"])
 def _decode_stage1(
-    q_ptr, sq_b, sq_h, sq_t, rk_ptr, srk_g,
+    qr_ptr,
     sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
     rec_k, rec_v, s_rec_b, s_rec_h, s_rec_t,
     kc_ptr, vc_ptr, s_c_b, s_c_h,
@@ -260,7 +278,7 @@ def _decode_stage1(
     sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits, body_splits, sink_splits,
     sm_scale_log2, lengths_ptr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EXACT_CHUNK: tl.constexpr,
-    DT: tl.constexpr, HAS_RK: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr,
 ):
     QD: tl.constexpr = D // 4
@@ -281,36 +299,11 @@ def _decode_stage1(
     row_ok = rows < group * q_len
     kv_len = sink_len + body_len + recent_len
 
-    # Every program rotates the query rows itself (R_K is read from L2, 4 * D * D bytes a program) rather than a
-    # separate launch doing it once per (batch, KV head): a launch and its gap cost more than the products. Rounded to
-    # the storage dtype, as the reference rounds the rotated query.
-    q_rows = q_ptr + b * sq_b + (kvh * group + g) * sq_h + qi * sq_t
-    if HAS_RK:
-        r_k = rk_ptr + kvh * srk_g
-        q0 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-        q1 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-        q2 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-        q3 = tl.zeros([BLOCK_M, QD], dtype=tl.float32)
-        # 16 input channels at a time, in a loop that is neither unrolled nor pipelined: larger operand tiles in
-        # registers raise the register count of the whole kernel (and so lower its programs per SM; checked in the
-        # sm_90 SASS).
-        for k0 in tl.range(0, D, 16, num_stages=1):
-            q_k = tl.load(q_rows[:, None] + (k0 + tl.arange(0, 16))[None, :], mask=row_ok[:, None], other=0.0)
-            q_k = q_k.to(tl.float32)
-            q0 += _rotate(q_k, r_k, k0, 0, 16, QD, D, False, FP32_DOT)
-            q1 += _rotate(q_k, r_k, k0, QD, 16, QD, D, False, FP32_DOT)
-            q2 += _rotate(q_k, r_k, k0, 2 * QD, 16, QD, D, False, FP32_DOT)
-            q3 += _rotate(q_k, r_k, k0, 3 * QD, 16, QD, D, False, FP32_DOT)
-        q0 = _round(q0, DT, FP32_DOT)
-        q1 = _round(q1, DT, FP32_DOT)
-        q2 = _round(q2, DT, FP32_DOT)
-        q3 = _round(q3, DT, FP32_DOT)
-    else:
-        q_base = q_rows[:, None] + tl.arange(0, QD)[None, :]
-        q0 = tl.load(q_base, mask=row_ok[:, None], other=0.0)
-        q1 = tl.load(q_base + QD, mask=row_ok[:, None], other=0.0)
-        q2 = tl.load(q_base + 2 * QD, mask=row_ok[:, None], other=0.0)
-        q3 = tl.load(q_base + 3 * QD, mask=row_ok[:, None], other=0.0)
+    q_base = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D + tl.arange(0, QD)[None, :]
+    q0 = tl.load(q_base)
+    q1 = tl.load(q_base + QD)
+    q2 = tl.load(q_base + 2 * QD)
+    q3 = tl.load(q_base + 3 * QD)
 
     m_i = tl.full([BLOCK_M], _MASKED, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -579,8 +572,14 @@ def oscar_decode_attention(
     scale = scaling if scaling is not None else head_dim**-0.5
     dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
     body = layer._body_tensors()
+    q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
+    _rotate_query[(n_bh,)](
+        query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
+        D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=layer.k_rotation is not None, FP32_DOT=_interpreting(),
+        num_warps=4,
+    )
     _decode_stage1[(n_bh, num_splits)](
-        query, query.stride(0), query.stride(1), query.stride(2), rk, srk,
+        q_rot,
         layer.sink_keys, layer.sink_values, *layer.sink_keys.stride()[:3],
         layer.recent_keys, layer.recent_values, *layer.recent_keys.stride()[:3],
         body[0], body[3], *body[0].stride()[:2],
@@ -590,7 +589,7 @@ def oscar_decode_attention(
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
         float(scale * _LOG2E), layer.lengths if device_lengths else mask_u8,
         D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=min(block_n, 32, exact_chunk), EXACT_CHUNK=exact_chunk,
-        DT=dt, HAS_RK=layer.k_rotation is not None,
+        DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
         num_warps=num_warps, num_stages=num_stages,
     )
