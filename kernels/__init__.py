@@ -57,9 +57,9 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
         return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new, _checked=True)
 
 
-def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=None) -> bool:
+def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=None, tilt=None) -> bool:
     """Quantize `rows` into the given buffers with the Triton kernel; False (nothing written) when it cannot."""
-    if not (_ENABLED and rows.is_cuda and triton_available()):
+    if not (_ENABLED and rows.is_cuda and triton_available()) or tilt is not None:  # no tilted-coding kernel yet
         return False
     from .quantize import can_quantize, quantize_rows_into
 

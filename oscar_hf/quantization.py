@@ -125,8 +125,36 @@ def error_feedback_factor(metric: torch.Tensor, damp: float = 0.01) -> torch.Ten
     return torch.linalg.cholesky(torch.linalg.inv(m), upper=True).float()
 
 
+@dataclass
+class KeyTilt:
+    """What the coder needs to weigh each key's error by the queries that will attend to it ("attention tilt").
+
+    For query head g reading a KV head, with query mean `mu_g` and covariance `Sigma_g` (rotated, coding order), the
+    queries that attend to a key y (weights `exp(s q . y)`, Gaussian approximation) have mean `m_g = mu_g + s Sigma_g y`
+    and second moment `Sigma_g + m_g m_g^T`. The key is coded in the metric `S + W W^T`, `S = sum_g Sigma_g` (its
+    factor is the `feedback` argument), `W = [m_1 .. m_G]`: a rank-G correction per row that points the error away
+    from the directions this key's queries look along. `maps[g] = t * s * Sigma_g` (t, the tilt strength, is a
+    calibration choice) so that `m_g = means[g] + y @ maps[g]`.
+
+    means: `[heads or 1, G, D]`; maps: `[heads or 1, G, D, D]` (symmetric), float32.
+    """
+
+    means: torch.Tensor
+    maps: torch.Tensor
+
+    def columns(self, rows: torch.Tensor) -> torch.Tensor:
+        """`W` for rows `[..., heads, n, D]`: `[..., heads, n, D, G]`."""
+        means = self.means.to(rows.device, torch.float32)
+        maps = self.maps.to(rows.device, torch.float32)
+        w = torch.einsum("...hnd,hgde->...hnge", rows.float(), maps) + means.unsqueeze(-3)
+        return w.transpose(-1, -2)
+
+
 def quantize_rows(
-    rows: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0, feedback: torch.Tensor | None = None
+    rows: torch.Tensor,
+    clip_ratio: float | torch.Tensor = 1.0,
+    feedback: torch.Tensor | None = None,
+    tilt: KeyTilt | None = None,
 ) -> QuantizedRows:
     """Clip each row to its `clip_ratio` quantile of `|x|`, then quantize it to 2 bits (asymmetric min-max).
 
@@ -138,9 +166,14 @@ def quantize_rows(
     pushed onto the channels not yet coded (the GPTQ/OBQ update), so that the error left in the row is small in the
     metric -- for keys the query covariance, which weighs errors by how much they move attention scores. The grid
     (scale, offset) is the same; only the choice of codes changes.
+
+    `tilt` (keys only, with `feedback` the factor of the tilt's base metric S) adds each row's rank-G correction
+    `W W^T` to the metric (`KeyTilt`); the feedback then follows `S + W W^T` exactly, at O(D^2 G) per row.
     """
     if rows.shape[-1] % CODES_PER_BYTE:
         raise ValueError(f"head_dim must be a multiple of {CODES_PER_BYTE} to pack 2-bit codes, got {rows.shape[-1]}.")
+    if tilt is not None and feedback is None:
+        raise ValueError("A key tilt refines error feedback: pass the factor of its base metric as `feedback`.")
     x = rows.float()
     threshold = clip_threshold(x, clip_ratio).unsqueeze(-1)
     x = torch.minimum(torch.maximum(x, -threshold), threshold)
@@ -155,23 +188,54 @@ def quantize_rows(
     if feedback is None:
         codes = torch.floor((x - lo) / safe_scale + 0.5).clamp(0, NUM_LEVELS - 1)
     else:
-        codes = _codes_with_feedback(rows.float(), lo, safe_scale, feedback.to(rows.device, torch.float32))
+        columns = None if tilt is None else tilt.columns(rows)
+        codes = _codes_with_feedback(rows.float(), lo, safe_scale, feedback.to(rows.device, torch.float32), columns)
     codes = torch.nan_to_num(codes, nan=0.0).to(torch.uint8)
     return QuantizedRows(pack_codes(codes), scale.squeeze(-1).to(PARAM_DTYPE), lo.squeeze(-1).to(PARAM_DTYPE))
 
 
-def _codes_with_feedback(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Sequential rounding of `x` `[..., H, n, D]` on the grid `lo + scale * {0..3}` with GPTQ error feedback."""
+def _codes_with_feedback(
+    x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor, columns: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sequential rounding of `x` `[..., H, n, D]` on the grid `lo + scale * {0..3}` with GPTQ error feedback.
+
+    Without `columns` the metric is `S`, `factor` the upper Cholesky factor of `S^-1`: coding channel j with error e
+    moves the channels after it by `-e * U[j, j+1:] / U[j, j]`. With `columns` W `[..., H, n, D, G]` the metric of a
+    row is `S + W W^T`; the same move uses the inverse of that metric restricted to the channels not yet coded, kept
+    through Woodbury's identity as `P - Z C Z^T` (P the restricted `S^-1`, whose column j is `U[j, j] * U[j, :]`;
+    `Z = P W` and `C = (I + W^T Z)^-1` updated by one rank-1 step per channel, Sherman-Morrison for C).
+    """
     x = x.clone()
     d = x.shape[-1]
     factor = factor.unsqueeze(-3)  # [H, 1, D, D]: broadcast over the tokens of each head
     codes = torch.empty_like(x)
+    if columns is not None:
+        z = (factor.transpose(-1, -2) @ (factor @ columns))  # [..., H, n, D, G] = S^-1 W
+        g = columns.shape[-1]
+        eye = torch.eye(g, dtype=x.dtype, device=x.device)
+        c = torch.linalg.inv(eye + columns.transpose(-1, -2) @ z)
     for j in range(d):
-        c = torch.floor((x[..., j : j + 1] - lo) / scale + 0.5).clamp(0, NUM_LEVELS - 1)
-        codes[..., j : j + 1] = c
-        if j + 1 < d:
-            err = (x[..., j : j + 1] - (c * scale + lo)) / factor[..., j, j : j + 1]
-            x[..., j + 1 :] -= err * factor[..., j, j + 1 :]
+        q = torch.floor((x[..., j : j + 1] - lo) / scale + 0.5).clamp(0, NUM_LEVELS - 1)
+        codes[..., j : j + 1] = q
+        if j + 1 == d:
+            break
+        err = x[..., j : j + 1] - (q * scale + lo)
+        u_jj = factor[..., j, j : j + 1]
+        u = factor[..., j, j + 1 :] / u_jj  # S^-1's column j over its diagonal, on the channels after j
+        if columns is None:
+            x[..., j + 1 :] -= err * u
+            continue
+        z_j = z[..., j, :]  # [..., G]
+        cz = (c @ z_j.unsqueeze(-1)).squeeze(-1)
+        p_jj = u_jj * u_jj
+        move = p_jj * u - (z[..., j + 1 :, :] @ cz.unsqueeze(-1)).squeeze(-1)
+        x[..., j + 1 :] -= err * move / (p_jj - (z_j * cz).sum(-1, keepdim=True))
+        # Channel j leaves the uncoded set: I + W^T Z loses the rank-1 term w_t z_j^T, Z loses u z_j^T.
+        w_t = columns[..., j, :] + (u.unsqueeze(-2) @ columns[..., j + 1 :, :]).squeeze(-2)
+        c_w = (c @ w_t.unsqueeze(-1)).squeeze(-1)
+        z_c = (z_j.unsqueeze(-2) @ c).squeeze(-2)
+        c = c + c_w.unsqueeze(-1) * z_c.unsqueeze(-2) / (1.0 - (z_c * w_t).sum(-1, keepdim=True)).unsqueeze(-1)
+        z[..., j + 1 :, :] -= u.unsqueeze(-1) * z_j.unsqueeze(-2)
     return codes
 
 
