@@ -188,32 +188,33 @@ def quantize_rows(
     if feedback is None:
         codes = torch.floor((x - lo) / safe_scale + 0.5).clamp(0, NUM_LEVELS - 1)
     else:
-        columns = None if tilt is None else tilt.columns(rows)
-        codes = _codes_with_feedback(rows.float(), lo, safe_scale, feedback.to(rows.device, torch.float32), columns)
+        codes = _codes_with_feedback(rows.float(), lo, safe_scale, feedback.to(rows.device, torch.float32), tilt)
     codes = torch.nan_to_num(codes, nan=0.0).to(torch.uint8)
     return QuantizedRows(pack_codes(codes), scale.squeeze(-1).to(PARAM_DTYPE), lo.squeeze(-1).to(PARAM_DTYPE))
 
 
 def _codes_with_feedback(
-    x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor, columns: torch.Tensor | None = None
+    x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor, tilt: KeyTilt | None = None
 ) -> torch.Tensor:
     """Sequential rounding of `x` `[..., H, n, D]` on the grid `lo + scale * {0..3}` with GPTQ error feedback.
 
-    Without `columns` the metric is `S`, `factor` the upper Cholesky factor of `S^-1`: coding channel j with error e
-    moves the channels after it by `-e * U[j, j+1:] / U[j, j]`. With `columns` W `[..., H, n, D, G]` the metric of a
-    row is `S + W W^T`; the same move uses the inverse of that metric restricted to the channels not yet coded, kept
-    through Woodbury's identity as `P - Z C Z^T` (P the restricted `S^-1`, whose column j is `U[j, j] * U[j, :]`;
-    `Z = P W` and `C = (I + W^T Z)^-1` updated by one rank-1 step per channel, Sherman-Morrison for C).
+    Without `tilt` the metric is `S`, `factor` the upper Cholesky factor U of `S^-1`: coding channel j with error e
+    moves the channels after it by `-e * U[j, j+1:] / U[j, j]`. With `tilt` the metric of a row is `S + W W^T`
+    (W `[D, G]`, `KeyTilt.columns`); the same move uses the inverse of that metric restricted to the channels not yet
+    coded, kept through Woodbury's identity as `P - Z C Z^T` (P the restricted `S^-1`, whose column j is
+    `U[j, j] * U[j, :]`; `Z = P W` and `C = (I + W^T Z)^-1`). When channel j leaves the uncoded set, Z loses
+    `U[j, :]^T z_j` and C^-1 loses `z_j z_j^T / P[j, j]` (Sherman-Morrison), so both follow in O(D G) per channel.
+
+    Every float32 operation is elementwise, every sum is taken term by term in index order and no product is fused
+    into an add, so that the Triton write kernel (`oscar_hf.kernels.quantize`) reproduces the codes bit for bit.
     """
     x = x.clone()
     d = x.shape[-1]
     factor = factor.unsqueeze(-3)  # [H, 1, D, D]: broadcast over the tokens of each head
     codes = torch.empty_like(x)
-    if columns is not None:
-        z = (factor.transpose(-1, -2) @ (factor @ columns))  # [..., H, n, D, G] = S^-1 W
-        g = columns.shape[-1]
-        eye = torch.eye(g, dtype=x.dtype, device=x.device)
-        c = torch.linalg.inv(eye + columns.transpose(-1, -2) @ z)
+    if tilt is not None:
+        z, c = _tilt_state(x, factor, tilt)
+        g = c.shape[-1]
     for j in range(d):
         q = torch.floor((x[..., j : j + 1] - lo) / scale + 0.5).clamp(0, NUM_LEVELS - 1)
         codes[..., j : j + 1] = q
@@ -222,21 +223,64 @@ def _codes_with_feedback(
         err = x[..., j : j + 1] - (q * scale + lo)
         u_jj = factor[..., j, j : j + 1]
         u = factor[..., j, j + 1 :] / u_jj  # S^-1's column j over its diagonal, on the channels after j
-        if columns is None:
+        if tilt is None:
             x[..., j + 1 :] -= err * u
             continue
         z_j = z[..., j, :]  # [..., G]
-        cz = (c @ z_j.unsqueeze(-1)).squeeze(-1)
+        cz = torch.zeros_like(z_j)
+        for b in range(g):
+            cz = cz + c[..., :, b] * z_j[..., b : b + 1]
+        zcz = torch.zeros_like(err)
+        for b in range(g):
+            zcz = zcz + z_j[..., b : b + 1] * cz[..., b : b + 1]
         p_jj = u_jj * u_jj
-        move = p_jj * u - (z[..., j + 1 :, :] @ cz.unsqueeze(-1)).squeeze(-1)
-        x[..., j + 1 :] -= err * move / (p_jj - (z_j * cz).sum(-1, keepdim=True))
-        # Channel j leaves the uncoded set: I + W^T Z loses the rank-1 term w_t z_j^T, Z loses u z_j^T.
-        w_t = columns[..., j, :] + (u.unsqueeze(-2) @ columns[..., j + 1 :, :]).squeeze(-2)
-        c_w = (c @ w_t.unsqueeze(-1)).squeeze(-1)
-        z_c = (z_j.unsqueeze(-2) @ c).squeeze(-2)
-        c = c + c_w.unsqueeze(-1) * z_c.unsqueeze(-2) / (1.0 - (z_c * w_t).sum(-1, keepdim=True)).unsqueeze(-1)
+        denom = p_jj - zcz  # the restricted inverse's diagonal at j: P[j, j] - z_j^T C z_j
+        zc = torch.zeros_like(x[..., j + 1 :])
+        for b in range(g):
+            zc = zc + z[..., j + 1 :, b] * cz[..., b : b + 1]
+        move = p_jj * u - zc  # its column j on the channels after j: P[:, j] - Z C z_j
+        x[..., j + 1 :] -= (err / denom) * move
+        # Channel j leaves the uncoded set. C is symmetric, so C w z_j^T C / (1 - z_j^T C w) with w = z_j / P[j, j]
+        # (the row j of U W over U[j, j]) is C z_j z_j^T C / denom.
+        c = c + cz.unsqueeze(-1) * cz.unsqueeze(-2) / denom.unsqueeze(-1)
         z[..., j + 1 :, :] -= u.unsqueeze(-1) * z_j.unsqueeze(-2)
     return codes
+
+
+def _tilt_state(x: torch.Tensor, factor: torch.Tensor, tilt: KeyTilt) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Z = S^-1 W` `[..., H, n, D, G]` and `C = (I + W^T Z)^-1` `[..., H, n, G, G]` for the rows `x` and the factor
+    U `[H, 1, D, D]` (`U^T U = S^-1`), computed as `W = means + x maps`, `V = U W`, `Z = U^T V`, `C = (I + V^T V)^-1`,
+    each sum term by term in index order (the kernel's order), the inverse by sweeping the pivots in order."""
+    d = x.shape[-1]
+    means = tilt.means.to(x.device, x.dtype).transpose(-1, -2).unsqueeze(-3)  # [H, 1, D, G]
+    maps = tilt.maps.to(x.device, x.dtype).transpose(-2, -3).unsqueeze(-4)  # [H, 1, D(d), G, D(e)]
+    g = means.shape[-1]
+    w = means
+    for i in range(d):  # W[e, g] = means[g, e] + sum_i x_i maps[g, i, e]
+        w = w + x[..., i, None, None] * maps[..., i, :, :].transpose(-1, -2)
+    v = torch.zeros_like(w)
+    for i in range(d):  # V[k] = sum_i U[k, i] W[i]
+        v = v + factor[..., :, i, None] * w[..., i, None, :]
+    z = torch.zeros_like(w)
+    a = torch.eye(g, dtype=x.dtype, device=x.device).expand(*w.shape[:-2], g, g)
+    for i in range(d):  # Z[k] = sum_i U[i, k] V[i]; W^T Z = V^T V
+        z = z + factor[..., i, :, None] * v[..., i, None, :]
+        a = a + v[..., i, :, None] * v[..., i, None, :]
+    return z, _sweep_inverse(a)
+
+
+def _sweep_inverse(a: torch.Tensor) -> torch.Tensor:
+    """The inverse of symmetric positive definite `a` `[..., G, G]` (here `I + V^T V`, so no pivoting is needed) by
+    the sweep operator on each pivot in order, which keeps the result exactly symmetric."""
+    g = a.shape[-1]
+    idx = torch.arange(g, device=a.device)
+    for p in range(g):
+        piv = a[..., p : p + 1, p : p + 1]
+        swept = a - a[..., :, p : p + 1] * a[..., p : p + 1, :] / piv
+        on_row, on_col = (idx == p)[:, None], (idx == p)[None, :]
+        swept = torch.where(on_row | on_col, a / piv, swept)
+        a = torch.where(on_row & on_col, -1.0 / piv, swept)
+    return -a
 
 
 def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:

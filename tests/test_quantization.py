@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oscar_hf.quantization import (
+    KeyTilt,
+    _codes_with_feedback,
     bit_reversal_permutation,
     clip_threshold,
     dequantize_rows,
@@ -104,6 +106,34 @@ def test_non_finite_row_never_corrupts_other_rows(poison):
     assert torch.equal(bad.scale[keep], clean.scale[keep])
     assert torch.equal(bad.offset[keep], clean.offset[keep])
     assert torch.isfinite(dequantize_rows(bad)[keep]).all()
+
+
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_tilted_feedback_is_gptq_in_each_rows_metric(groups):
+    """The Woodbury / Sherman-Morrison coder (`tilt=`) gives the codes of plain GPTQ run row by row with the factor
+    `cholesky(inv(S + W W^T))` of that row's own metric (float64, so that no code is a rounding tie)."""
+    gen = torch.Generator().manual_seed(groups)
+    heads, n, d = 2, 6, 32
+    x = torch.randn(1, heads, n, d, generator=gen, dtype=torch.float64) * 2
+    a = torch.randn(heads, d, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    s = a @ a.mT + 1e-2 * torch.eye(d, dtype=torch.float64)
+    b = torch.randn(heads, groups, d, d, generator=gen, dtype=torch.float64) * 0.1
+    tilt = KeyTilt(torch.randn(heads, groups, d, generator=gen, dtype=torch.float64), b + b.mT)
+    lo = x.amin(-1, keepdim=True)
+    scale = (x.amax(-1, keepdim=True) - lo) / 3
+    upper = torch.linalg.cholesky(torch.linalg.inv(s), upper=True)
+    tilted = _codes_with_feedback(x, lo, scale, upper, tilt)
+
+    w = tilt.means.unsqueeze(1) + torch.einsum("hnd,hgde->hnge", x[0], tilt.maps)  # [H, n, G, D]
+    for h in range(heads):
+        for t in range(n):
+            metric = s[h] + w[h, t].T @ w[h, t]
+            row_upper = torch.linalg.cholesky(torch.linalg.inv(metric), upper=True)
+            one = (slice(0, 1), slice(h, h + 1), slice(t, t + 1))
+            gptq = _codes_with_feedback(x[one], lo[one], scale[one], row_upper[None])
+            assert torch.equal(tilted[one], gptq), (h, t)
+    plain = _codes_with_feedback(x, lo, scale, upper)
+    assert not torch.equal(tilted, plain)  # the tilt moves codes: the comparison means something
 
 
 def test_per_head_clip_ratios_broadcast_over_rows():
