@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-error-feedback: plain rounding, as the reference recipe")
     p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=False,
                    help="store keys minus their calibrated mean per KV head (softmax ignores the shift); off by default")
+    p.add_argument("--key-tilt", type=float, default=None,
+                   help="strength of the attention tilt of the key coding: each key is coded in the metric of the "
+                        "queries that will attend to it (default 2 with per-head error feedback; 0: off)")
     p.add_argument("--rotation", choices=("fitted", "hadamard"), default="hadamard",
                    help="hadamard (default): the data-free rotation, the statistics go to the error feedback; "
                         "fitted: R = U.H.P_br from the covariances (the paper's recipe)")
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         error_feedback=args.error_feedback,
         rotation=args.rotation,
         center_keys=args.center_keys,
+        key_tilt=args.key_tilt,
         progress=not args.no_progress,
         metadata=metadata,
     )
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  tokens: {report.fit_tokens} fitted + {report.heldout_tokens} held back (of {tokens.numel()} requested)")
     print(f"  time: {report.seconds:.1f} s calibration, {total:.1f} s total (device {model.device})")
     print(f"  grouping: {report.grouping} -> per layer {','.join(report.layer_grouping)}")
+    calibration = rotations.metadata["calibration"]
+    print(f"  coding: error feedback {calibration['error_feedback']}; key attention tilt "
+          f"{calibration['key_tilt'] or 'off'}")
     if report.errors:
         print("  held-back attention-output error ||O_q - O||^2/||O||^2 (oscar: this bundle; hadamard: plain rounding, "
               "0.96/0.92):")

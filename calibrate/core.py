@@ -12,10 +12,20 @@ from oscar_hf.cache import model_geometry
 from oscar_hf.quantization import hadamard_matrix
 from oscar_hf.rotations import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarRotations
 
-from .fit import DEFAULT_CLIP_CANDIDATES, ClipSearch, feedback_factors, output_projection_gram, rotation_from_covariance
+from .fit import (
+    DEFAULT_CLIP_CANDIDATES,
+    ClipSearch,
+    feedback_factors,
+    key_tilt_tensors,
+    output_projection_gram,
+    rotation_from_covariance,
+)
 from .statistics import StatisticsCollector, capturing
 
 GROUPINGS = ("layer", "head", "auto")
+# Strength t of the key coding's attention tilt (`quantization.KeyTilt`): the Gaussian model says 1; on the reference
+# model 1.5-3 measured alike and better than 1 (benchmarks/RESULTS.md), 2 is the default.
+DEFAULT_KEY_TILT = 2.0
 
 
 @dataclass
@@ -81,6 +91,7 @@ def calibrate(
     error_feedback: bool = True,
     rotation: str = "hadamard",
     center_keys: bool = False,
+    key_tilt: float | None = None,
 ) -> tuple[OscarRotations, CalibrationReport]:
     """Fit an OSCAR bundle for `model` on the token ids `tokens` `[N]`.
 
@@ -91,6 +102,9 @@ def calibrate(
     `center_keys` also stores each KV head's mean key, which the cache subtracts from every key (exact under
     softmax, see `OscarRotations.k_means`): it lowers the held-back key error by ~11% on the reference model but left
     its decode KL unchanged, so it is off by default.
+    `key_tilt` (default `DEFAULT_KEY_TILT` with per-head feedback, else 0 = off) codes every key in the metric of the
+    queries that will attend to it rather than of all queries (`quantization.KeyTilt`; needs `grouping="head"` and
+    error feedback): the statistics then also hold each query head's mean and covariance.
     `rotation="fitted"` builds the paper's `R = U . H . P_br` from the covariances instead (two passes: the value
     covariance is weighted by the query covariance, see `statistics`; pass 1 runs on the first `weight_tokens`
     fitting tokens, default all). `grouping`: `"head"` (one rotation and feedback factor per KV head), `"layer"` (one
@@ -105,6 +119,13 @@ def calibrate(
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
     if rotation not in ("fitted", "hadamard"):
         raise ValueError(f"rotation must be 'fitted' or 'hadamard', got {rotation!r}.")
+    if key_tilt is None:
+        key_tilt = DEFAULT_KEY_TILT if grouping == "head" and error_feedback else 0.0
+    if key_tilt < 0 or (key_tilt > 0 and (grouping != "head" or not error_feedback)):
+        raise ValueError(
+            f"key_tilt={key_tilt}: the key tilt is a non-negative strength and refines per-KV-head error feedback "
+            "(grouping='head', error_feedback=True); pass key_tilt=0 (--key-tilt 0) otherwise."
+        )
     start = time.perf_counter()
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     text_config, num_layers, num_kv_heads, head_dim, layer_types = model_geometry(model.config)
@@ -156,6 +177,11 @@ def calibrate(
 
     # Error feedback reorders each rotation's channels (heaviest first) and gives the factors the coder uses.
     feedback = {}
+    tilt = None  # (means [slots, kv_heads, G, D], maps [slots, kv_heads, G, D, D]) for grouping "head"
+    if key_tilt > 0:
+        q_mean, q_head_cov = (t.cpu() for t in collector.query_head_moments())
+        group = q_mean.shape[1] // num_kv_heads
+        tilt = (torch.zeros(slots, num_kv_heads, group, d), torch.zeros(slots, num_kv_heads, group, d, d))
     if error_feedback:
         grams = []  # per layer [kv_heads, D, D]: the o_proj metric of the values
         for layer in layer_ids:
@@ -168,6 +194,11 @@ def calibrate(
             for i in range(slots):
                 q_metric = q_cov[i] if name == "head" else q_cov[i].mean(0, keepdim=True)
                 rk[i], k_fb[i] = feedback_factors(rk[i], q_metric)
+                if tilt is not None and name == "head":
+                    k_fb[i], tilt[0][i], tilt[1][i] = key_tilt_tensors(
+                        rk[i], q_mean[i], q_head_cov[i], key_tilt * collector.scaling,
+                        None if key_mean is None else key_mean[i],
+                    )
                 v_metric = grams[i] if name == "head" else grams[i].mean(0, keepdim=True)
                 rv[i], v_fb[i] = feedback_factors(rv[i], v_metric)
             feedback[name] = (k_fb, v_fb)
@@ -177,11 +208,16 @@ def calibrate(
     k_clip = torch.full((slots,), DEFAULT_K_CLIP)
     v_clip = torch.full((slots,), DEFAULT_V_CLIP)
     if held.numel():
-        cands = tuple(sorted(set(clip_candidates) | {DEFAULT_K_CLIP, DEFAULT_V_CLIP})) if fit_clip else (
-            DEFAULT_V_CLIP, DEFAULT_K_CLIP)
-        variants = {name: (c[0], c[1], *feedback.get(name, (None, None)), key_mean) for name, c in candidates.items()}
-        variants["hadamard"] = (hadamard, hadamard, None, None, None)
-        search = ClipSearch(variants, cands, sink_tokens=sink_tokens)
+        if fit_clip:
+            k_cands = v_cands = tuple(sorted(set(clip_candidates) | {DEFAULT_K_CLIP, DEFAULT_V_CLIP}))
+        else:
+            k_cands, v_cands = (DEFAULT_K_CLIP,), (DEFAULT_V_CLIP,)
+        variants = {
+            name: (c[0], c[1], *feedback.get(name, (None, None)), key_mean, tilt if name == "head" else None)
+            for name, c in candidates.items()
+        }
+        variants["hadamard"] = (hadamard, hadamard, None, None, None, None)
+        search = ClipSearch(variants, k_cands, v_cands, sink_tokens=sink_tokens)
         collector.phase, collector.clip_search = "clip", search
         with capturing(model, collector):
             _run(model, held, seq_len, batch_size, progress, "held-back: " + ("clip ratios" if fit_clip else "error"))
@@ -250,6 +286,7 @@ def calibrate(
         error_feedback="K: query covariance, V: o_proj metric" if error_feedback else "none (plain rounding)",
         rotation=rotation,
         key_centering="mean key per KV head subtracted" if center_keys else "none",
+        key_tilt=float(key_tilt),
     )
     meta["calibration"] = calibration
     meta.setdefault("model_id", getattr(text_config, "_name_or_path", None) or None)
@@ -258,6 +295,13 @@ def calibrate(
         k_means = torch.zeros(num_layers, num_kv_heads, d)
         for i, layer in enumerate(layer_ids):
             k_means[layer] = key_mean[i]
+    k_tilt_means = k_tilt_maps = None
+    if tilt is not None:  # layers that are not quantized keep a zero tilt (no change to their metric)
+        group = tilt[0].shape[2]
+        k_tilt_means = torch.zeros(num_layers, num_kv_heads, group, d)
+        k_tilt_maps = torch.zeros(num_layers, num_kv_heads, group, d, d)
+        for i, layer in enumerate(layer_ids):
+            k_tilt_means[layer], k_tilt_maps[layer] = tilt[0][i], tilt[1][i]
     rotations = OscarRotations(
         method="oscar",
         num_layers=num_layers,
@@ -273,5 +317,7 @@ def calibrate(
         k_feedback=k_fb,
         v_feedback=v_fb,
         k_means=k_means,
+        k_tilt_means=k_tilt_means,
+        k_tilt_maps=k_tilt_maps,
     )
     return rotations, report

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from oscar_hf.quantization import (
+    KeyTilt,
     bit_reversal_permutation,
     dequantize_rows,
     error_feedback_factor,
@@ -55,24 +56,29 @@ class ClipSearch:
     candidate ratio, quantized with `oscar_hf.quantization` and dequantized, while the attention sink and the window
     holding the queries stay exact, as in the cache. The score is `sum ||O_c - O||^2`, O the exact output.
 
-    `variants` maps a name to `(R_K, R_V, F_K, F_V, key_mean)`: per-slot rotation stacks `[slots, groups, D, D]`, the
-    error-feedback factors the cache would code with (same shape, or None for plain rounding) and the mean keys
-    `[slots, kv_heads, D]` it would subtract (or None); all are scored on the same tokens.
+    `variants` maps a name to `(R_K, R_V, F_K, F_V, key_mean, key_tilt)`: per-slot rotation stacks
+    `[slots, groups, D, D]`, the error-feedback factors the cache would code with (same shape, or None for plain
+    rounding), the mean keys `[slots, kv_heads, D]` it would subtract (or None) and the key tilt `(means, maps)`
+    (`[slots, kv_heads, G, D]`, `[slots, kv_heads, G, D, D]`, or None); all are scored on the same tokens.
+    `k_candidates` / `v_candidates` are the clip ratios tried for keys / values.
     """
 
     def __init__(
         self,
-        variants: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        candidates=DEFAULT_CLIP_CANDIDATES,
+        variants: dict[str, tuple],
+        k_candidates=DEFAULT_CLIP_CANDIDATES,
+        v_candidates=DEFAULT_CLIP_CANDIDATES,
         sink_tokens: int = 64,
         num_queries: int = 128,
     ):
         self.variants = variants
-        self.candidates = tuple(float(c) for c in candidates)
+        self.candidates = {"k": tuple(float(c) for c in k_candidates), "v": tuple(float(c) for c in v_candidates)}
         self.sink_tokens, self.num_queries = sink_tokens, num_queries
         slots = next(iter(variants.values()))[0].shape[0]
-        self.k_error = {name: torch.zeros(slots, len(self.candidates), dtype=torch.float64) for name in variants}
-        self.v_error = {name: torch.zeros(slots, len(self.candidates), dtype=torch.float64) for name in variants}
+        self.error = {
+            kind: {name: torch.zeros(slots, len(c), dtype=torch.float64) for name in variants}
+            for kind, c in self.candidates.items()
+        }
         self.energy = torch.zeros(slots, dtype=torch.float64)
 
     @torch.no_grad()
@@ -93,30 +99,34 @@ class ClipSearch:
 
         exact = attend(k, v)
         self.energy[slot] += exact.double().pow(2).sum().cpu()
-        for name, (k_rot, v_rot, k_fb, v_fb, k_mean) in self.variants.items():
+        for name, (k_rot, v_rot, k_fb, v_fb, k_mean, k_tilt) in self.variants.items():
             rk, rv = k_rot[slot].to(k.device), v_rot[slot].to(k.device)
             k_fb, v_fb = (None if f is None else f[slot] for f in (k_fb, v_fb))
+            tilt = None if k_tilt is None else KeyTilt(k_tilt[0][slot], k_tilt[1][slot])
             # A mean key subtracted before quantization and added back is what the cache's shift of all keys does.
             mean = 0.0 if k_mean is None else k_mean[slot].to(k.device, torch.float32)[None, :, None, :]
             k_mid, v_mid = rotate(k[:, :, lo:hi] - mean, rk), rotate(v[:, :, lo:hi], rv)
-            for j, c in enumerate(self.candidates):
+            for j, c in enumerate(self.candidates["k"]):
                 kq = k.clone()
-                kq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(k_mid, c, k_fb)), rk) + mean
-                self.k_error[name][slot, j] += (attend(kq, v) - exact).double().pow(2).sum().cpu()
+                kq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(k_mid, c, k_fb, tilt)), rk) + mean
+                self.error["k"][name][slot, j] += (attend(kq, v) - exact).double().pow(2).sum().cpu()
+            for j, c in enumerate(self.candidates["v"]):
                 vq = v.clone()
                 vq[:, :, lo:hi] = unrotate(dequantize_rows(quantize_rows(v_mid, c, v_fb)), rv)
-                self.v_error[name][slot, j] += (attend(k, vq) - exact).double().pow(2).sum().cpu()
+                self.error["v"][name][slot, j] += (attend(k, vq) - exact).double().pow(2).sum().cpu()
 
     def best(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-slot `(k_clip, v_clip)` minimising the held-back error of variant `name`."""
-        cands = torch.tensor(self.candidates, dtype=torch.float32)
-        return cands[self.k_error[name].argmin(-1)], cands[self.v_error[name].argmin(-1)]
+        return tuple(
+            torch.tensor(self.candidates[kind], dtype=torch.float32)[self.error[kind][name].argmin(-1)]
+            for kind in ("k", "v")
+        )
 
     def relative_error(self, name: str, kind: str, clip: torch.Tensor | float) -> torch.Tensor:
         """Per-slot `||O_c - O||^2 / ||O||^2` at the given clip ratio(s) (which must be candidates)."""
-        table = self.k_error[name] if kind == "k" else self.v_error[name]
+        table = self.error[kind][name]
         clip = torch.as_tensor(clip, dtype=torch.float32).expand(table.shape[0])
-        cols = [self.candidates.index(round(float(c), 6)) for c in clip]
+        cols = [self.candidates[kind].index(round(float(c), 6)) for c in clip]
         err = table[torch.arange(table.shape[0]), torch.tensor(cols)]
         return (err / self.energy.clamp_min(1e-30)).float()
 
@@ -147,3 +157,29 @@ def feedback_factors(rotation: torch.Tensor, metric: torch.Tensor) -> tuple[torc
     r = r[..., order]
     rotated = rotated[..., order, :][..., :, order]
     return r.float(), error_feedback_factor(rotated)
+
+
+def key_tilt_tensors(
+    rotation: torch.Tensor,
+    query_mean: torch.Tensor,
+    query_cov: torch.Tensor,
+    strength: float,
+    key_mean: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The key coding's attention tilt for one layer (`quantization.KeyTilt`), in the rotated, reordered space.
+
+    `rotation` `[kv_heads, D, D]` (after `feedback_factors`), `query_mean` `[query heads, D]`, `query_cov`
+    `[query heads, D, D]` (original space), `strength` = t * the attention scale. Returns `(factor of S, means,
+    maps)`: `[kv_heads, D, D]`, `[kv_heads, G, D]`, `[kv_heads, G, D, D]`. With centred keys (`key_mean`
+    `[kv_heads, D]` subtracted before coding) the means absorb the mean key's share, `mean + k_mean @ map`, so that
+    the tilt still follows the true key.
+    """
+    heads, d = rotation.shape[0], rotation.shape[-1]
+    group = query_mean.shape[0] // heads
+    r = rotation.double().unsqueeze(1)  # [kv_heads, 1, D, D]
+    mean = query_mean.double().reshape(heads, group, 1, d) @ r  # [kv_heads, G, 1, D]
+    cov = r.transpose(-1, -2) @ query_cov.double().reshape(heads, group, d, d) @ r
+    maps = strength * cov
+    if key_mean is not None:
+        mean = mean + (key_mean.double().reshape(heads, 1, 1, d) @ rotation.double().unsqueeze(1)) @ maps
+    return error_feedback_factor(cov.sum(1)), mean.squeeze(2).float(), maps.float()

@@ -49,8 +49,11 @@ class StatisticsCollector:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         n, h, d = len(self.layer_ids), num_kv_heads, head_dim
         kw = dict(dtype=torch.float64, device=device)
-        self.query_sums = torch.zeros(n, h, d, d, **kw)
+        self.num_query_heads = None  # known at the first observation
+        self.query_sums = None  # [layers, query heads, D, D]: per query head, so the key tilt can use each one
+        self.query_first = None  # [layers, query heads, D]
         self.query_tokens = torch.zeros(n, **kw)
+        self.scaling = None  # the attention's softmax scale, as the model passes it
         self.key_sums = torch.zeros(n, h, d, **kw)  # for the mean key the cache subtracts (`OscarRotations.k_means`)
         self.value_sums = torch.zeros(n, h, d, d, **kw)
         self.value_weights = torch.zeros(n, h, **kw)
@@ -65,13 +68,22 @@ class StatisticsCollector:
             raise RuntimeError("The query pass saw no tokens for some layers; run it before the value pass.")
         self._query_cov = self.query_covariance()
         self.query_sums.zero_()
+        self.query_first.zero_()
         self.query_tokens.zero_()
         self.key_sums.zero_()
         self.phase = "full"
 
     def query_covariance(self) -> torch.Tensor:
-        """`[layers, kv_heads, D, D]`: `Q_g^T Q_g / n` per KV head."""
-        return self.query_sums / self.query_tokens.view(-1, 1, 1, 1)
+        """`[layers, kv_heads, D, D]`: `Q_g^T Q_g / n` per KV head (the second moment summed over its query heads)."""
+        n, hq, d = self.query_sums.shape[0], self.query_sums.shape[1], self.head_dim
+        per_kv = self.query_sums.reshape(n, self.num_kv_heads, hq // self.num_kv_heads, d, d).sum(2)
+        return per_kv / self.query_tokens.view(-1, 1, 1, 1)
+
+    def query_head_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean [layers, query heads, D], covariance [layers, query heads, D, D])` of each query head."""
+        n = self.query_tokens.view(-1, 1, 1)
+        mean = self.query_first / n
+        return mean, self.query_sums / n.unsqueeze(-1) - mean.unsqueeze(-1) * mean.unsqueeze(-2)
 
     def key_mean(self) -> torch.Tensor:
         """`[layers, kv_heads, D]`: the mean post-RoPE key per KV head."""
@@ -90,7 +102,7 @@ class StatisticsCollector:
         slot = self.slot.get(layer_idx)
         if slot is None:
             return
-        device = self.query_sums.device  # layers may sit on other devices (device_map="auto")
+        device = self.query_tokens.device  # layers may sit on other devices (device_map="auto")
         query, key, value = query.to(device), key.to(device), value.to(device)
         b, hq, s, d = query.shape
         hkv = key.shape[1]
@@ -100,9 +112,16 @@ class StatisticsCollector:
                 f"{self.num_kv_heads} x {self.head_dim}."
             )
         if self.phase in ("query", "full"):
-            # [B, Hkv, g, S, D] -> [Hkv, B*g*S, D]: all query rows that read KV head h.
-            q = query.reshape(b, hkv, hq // hkv, s, d).transpose(0, 1).reshape(hkv, -1, d).double()
+            if self.query_sums is None:
+                kw = dict(dtype=torch.float64, device=device)
+                self.num_query_heads = hq
+                self.query_sums = torch.zeros(len(self.layer_ids), hq, d, d, **kw)
+                self.query_first = torch.zeros(len(self.layer_ids), hq, d, **kw)
+            if self.scaling is None:
+                self.scaling = float(scaling) if scaling is not None else d**-0.5
+            q = query.transpose(0, 1).reshape(hq, -1, d).double()  # [Hq, B*S, D]
             self.query_sums[slot] += q.transpose(1, 2) @ q
+            self.query_first[slot] += q.sum(1)
             self.query_tokens[slot] += b * s
             self.key_sums[slot] += key.double().sum(dim=(0, 2))
         if self.phase == "full":

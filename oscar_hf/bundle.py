@@ -82,7 +82,8 @@ def save_bundle(rot: "OscarRotations", save_directory: str | os.PathLike, evalua
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"k_clip_ratios": rot.k_clip_ratios, "v_clip_ratios": rot.v_clip_ratios}
-    for name in ("k_rotations", "v_rotations", "k_eigenvalues", "v_eigenvalues", "k_feedback", "v_feedback", "k_means"):
+    for name in ("k_rotations", "v_rotations", "k_eigenvalues", "v_eigenvalues", "k_feedback", "v_feedback", "k_means",
+                 "k_tilt_means", "k_tilt_maps"):
         value = getattr(rot, name)
         if value is not None:
             tensors[name] = value
@@ -163,6 +164,8 @@ def load_bundle(directory: str | os.PathLike) -> "OscarRotations":
             k_feedback=tensors.get("k_feedback"),
             v_feedback=tensors.get("v_feedback"),
             k_means=tensors.get("k_means"),
+            k_tilt_means=tensors.get("k_tilt_means"),
+            k_tilt_maps=tensors.get("k_tilt_maps"),
         )
     except ValueError as err:
         raise ValueError(f"Invalid rotation bundle {root}: {err}") from err

@@ -140,6 +140,7 @@ class OscarQuantizedCache(Cache):
                     k_feedback=k_feedback,
                     v_feedback=v_feedback,
                     k_mean=rotations.layer_key_mean(idx),
+                    k_tilt=rotations.layer_key_tilt(idx),
                 )
             )
         super().__init__(layers=layers)

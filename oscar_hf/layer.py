@@ -24,7 +24,16 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .quantization import CODES_PER_BYTE, PARAM_DTYPE, QuantizedRows, dequantize_rows, quantize_rows, rotate, unrotate
+from .quantization import (
+    CODES_PER_BYTE,
+    PARAM_DTYPE,
+    KeyTilt,
+    QuantizedRows,
+    dequantize_rows,
+    quantize_rows,
+    rotate,
+    unrotate,
+)
 
 # Body growth: a page granularity so that small contexts do not reallocate every demotion, and a growth factor that
 # keeps the amortised copy cost constant per token while wasting at most a third of the capacity.
@@ -32,6 +41,7 @@ _BODY_PAGE = 1024
 _BODY_GROWTH = 1.5
 # Quantizing a long prompt in slices bounds the float32 temporaries of the reference quantizer.
 _QUANTIZE_SLICE_ROWS = 1 << 20
+_TILT_SLICE_TOKENS = 2048
 
 
 @dataclass
@@ -94,6 +104,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         k_feedback: torch.Tensor | None = None,
         v_feedback: torch.Tensor | None = None,
         k_mean: torch.Tensor | None = None,
+        k_tilt: KeyTilt | None = None,
     ):
         super().__init__()
         self.k_rotation_init = k_rotation
@@ -108,6 +119,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.k_feedback_init, self.v_feedback_init = k_feedback, v_feedback
         self.k_mean_init = k_mean
+        self.k_tilt_init = k_tilt
         self.sink_len = self.body_len = self.recent_len = 0
         # CUDA-graph decoding (`oscar_hf.graphs`): single-token appends go to a device-side index and the kernels read
         # the segment lengths from `self.lengths`, so one captured step replays for every position.
@@ -140,6 +152,15 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32)
         self.k_feedback = None if self.k_feedback_init is None else self.k_feedback_init.to(self.device, torch.float32)
         self.v_feedback = None if self.v_feedback_init is None else self.v_feedback_init.to(self.device, torch.float32)
+        self.k_tilt = None
+        if self.k_tilt_init is not None:
+            t = self.k_tilt_init
+            if t.means.shape[0] != heads or t.means.shape[-1] != head_dim:
+                raise ValueError(
+                    f"The key tilt of layer {self.layer_idx} has shape {tuple(t.means.shape)}, but the model's states "
+                    f"have {heads} KV heads of head_dim {head_dim}: the bundle was made for another model."
+                )
+            self.k_tilt = KeyTilt(t.means.to(self.device, torch.float32), t.maps.to(self.device, torch.float32))
         # The mean key, as `[1, heads or 1, 1, D]` in the original space and in the rotated (stored) space.
         self.k_mean = self.k_mean_rotated = None
         if self.k_mean_init is not None:
@@ -390,18 +411,25 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if keys.is_cuda:
             from .kernels import quantize_into_fast_path as kernel
         at = slice(self.body_len, self.body_len + n)
-        for rows, ratio, feedback, codes, scale, offset in (
-            (keys, self.k_clip_ratio, self.k_feedback, self.body_key_codes, self.body_key_scale, self.body_key_offset),
+        for rows, ratio, feedback, tilt, codes, scale, offset in (
             (
-                values, self.v_clip_ratio, self.v_feedback,
+                keys, self.k_clip_ratio, self.k_feedback, self.k_tilt,
+                self.body_key_codes, self.body_key_scale, self.body_key_offset,
+            ),
+            (
+                values, self.v_clip_ratio, self.v_feedback, None,
                 self.body_value_codes, self.body_value_scale, self.body_value_offset,
             ),
         ):
-            if kernel is not None and kernel(rows, ratio, codes[:, :, at], scale[:, :, at], offset[:, :, at], feedback):
+            if kernel is not None and kernel(
+                rows, ratio, codes[:, :, at], scale[:, :, at], offset[:, :, at], feedback, tilt=tilt
+            ):
                 continue
-            for start in range(0, n, _QUANTIZE_SLICE_ROWS):
-                stop = min(n, start + _QUANTIZE_SLICE_ROWS)
-                q = quantize_rows(rows[:, :, start:stop], ratio, feedback)
+            # The tilted coder keeps two [D, G] matrices per row: slice long prompts to bound its memory.
+            step = _QUANTIZE_SLICE_ROWS if tilt is None else _TILT_SLICE_TOKENS
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                q = quantize_rows(rows[:, :, start:stop], ratio, feedback, tilt)
                 dst = slice(self.body_len + start, self.body_len + stop)
                 codes[:, :, dst], scale[:, :, dst], offset[:, :, dst] = q.codes, q.scale, q.offset
         self.body_len += n

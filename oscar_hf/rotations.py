@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .quantization import hadamard_rotation
+from .quantization import KeyTilt, hadamard_rotation
 
 METHODS = ("naive", "hadamard", "oscar")
 # The reference recipe's clip quantiles: values beyond them are outliers worth sacrificing at 4 levels.
@@ -39,6 +39,10 @@ class OscarRotations:
             subtracts from every stored key. Subtracting one vector from all keys shifts every score of a query by
             the same amount, which softmax ignores, so attention is unchanged while the rows to quantize lose their
             common offset (a smaller range, a finer 2-bit grid).
+        k_tilt_means, k_tilt_maps: optional `[num_layers, kv_heads, G, head_dim]` and
+            `[num_layers, kv_heads, G, head_dim, head_dim]` (G query heads per KV head, rotated space, coding order):
+            the attention tilt of the key coding (`quantization.KeyTilt`). With them `k_feedback` is the factor of
+            the tilt's base metric and every key is coded in the metric of the queries that will attend to it.
         metadata: free-form provenance (model id, revision, calibration data, token count, ...).
     """
 
@@ -56,6 +60,8 @@ class OscarRotations:
     k_feedback: torch.Tensor | None = None
     v_feedback: torch.Tensor | None = None
     k_means: torch.Tensor | None = None
+    k_tilt_means: torch.Tensor | None = None
+    k_tilt_maps: torch.Tensor | None = None
 
     def __post_init__(self):
         self.k_clip_ratios = torch.as_tensor(self.k_clip_ratios, dtype=torch.float32).reshape(-1)
@@ -175,10 +181,35 @@ class OscarRotations:
                 )
             if not torch.isfinite(m).all():
                 raise ValueError("k_means holds NaN or Inf values.")
+        means, maps = self.k_tilt_means, self.k_tilt_maps
+        if (means is None) != (maps is None):
+            raise ValueError("k_tilt_means and k_tilt_maps must both be given or both be absent.")
+        if means is not None:
+            if self.k_feedback is None:
+                raise ValueError("A key tilt (k_tilt_means, k_tilt_maps) refines error feedback: it needs k_feedback.")
+            lead = (self.num_layers, self.num_kv_heads)
+            if means.dim() != 4 or tuple(means.shape[:2]) != lead or means.shape[3] != self.head_dim:
+                raise ValueError(
+                    f"k_tilt_means has shape {tuple(means.shape)}; expected [{self.num_layers}, {self.num_kv_heads}, "
+                    f"query heads per KV head, {self.head_dim}]."
+                )
+            if maps.shape != (*means.shape, self.head_dim):
+                raise ValueError(
+                    f"k_tilt_maps has shape {tuple(maps.shape)}; expected {(*means.shape, self.head_dim)} "
+                    "(one head_dim x head_dim map per entry of k_tilt_means)."
+                )
+            if not (torch.isfinite(means).all() and torch.isfinite(maps).all()):
+                raise ValueError("k_tilt_means / k_tilt_maps hold NaN or Inf values.")
 
     def layer_key_mean(self, layer_idx: int) -> torch.Tensor | None:
         """The mean key `[groups, head_dim]` the cache subtracts in this layer, or `None`."""
         return None if self.k_means is None else self.k_means[layer_idx]
+
+    def layer_key_tilt(self, layer_idx: int) -> "KeyTilt | None":
+        """The attention tilt of this layer's key coding (`quantization.KeyTilt`), or `None`."""
+        if self.k_tilt_means is None:
+            return None
+        return KeyTilt(self.k_tilt_means[layer_idx], self.k_tilt_maps[layer_idx])
 
     def layer_feedback(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`(K factor, V factor)` for one layer, each `[groups, head_dim, head_dim]` or `None`."""
