@@ -3,11 +3,12 @@
 No model code is touched: a custom attention function (`"oscar_calibrate"`, registered with transformers'
 `AttentionInterface`) receives the post-RoPE query, key and value of every layer, hands them to the active
 `StatisticsCollector`, then computes ordinary SDPA attention. Nothing is written to disk and no activation outlives
-its forward; the collector keeps float64 sums of size `layers x kv_heads x head_dim^2`.
+its forward; the collector keeps float64 sums of size `layers x query_heads x head_dim^2`.
 
 Two statistics, per full-attention layer and KV head h (GQA: `Q_g` stacks the query heads that read KV head h):
 
-- `C_h = sum_t Q_g[t]^T Q_g[t]` and the token count n, so `Sigma_K,h = C_h / n`;
+- `C_h = sum_t Q_g[t]^T Q_g[t]` and the token count n, so `Sigma_K,h = C_h / n` (kept per query head, with each
+  query head's sum, so that the key tilt (`quantization.KeyTilt`) gets every head's mean and covariance);
 - with a query covariance `C_h / n` known beforehand, token weights `w_t = k_t^T (C_h / n) k_t` and
   `S_h = sum_t w_t v_t v_t^T`, `W_h = sum_t w_t`, so `Sigma_V,h = S_h / W_h` (weights normalised to mean 1).
 
