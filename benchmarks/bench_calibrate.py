@@ -31,6 +31,7 @@ def main():
     p.add_argument("--rotation", default="hadamard", choices=("hadamard", "fitted"))
     p.add_argument("--clip-fit", action="store_true")
     p.add_argument("--no-error-feedback", action="store_true")
+    p.add_argument("--key-tilt", type=float, default=None, help="default: calibrate()'s (2 with per-head feedback)")
     p.add_argument("--weight-tokens", type=int, default=-1, help="-1: exact two passes over all fitting tokens")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args()
@@ -57,6 +58,7 @@ def main():
         model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, grouping=args.grouping,
         weight_tokens=None if args.weight_tokens < 0 else args.weight_tokens, progress=True,
         rotation=args.rotation, fit_clip=args.clip_fit, error_feedback=not args.no_error_feedback,
+        key_tilt=args.key_tilt,
     )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -70,6 +72,7 @@ def main():
         "rotation": args.rotation,
         "clip_fit": args.clip_fit,
         "error_feedback": not args.no_error_feedback,
+        "key_tilt": rot.metadata["calibration"]["key_tilt"],
         "seconds": round(seconds, 2),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "target_seconds": 120,
