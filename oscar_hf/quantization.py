@@ -203,7 +203,10 @@ def _codes_with_feedback(
     (W `[D, G]`, `KeyTilt.columns`); the same move uses the inverse of that metric restricted to the channels not yet
     coded, kept through Woodbury's identity as `P - Z C Z^T` (P the restricted `S^-1`, whose column j is
     `U[j, j] * U[j, :]`; `Z = P W` and `C = (I + W^T Z)^-1`). When channel j leaves the uncoded set, Z loses
-    `U[j, :]^T z_j` and C^-1 loses `z_j z_j^T / P[j, j]` (Sherman-Morrison), so both follow in O(D G) per channel.
+    `U[j, :]^T z_j` and C gains `C z_j z_j^T C / (P[j, j] - z_j^T C z_j)` (Sherman-Morrison). Two facts keep this at
+    O(D G) per channel with no G x G matrix: Z's row j is then `U[j, j] V[j]` (V = U W, fixed), and `Y = Z C` follows
+    the same steps as `Y -= move (C z_j)^T / denom`, with `C z_j = Y[j]` (C is symmetric) and `move` the column
+    `P[:, j] - Z C z_j` that moves the row.
 
     Every float32 operation is elementwise, every sum is taken term by term in index order and no product is fused
     into an add, so that the Triton write kernel (`oscar_hf.kernels.quantize`) reproduces the codes bit for bit.
@@ -213,8 +216,8 @@ def _codes_with_feedback(
     factor = factor.unsqueeze(-3)  # [H, 1, D, D]: broadcast over the tokens of each head
     codes = torch.empty_like(x)
     if tilt is not None:
-        z, c = _tilt_state(x, factor, tilt)
-        g = c.shape[-1]
+        v, y = _tilt_state(x, factor, tilt)
+        g = v.shape[-1]
     for j in range(d):
         q = torch.floor((x[..., j : j + 1] - lo) / scale + 0.5).clamp(0, NUM_LEVELS - 1)
         codes[..., j : j + 1] = q
@@ -226,10 +229,8 @@ def _codes_with_feedback(
         if tilt is None:
             x[..., j + 1 :] -= err * u
             continue
-        z_j = z[..., j, :]  # [..., G]
-        cz = torch.zeros_like(z_j)
-        for b in range(g):
-            cz = cz + c[..., :, b] * z_j[..., b : b + 1]
+        z_j = u_jj * v[..., j, :]  # [..., G]
+        cz = y[..., j, :]
         zcz = torch.zeros_like(err)
         for b in range(g):
             zcz = zcz + z_j[..., b : b + 1] * cz[..., b : b + 1]
@@ -237,23 +238,20 @@ def _codes_with_feedback(
         denom = p_jj - zcz  # the restricted inverse's diagonal at j: P[j, j] - z_j^T C z_j
         zc = torch.zeros_like(x[..., j + 1 :])
         for b in range(g):
-            zc = zc + z[..., j + 1 :, b] * cz[..., b : b + 1]
+            zc = zc + y[..., j + 1 :, b] * z_j[..., b : b + 1]
         move = p_jj * u - zc  # its column j on the channels after j: P[:, j] - Z C z_j
         x[..., j + 1 :] -= (err / denom) * move
-        # Channel j leaves the uncoded set. C is symmetric, so C w z_j^T C / (1 - z_j^T C w) with w = z_j / P[j, j]
-        # (the row j of U W over U[j, j]) is C z_j z_j^T C / denom.
-        c = c + cz.unsqueeze(-1) * cz.unsqueeze(-2) / denom.unsqueeze(-1)
-        z[..., j + 1 :, :] -= u.unsqueeze(-1) * z_j.unsqueeze(-2)
+        y[..., j + 1 :, :] -= move.unsqueeze(-1) * (cz / denom).unsqueeze(-2)
     return codes
 
 
 def _tilt_state(x: torch.Tensor, factor: torch.Tensor, tilt: KeyTilt) -> tuple[torch.Tensor, torch.Tensor]:
-    """`Z = S^-1 W` `[..., H, n, D, G]` and `C = (I + W^T Z)^-1` `[..., H, n, G, G]` for the rows `x` and the factor
-    U `[H, 1, D, D]` (`U^T U = S^-1`), computed as `W = means + x maps`, `V = U W`, `Z = U^T V`, `C = (I + V^T V)^-1`,
-    each sum term by term in index order (the kernel's order), the inverse by sweeping the pivots in order."""
+    """`V = U W` and `Y = Z C` `[..., H, n, D, G]` at the start (`Z = S^-1 W = U^T V`, `C = (I + V^T V)^-1`) for the
+    rows `x` and the factor U `[H, 1, D, D]`, from `W = means + x maps`: each sum term by term in index order (the
+    kernel's order), the inverse by sweeping the pivots in order."""
     d = x.shape[-1]
     means = tilt.means.to(x.device, x.dtype).transpose(-1, -2).unsqueeze(-3)  # [H, 1, D, G]
-    maps = tilt.maps.to(x.device, x.dtype).transpose(-2, -3).unsqueeze(-4)  # [H, 1, D(d), G, D(e)]
+    maps = tilt.maps.to(x.device, x.dtype).transpose(-2, -3).unsqueeze(-4)  # [H, 1, D(i), G, D(e)]
     g = means.shape[-1]
     w = means
     for i in range(d):  # W[e, g] = means[g, e] + sum_i x_i maps[g, i, e]
@@ -266,7 +264,11 @@ def _tilt_state(x: torch.Tensor, factor: torch.Tensor, tilt: KeyTilt) -> tuple[t
     for i in range(d):  # Z[k] = sum_i U[i, k] V[i]; W^T Z = V^T V
         z = z + factor[..., i, :, None] * v[..., i, None, :]
         a = a + v[..., i, :, None] * v[..., i, None, :]
-    return z, _sweep_inverse(a)
+    c = _sweep_inverse(a)
+    y = torch.zeros_like(z)
+    for b in range(g):
+        y = y + z[..., :, b : b + 1] * c[..., b, None, :]
+    return v, y
 
 
 def _sweep_inverse(a: torch.Tensor) -> torch.Tensor:
