@@ -1,7 +1,8 @@
 """`oscar_hf.kernels`: Triton kernels for the generate() hot path.
 
 - `quantize.py`: the write path (per-row quantile clip + asymmetric INT2 + planar pack, straight into the layer's
-  body buffers), used when recent tokens are demoted and when a prompt is stored.
+  body buffers; codes by plain rounding, error feedback, or error feedback in each key's tilted metric), used when
+  recent tokens are demoted and when a prompt is stored.
 - `decode_attention.py`: split-K decode attention over the BF16 sink, the packed INT2 body and the BF16 recent window,
   with the query rotated by R_K and the output un-rotated by R_V^T inside the kernels.
 
@@ -58,15 +59,17 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
 
 
 def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=None, tilt=None) -> bool:
-    """Quantize `rows` into the given buffers with the Triton kernel; False (nothing written) when it cannot."""
-    if not (_ENABLED and rows.is_cuda and triton_available()) or tilt is not None:  # no tilted-coding kernel yet
+    """Quantize `rows` into the given buffers with the Triton kernel; False (nothing written) when it cannot: the
+    reference then codes them (a key tilt of more than 8 query heads per KV head, or one without `feedback`, which the
+    reference rejects with the reason)."""
+    if not (_ENABLED and rows.is_cuda and triton_available()) or (tilt is not None and feedback is None):
         return False
     from .quantize import can_quantize, quantize_rows_into
 
-    if not can_quantize(rows):
+    if not can_quantize(rows, tilt):
         return False
     with torch.cuda.device(rows.device):  # see decode_attention_fast_path
-        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback)
+        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback, tilt)
     return True
 
 

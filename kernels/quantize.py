@@ -12,6 +12,25 @@ the layer's preallocated body buffers, so a demotion is one launch per tensor an
 With an error-feedback factor (`quantization.error_feedback_factor`, which a calibrated bundle carries) the grid is
 the same but codes are chosen channel by channel, each rounding error pushed onto the channels not yet coded, as
 `quantization._codes_with_feedback` does: a loop over the D channels with the row block held in registers.
+
+With a key tilt too (`quantization.KeyTilt`: the G <= 8 query heads that read a KV head, whose means shift with the
+key) each row is coded in its own metric `S + W W^T`, W `[D, G]` = the tilt's query means for this key, which weighs
+the error by the queries that will attend to this key. GPTQ in that metric needs, at each channel, the inverse of
+the metric restricted to the channels not yet coded. Through Woodbury's identity that is `P - Z C Z^T`, P the
+restricted `S^-1` (read off the factor U, as in plain feedback), `Z = P W` and `C = (I + W^T Z)^-1`; Z's row j is
+`U[j, j] V[j]` with `V = U W` fixed, and `Y = Z C` `[D, G]` follows the coding by one rank-1 step per channel. So a
+program keeps per row the row, V and Y (O(D G): 2 G + 1 times the plain-feedback state, no G x G matrix in the
+loop): it first builds W, V and `Z = U^T V` in one pass over the channels each, inverts `I + V^T V` by sweeping its
+G pivots and forms Y, then codes channel j with the move `(P[:, j] - Y z_j) / (P[j, j] - z_j . Y[j])` and the update
+`Y -= move Y[j]^T / denom`. Work per row is about 5 D^2 G multiply-adds against D^2 for plain feedback. G is padded
+to a power of two with zero columns, which change no value. One warp per program (`_tilt_launch`): each step reads
+column j of x, V and Y (a warp gather) and then works within its rows, so no step needs a barrier; the operands of
+the next step are loaded during this one.
+
+Bit-exactness: every product is rounded on its own (`mul_rn`: no fused multiply-add, as PyTorch's separate kernels
+compute it), every division is IEEE (`div_rn`), and every sum over channels or query heads is taken term by term in
+index order, each term read out of its tile exactly (a gather, or a masked reduction that adds only zeros). The
+reference uses the same order, so codes agree bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
 
 _FP16_MAX = tl.constexpr(65504.0)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_TILT_GROUPS = 8  # query heads per KV head the tilted coding keeps in registers (V and Y: [rows, G, D])
 
 
 @triton.jit
@@ -60,6 +80,88 @@ def _row_clip_threshold(absx, clip_ratio, D: tl.constexpr):
     return lo_val + frac * (hi_val - lo_val)
 
 
+@triton.jit
+def _mul(a, b, EXACT: tl.constexpr):
+    """`a * b` rounded on its own, as PyTorch computes it: never contracted with a later add into a fused
+    multiply-add (which the interpreter, computing in NumPy, never does anyway)."""
+    if EXACT:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@triton.jit
+def _column(a, j):
+    """`a[..., j]` for a channel index `j` the same for all rows. The last axis is spread over the lanes of the warp:
+    a gather reads the value from its lane with shuffles and no adds, where a masked sum takes a reduction tree and,
+    for several warps, shared memory and a barrier."""
+    idx = tl.full(a.shape[:-1] + [1], j, tl.int32)
+    return tl.sum(tl.gather(a, idx, axis=len(a.shape) - 1), axis=len(a.shape) - 1)
+
+
+@triton.jit
+def _sweep_inverse(a, GP: tl.constexpr):
+    """The inverse of each symmetric positive definite `a` [R, GP, GP] (here `I + V^T V`: no pivoting needed) by the
+    sweep operator on each pivot in order, as `quantization._sweep_inverse`; exactly symmetric."""
+    gi = tl.arange(0, GP)
+    on_r = gi[None, :, None]
+    on_c = gi[None, None, :]
+    for p in tl.static_range(GP):
+        col = tl.sum(tl.where(on_c == p, a, 0.0), axis=2)  # a[:, :, p]
+        row = tl.sum(tl.where(on_r == p, a, 0.0), axis=1)  # a[:, p, :]
+        piv = tl.sum(tl.where(gi[None, :] == p, col, 0.0), axis=1)[:, None, None]
+        swept = a - tl.math.div_rn(col[:, :, None] * row[:, None, :], piv)
+        swept = tl.where((on_r == p) | (on_c == p), tl.math.div_rn(a, piv), swept)
+        a = tl.where((on_r == p) & (on_c == p), tl.math.div_rn(tl.full(piv.shape, -1.0, tl.float32), piv), swept)
+    return -a
+
+
+@triton.jit
+def _tilt_state(x_t, sx_d, row_ok, f_base, m_base, p_base, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                G: tl.constexpr, GP: tl.constexpr, EXACT: tl.constexpr):
+    """`V = U W` and `Y = Z C` [R, GP, D] at the start for the rows at `x_t` ([R] pointers), as
+    `quantization._tilt_state`: W = means + x maps, V = U W, Z = U^T V (each a pass over the channels), C the inverse
+    of I + V^T V, Y = Z C. Columns g >= G (padding to a power of two) are zero in W, V, Z and Y; C is I there. Each
+    pass loads the next channel's operands while it works on this one: the loads do not depend on the loop's state,
+    and their latency, not the arithmetic, would otherwise set the pace."""
+    cols = tl.arange(0, D)
+    gi = tl.arange(0, GP)
+    g_ok = gi < G
+    m_ptrs = p_base + gi[:, None] * (D * D) + cols[None, :]
+    w = tl.broadcast_to(tl.load(m_base + gi[:, None] * D + cols[None, :], mask=g_ok[:, None], other=0.0)[None, :, :],
+                        [BLOCK_R, GP, D])
+    x_next = tl.load(x_t, mask=row_ok, other=0.0).to(tl.float32)
+    m_next = tl.load(m_ptrs, mask=g_ok[:, None], other=0.0)
+    for i in range(D):  # W[g, e] = means[g, e] + sum_i x_i maps[g, i, e]
+        xi, mi = x_next, m_next
+        x_next = tl.load(x_t + (i + 1) * sx_d, mask=row_ok & (i + 1 < D), other=0.0).to(tl.float32)
+        m_next = tl.load(m_ptrs + (i + 1) * D, mask=g_ok[:, None] & (i + 1 < D), other=0.0)
+        w = w + _mul(xi[:, None, None], mi[None, :, :], EXACT)
+    v = tl.zeros([BLOCK_R, GP, D], dtype=tl.float32)
+    u_next = tl.load(f_base + cols * D)
+    for i in range(D):  # V[:, k] = sum_i U[k, i] W[:, i]
+        ui = u_next
+        u_next = tl.load(f_base + cols * D + i + 1, mask=i + 1 < D, other=0.0)
+        wi = _column(w, i)
+        v = v + _mul(ui[None, None, :], wi[:, :, None], EXACT)
+    z = tl.zeros([BLOCK_R, GP, D], dtype=tl.float32)
+    a = tl.broadcast_to(tl.where(gi[:, None] == gi[None, :], 1.0, 0.0)[None, :, :], [BLOCK_R, GP, GP])
+    u_next = tl.load(f_base + cols)
+    for i in range(D):  # Z[:, k] = sum_i U[i, k] V[:, i]; W^T Z = V^T V
+        ui = u_next
+        u_next = tl.load(f_base + (i + 1) * D + cols, mask=i + 1 < D, other=0.0)
+        vi = _column(v, i)
+        z = z + _mul(ui[None, None, :], vi[:, :, None], EXACT)
+        a = a + _mul(vi[:, :, None], vi[:, None, :], EXACT)
+    c = _sweep_inverse(a, GP)
+    y = tl.zeros([BLOCK_R, GP, D], dtype=tl.float32)
+    for g in tl.static_range(GP):  # Y[:, a, k] = sum_g Z[:, g, k] C[:, g, a]
+        z_g = tl.sum(tl.where(gi[None, :, None] == g, z, 0.0), axis=1)
+        c_g = tl.sum(tl.where(gi[None, :, None] == g, c, 0.0), axis=1)
+        y = y + _mul(z_g[:, None, :], c_g[:, :, None], EXACT)
+    return v, y
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _quantize_rows_kernel(
     x_ptr,
@@ -84,9 +186,16 @@ def _quantize_rows_kernel(
     clip_ratio,
     fb_ptr,
     s_fb_h,
+    means_ptr,
+    maps_ptr,
+    s_means_h,
+    s_maps_h,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_FEEDBACK: tl.constexpr,
+    HAS_TILT: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
     EXACT_PRODUCTS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -111,10 +220,48 @@ def _quantize_rows_kernel(
     safe_scale = tl.where(scale > 0, scale, 1.0)
 
     packed = tl.zeros([BLOCK_R, QD], dtype=tl.int32)
-    if HAS_FEEDBACK:
+    if HAS_TILT:
+        # As plain feedback below, in the row's own metric S + W W^T (see the module docstring): channel j's error
+        # moves the later channels by move / denom, move = P[:, j] - Z C z_j and denom = P[j, j] - z_j^T C z_j, with
+        # P[:, j] = U[j, j] U[j, :], z_j = U[j, j] V[j] and C z_j = Y[j]; then Y -= move (C z_j)^T / denom.
+        cols = tl.arange(0, D)
+        byte_cols = tl.arange(0, QD)
+        gi = tl.arange(0, GP)
+        f_base = fb_ptr + h * s_fb_h
+        x_t = x_ptr + b * sx_b + h * sx_h + t * sx_t
+        v, y = _tilt_state(x_t, sx_d, row_ok, f_base, means_ptr + h * s_means_h, maps_ptr + h * s_maps_h, D, BLOCK_R,
+                           G, GP, EXACT_PRODUCTS)
+        f_next = tl.load(f_base + cols, mask=cols > 0, other=0.0)
+        diag_next = tl.load(f_base)
+        for j in range(D):
+            f_row, u_jj = f_next, diag_next
+            f_next = tl.load(f_base + (j + 1) * D + cols, mask=(cols > j + 1) & (j + 1 < D), other=0.0)
+            diag_next = tl.load(f_base + (j + 1) * (D + 1), mask=j + 1 < D, other=1.0)
+            xj = _column(x, j)
+            code = tl.floor(tl.math.div_rn(xj - lo, safe_scale) + 0.5)
+            code = tl.minimum(tl.maximum(code, 0.0), 3.0)
+            err = xj - (code * safe_scale + lo)
+            u = tl.math.div_rn(f_row, u_jj)
+            z_j = _mul(u_jj, _column(v, j), EXACT_PRODUCTS)  # [R, GP]
+            cz = _column(y, j)
+            zcz = tl.zeros([BLOCK_R], dtype=tl.float32)
+            zc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+            for g in tl.static_range(GP):
+                z_jg = tl.sum(tl.where(gi[None, :] == g, z_j, 0.0), axis=1)
+                zcz = zcz + _mul(z_jg, tl.sum(tl.where(gi[None, :] == g, cz, 0.0), axis=1), EXACT_PRODUCTS)
+                y_g = tl.sum(tl.where(gi[None, :, None] == g, y, 0.0), axis=1)  # [R, D]
+                zc = zc + _mul(y_g, z_jg[:, None], EXACT_PRODUCTS)
+            p_jj = _mul(u_jj, u_jj, EXACT_PRODUCTS)
+            denom = p_jj - zcz
+            move = tl.where(cols[None, :] > j, _mul(p_jj, u, EXACT_PRODUCTS)[None, :] - zc, 0.0)
+            x = x - _mul(tl.math.div_rn(err, denom)[:, None], move, EXACT_PRODUCTS)
+            y = y - _mul(move[:, None, :], tl.math.div_rn(cz, denom[:, None])[:, :, None], EXACT_PRODUCTS)
+            code = tl.where(code != code, 0.0, code)
+            packed = packed | tl.where(byte_cols[None, :] == j % QD, code.to(tl.int32)[:, None] << (2 * (j // QD)), 0)
+    elif HAS_FEEDBACK:
         # Sequential coding of the unclipped row (the reference's order of operations, element for element): channel
-        # j is read out of the register tile, rounded on the grid, and its error divided by F[j, j] and spread over
-        # the later channels with F[j, j+1:].
+        # j is read out of the register tile, rounded on the grid, and its error spread over the later channels with
+        # F[j, j+1:] / F[j, j].
         cols = tl.arange(0, D)
         byte_cols = tl.arange(0, QD)
         f_base = fb_ptr + h * s_fb_h
@@ -122,12 +269,9 @@ def _quantize_rows_kernel(
             xj = tl.sum(tl.where(cols[None, :] == j, x, 0.0), axis=1)
             code = tl.floor(tl.math.div_rn(xj - lo, safe_scale) + 0.5)
             code = tl.minimum(tl.maximum(code, 0.0), 3.0)
-            err = tl.math.div_rn(xj - (code * safe_scale + lo), tl.load(f_base + j * D + j))
-            f_row = tl.load(f_base + j * D + cols, mask=cols > j, other=0.0)
-            if EXACT_PRODUCTS:  # a product rounded on its own, as in PyTorch: no fused multiply-add contraction
-                x = x - libdevice.mul_rn(err[:, None], f_row[None, :])
-            else:
-                x = x - err[:, None] * f_row[None, :]
+            err = xj - (code * safe_scale + lo)
+            u = tl.math.div_rn(tl.load(f_base + j * D + cols, mask=cols > j, other=0.0), tl.load(f_base + j * D + j))
+            x = x - _mul(err[:, None], u[None, :], EXACT_PRODUCTS)
             code = tl.where(code != code, 0.0, code)
             packed = packed | tl.where(byte_cols[None, :] == j % QD, code.to(tl.int32)[:, None] << (2 * (j // QD)), 0)
     else:
@@ -149,6 +293,17 @@ def _quantize_rows_kernel(
     tl.store(offset_ptr + b * so_b + h * so_h + t * so_t, lo.to(tl.float16), mask=row_ok)
 
 
+def _tilt_launch(padded_groups: int, rows: int) -> tuple[int, int]:
+    """Rows and warps per program for the tilted coding. One warp: each channel step reads a column of x, V and Y
+    and then only works within its rows, so one warp per program needs no barrier (several warps split D and meet
+    in shared memory at every step). Two rows per program (four for G <= 2, one for G = 8: 168-213 registers on
+    sm_90, no spill) when there are enough rows to fill the GPU; one row otherwise (a 64-token demotion of 8 heads
+    is 512 rows: 512 one-warp programs, about four per SM)."""
+    if rows < 2048:
+        return 1, 1
+    return {1: 4, 2: 4, 4: 2}.get(padded_groups, 1), 1
+
+
 def _as_4d(t: torch.Tensor, trailing: int) -> torch.Tensor:
     """View `t` as `[B, H, T, *trailing dims]`, adding leading unit dims (no copy)."""
     lead = t.dim() - trailing
@@ -157,12 +312,18 @@ def _as_4d(t: torch.Tensor, trailing: int) -> torch.Tensor:
     return t.reshape((1,) * (3 - lead) + tuple(t.shape)) if lead < 3 else t
 
 
-def can_quantize(rows: torch.Tensor) -> bool:
-    """Whether `quantize_rows_into` handles `rows` (else use `oscar_hf.quantization.quantize_rows`)."""
+def can_quantize(rows: torch.Tensor, tilt=None) -> bool:
+    """Whether `quantize_rows_into` handles `rows` (and `tilt`, a `quantization.KeyTilt` or None; else use
+    `oscar_hf.quantization.quantize_rows`)."""
     d = rows.shape[-1]
     return (
-        rows.is_cuda or _interpreting()
-    ) and rows.dtype in SUPPORTED_DTYPES and d >= 16 and d & (d - 1) == 0 and rows.dim() <= 4
+        (rows.is_cuda or _interpreting())
+        and rows.dtype in SUPPORTED_DTYPES
+        and d >= 16
+        and d & (d - 1) == 0
+        and rows.dim() <= 4
+        and (tilt is None or 1 <= tilt.means.shape[-2] <= MAX_TILT_GROUPS)
+    )
 
 
 def _interpreting() -> bool:
@@ -178,18 +339,25 @@ def quantize_rows_into(
     scale: torch.Tensor,
     offset: torch.Tensor,
     feedback: torch.Tensor | None = None,
-    block_rows: int = 16,
-    num_warps: int = 4,
+    tilt=None,
+    block_rows: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Quantize `rows` `[..., T, D]` (already rotated) into `codes` `[..., T, D/4]` uint8 and `scale`/`offset`
     `[..., T]` float16, which may be strided views of a larger buffer (the layer's body at `body_len`).
     `feedback`: an error-feedback factor `[heads or 1, D, D]` (`quantization.error_feedback_factor`), or None for
-    plain rounding."""
-    if not can_quantize(rows):
+    plain rounding. `tilt`: a `quantization.KeyTilt` (G <= 8 query heads per KV head; with `feedback`, the factor of
+    its base metric) to code each row in its own metric `S + W W^T`. `block_rows` / `num_warps`: rows and warps per
+    program; by default 16 rows on 4 warps, and with a tilt one warp (`_tilt_launch`)."""
+    if tilt is not None and feedback is None:
+        raise ValueError("A key tilt refines error feedback: pass the factor of its base metric as `feedback`.")
+    if not can_quantize(rows, tilt):
         raise ValueError(
-            f"The Triton quantizer takes CUDA rows of dtype {SUPPORTED_DTYPES} and a power-of-two head_dim >= 16; "
-            f"got {rows.dtype} rows of shape {tuple(rows.shape)} on {rows.device}. Use "
-            "`oscar_hf.quantization.quantize_rows` instead."
+            f"The Triton quantizer takes CUDA rows of dtype {SUPPORTED_DTYPES} and a power-of-two head_dim >= 16 "
+            f"(and a key tilt of at most {MAX_TILT_GROUPS} query heads); got {rows.dtype} rows of shape "
+            f"{tuple(rows.shape)} on {rows.device}"
+            + ("" if tilt is None else f" with a tilt of {tilt.means.shape[-2]} query heads")
+            + ". Use `oscar_hf.quantization.quantize_rows` instead."
         )
     d = rows.shape[-1]
     lead = tuple(rows.shape[:-1])
@@ -218,6 +386,27 @@ def quantize_rows_into(
         s_fb_h = d * d if fb.shape[0] > 1 else 0
     else:
         fb, s_fb_h = torch.empty(1, dtype=torch.float32, device=rows.device), 0
+    groups = 1
+    if tilt is not None:
+        groups = tilt.means.shape[-2]
+        means = tilt.means.to(device=rows.device, dtype=torch.float32).reshape(-1, groups, d).contiguous()
+        maps = tilt.maps.to(device=rows.device, dtype=torch.float32).reshape(-1, groups, d, d).contiguous()
+        if means.shape[0] not in (1, h) or maps.shape[0] != means.shape[0]:
+            raise ValueError(
+                f"A key tilt of {means.shape[0]} and {maps.shape[0]} head groups (means, maps) does not fit rows of "
+                f"{h} heads: both must have 1 or {h}."
+            )
+        s_means_h = groups * d if means.shape[0] > 1 else 0
+        s_maps_h = groups * d * d if means.shape[0] > 1 else 0
+    else:
+        means = maps = torch.empty(1, dtype=torch.float32, device=rows.device)
+        s_means_h = s_maps_h = 0
+    padded_groups = triton.next_power_of_2(groups)
+    if tilt is None:
+        block_rows, num_warps = block_rows or 16, num_warps or 4
+    else:
+        default_rows, default_warps = _tilt_launch(padded_groups, b * h * n)
+        block_rows, num_warps = block_rows or default_rows, num_warps or default_warps
     grid = (b * h, triton.cdiv(n, block_rows))
     _quantize_rows_kernel[grid](
         x,
@@ -233,15 +422,22 @@ def quantize_rows_into(
         float(clip_ratio),
         fb,
         s_fb_h,
+        means,
+        maps,
+        s_means_h,
+        s_maps_h,
         D=d,
         BLOCK_R=block_rows,
         HAS_FEEDBACK=feedback is not None,
+        HAS_TILT=tilt is not None,
+        G=groups,
+        GP=padded_groups,
         EXACT_PRODUCTS=not _interpreting(),  # the interpreter computes in NumPy, which never fuses
         num_warps=num_warps,
     )
 
 
-def quantize_rows(rows: torch.Tensor, clip_ratio: float = 1.0, feedback: torch.Tensor | None = None):
+def quantize_rows(rows: torch.Tensor, clip_ratio: float = 1.0, feedback: torch.Tensor | None = None, tilt=None):
     """`oscar_hf.quantization.quantize_rows` on the Triton kernel: returns new `QuantizedRows`."""
     from oscar_hf.quantization import QuantizedRows
 
@@ -251,9 +447,9 @@ def quantize_rows(rows: torch.Tensor, clip_ratio: float = 1.0, feedback: torch.T
     offset = torch.empty(lead, dtype=PARAM_DTYPE, device=rows.device)
     flat = rows.reshape(-1, rows.shape[-1]) if rows.dim() > 4 else rows
     if rows.dim() > 4:
-        if feedback is not None:
+        if feedback is not None or tilt is not None:
             raise ValueError("Error-feedback coding takes rows of at most 4 dims ([B, H, T, D]).")
         quantize_rows_into(flat, clip_ratio, codes.view(-1, codes.shape[-1]), scale.view(-1), offset.view(-1))
     else:
-        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback)
+        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback, tilt)
     return QuantizedRows(codes, scale, offset)
