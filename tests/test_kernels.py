@@ -40,7 +40,7 @@ from oscar_hf.kernels import decode_attention as dk  # noqa: E402
 from oscar_hf.kernels import decode_attention_fast_path  # noqa: E402
 from oscar_hf.kernels import quantize as qk  # noqa: E402
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments  # noqa: E402
-from oscar_hf.quantization import error_feedback_factor, quantize_rows  # noqa: E402
+from oscar_hf.quantization import KeyTilt, error_feedback_factor, quantize_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -116,6 +116,65 @@ def test_quantize_kernel_with_error_feedback_matches_reference_bit_for_bit(group
     with pytest.raises(ValueError, match="groups does not fit"):
         qk.quantize_rows_into(rows, 0.96, codes[:, :, at : at + n], scale[:, :, at : at + n],
                               offset[:, :, at : at + n], feedback=factor[:1].expand(3, d, d))
+
+
+def _key_tilt(heads, groups, d, gen) -> KeyTilt:
+    """Query means of the size of the keys and maps small enough that `S + W W^T` stays well conditioned."""
+    b = torch.randn(heads, groups, d, d, generator=gen) * (0.3 / d**0.5)
+    return KeyTilt((torch.randn(heads, groups, d, generator=gen) * 0.5).to(DEVICE), (b + b.mT).to(DEVICE))
+
+
+@in_process
+@pytest.mark.parametrize(
+    "groups,tilt_heads,block_rows",
+    [(1, 2, 4), (4, 2, 2), (4, 1, None), (3, 2, 2)],
+    ids=["G1-per-head-4rows", "G4-per-head-2rows", "G4-shared-default", "G3-padded-2rows"],
+)
+def test_quantize_kernel_with_key_tilt_matches_reference_bit_for_bit(groups, tilt_heads, block_rows):
+    gen = torch.Generator().manual_seed(60 + groups + block_rows if block_rows else 70 + groups)
+    b, h, d = 1, 2, 32
+    n = int(torch.randint(5, 10, (1,), generator=gen))  # not a multiple of the 2 or 4 rows of a program
+    n += n % 2 == 0
+    rows = _rows((b, h, n, d), gen)
+    rows[0, 0, 3] = 0.7  # constant row
+    rows[0, 1, 2, 5] = float("nan")  # a non-finite row codes garbage, but only for itself
+    a = torch.randn(h, d, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    factor = error_feedback_factor(a @ a.mT).to(DEVICE)
+    tilt = _key_tilt(tilt_heads, groups, d, gen)
+    ref = quantize_rows(rows, 0.96, feedback=factor, tilt=tilt)
+    untilted = quantize_rows(rows, 0.96, feedback=factor)
+    assert (ref.codes != untilted.codes).float().mean() > 0.05  # the tilt moves codes: the comparison means something
+
+    cap, at = n + 7, 3
+    codes = torch.full((b, h, cap, d // 4), 0xA5, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
+    offset = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
+    qk.quantize_rows_into(rows, 0.96, codes[:, :, at : at + n], scale[:, :, at : at + n], offset[:, :, at : at + n],
+                          feedback=factor, tilt=tilt, block_rows=block_rows)
+    ok = torch.isfinite(rows).all(-1)
+    assert ok.sum() == b * h * n - 1
+    torch.testing.assert_close(codes[:, :, at : at + n][ok], ref.codes[ok], rtol=0, atol=0)
+    torch.testing.assert_close(scale[:, :, at : at + n][ok], ref.scale[ok], rtol=0, atol=0)
+    torch.testing.assert_close(offset[:, :, at : at + n][ok], ref.offset[ok], rtol=0, atol=0)
+    assert (codes[:, :, :at] == 0xA5).all() and (codes[:, :, at + n :] == 0xA5).all()
+    assert scale[:, :, :at].isnan().all() and scale[:, :, at + n :].isnan().all()
+
+
+@in_process
+def test_quantize_kernel_declines_key_tilts_it_cannot_code():
+    gen = torch.Generator().manual_seed(80)
+    rows = _rows((1, 2, 5, 32), gen)
+    factor = error_feedback_factor(torch.eye(32, dtype=torch.float64).expand(2, 32, 32)).to(DEVICE)
+    assert qk.can_quantize(rows, _key_tilt(2, 8, 32, gen))
+    assert not qk.can_quantize(rows, _key_tilt(2, 9, 32, gen))  # more query heads than the kernel keeps
+    out = qk.quantize_rows(rows, 0.96, factor)
+    args = (rows, 0.96, out.codes, out.scale, out.offset)
+    with pytest.raises(ValueError, match="at most 8 query heads"):
+        qk.quantize_rows_into(*args, feedback=factor, tilt=_key_tilt(2, 9, 32, gen))
+    with pytest.raises(ValueError, match="base metric"):
+        qk.quantize_rows_into(*args, tilt=_key_tilt(2, 4, 32, gen))
+    with pytest.raises(ValueError, match="does not fit rows of 2 heads"):
+        qk.quantize_rows_into(*args, feedback=factor, tilt=_key_tilt(3, 4, 32, gen))
 
 
 @in_process
