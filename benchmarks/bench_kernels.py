@@ -4,8 +4,10 @@ For each shape (32 query / 8 KV heads, head_dim 128, batch 1 and 8, context 8K /
 - relative error of the Triton decode attention against `segment_attention_reference` (the PyTorch oracle);
 - `triton.testing.do_bench` medians of the kernel and of PyTorch SDPA bf16 (`enable_gqa=True`) on the same shape;
 - the bandwidth floor: bytes the kernel must move / the device-to-device copy bandwidth measured in this run.
-Then the write (demotion) kernel, and optionally (`--generate PATH`) greedy generate() with the Triton path against the
-PyTorch path on the reference model. A short table is printed last; `--json` keeps every number.
+Then the write (demotion) kernel -- plain rounding, error feedback, and error feedback in each key's tilted metric
+(`KeyTilt`, G = 4 query heads per KV head; with a sweep of rows per program) -- and optionally (`--generate PATH`)
+greedy generate() with the Triton path against the PyTorch path on the reference model. A short table is printed
+last; `--json` keeps every number.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --json out.json [--sweep] [--generate .assets/oscar-ref-code-qwen3]
 """
@@ -27,7 +29,7 @@ from oscar_hf.attention import segment_attention_reference
 from oscar_hf.kernels.decode_attention import oscar_decode_attention
 from oscar_hf.kernels.quantize import quantize_rows_into
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments
-from oscar_hf.quantization import error_feedback_factor, hadamard_matrix, quantize_rows
+from oscar_hf.quantization import KeyTilt, dequantize_rows, error_feedback_factor, hadamard_matrix, quantize_rows
 
 HQ, HKV, D = 32, 8, 128
 SINK, RECENT = 64, 256
@@ -139,12 +141,34 @@ def feedback_factor(gen) -> torch.Tensor:
     return error_feedback_factor(a @ a.mT).cuda()
 
 
+def key_tilt(gen, groups: int = HQ // HKV) -> KeyTilt:
+    """A per-head key tilt: query means of the keys' size and symmetric maps small enough to keep S + W W^T well
+    conditioned."""
+    b = torch.randn(HKV, groups, D, D, generator=gen) * (0.3 / D**0.5)
+    return KeyTilt((torch.randn(HKV, groups, D, generator=gen) * 0.5).cuda(), (b + b.mT).cuda())
+
+
+def tilted_metric_error(keys, q, factor, tilt) -> torch.Tensor:
+    """`(x - xq)^T (S + W W^T) (x - xq)` per row, float64, with S recovered from its factor (U^T U = S^-1)."""
+    u = factor.double()
+    s = torch.linalg.inv(u.mT @ u)  # [H, D, D]
+    e = (dequantize_rows(q).double() - keys.double())
+    w = tilt.columns(keys).double()  # [B, H, n, D, G]
+    return torch.einsum("bhnd,hde,bhne->bhn", e, s, e) + (e.unsqueeze(-2) @ w).squeeze(-2).pow(2).sum(-1)
+
+
 def run_write(copy_bw, gen):
-    """Demotion of 64 tokens (K and V) and the write of a 2K-token prompt, batch 1 and 8, with plain rounding and
-    with error-feedback coding (the calibrated bundles' default)."""
+    """Demotion of 64 tokens (K and V) and the write of a 2K-token prompt, batch 1 and 8: plain rounding, error
+    feedback (the calibrated bundles' default), and keys coded in their tilted metric (values with error feedback).
+    For the tilted coding: a sweep of rows per program (one warp each), and, if the codes are not bit-exact, the
+    metric error of the kernel's keys against the reference's."""
     rows = []
     factor = feedback_factor(gen)
-    for (batch, tokens), fb in itertools.product(((1, 64), (8, 64), (1, 2048), (8, 2048)), (None, factor)):
+    tilt = key_tilt(gen)
+    shapes = ((1, 64), (8, 64), (1, 2048), (8, 2048))
+    for (batch, tokens), coding in itertools.product(shapes, ("plain", "feedback", "tilt")):
+        fb = None if coding == "plain" else factor
+        kt = tilt if coding == "tilt" else None
         keys = (torch.randn(batch, HKV, tokens, D, device="cuda") * 2).to(torch.bfloat16)
         cap = tokens + 128
         codes = torch.empty(batch, HKV, cap, D // 4, dtype=torch.uint8, device="cuda")
@@ -152,23 +176,33 @@ def run_write(copy_bw, gen):
         offset = torch.empty_like(scale)
         at = slice(37, 37 + tokens)
 
-        def write():
-            quantize_rows_into(keys, 0.96, codes[:, :, at], scale[:, :, at], offset[:, :, at], fb)
+        def write(**launch):
             quantize_rows_into(keys, 0.92, codes[:, :, at], scale[:, :, at], offset[:, :, at], fb)
+            quantize_rows_into(keys, 0.96, codes[:, :, at], scale[:, :, at], offset[:, :, at], fb, kt, **launch)
 
-        write()
-        ref = quantize_rows(keys, 0.92, fb)
+        write()  # the keys' coding is the one left in the buffers
+        ref = quantize_rows(keys, 0.96, fb, kt)
         exact = bool((codes[:, :, at] == ref.codes).all() and (scale[:, :, at] == ref.scale).all()
                      and (offset[:, :, at] == ref.offset).all())
         mismatch = (codes[:, :, at] != ref.codes).float().mean().item()
+        row = dict(batch=batch, tokens=tokens, coding=coding, feedback=fb is not None, bit_exact=exact,
+                   code_mismatch=mismatch)
+        if coding == "tilt" and not exact:
+            got = type(ref)(codes[:, :, at], scale[:, :, at], offset[:, :, at])
+            err_k, err_r = tilted_metric_error(keys, got, factor, tilt), tilted_metric_error(keys, ref, factor, tilt)
+            row["metric_error_rel"] = ((err_k.mean() - err_r.mean()) / err_r.mean()).item()
         ms = bench(write)
         graph_ms = bench_graph(write)
-        ref_ms = bench(lambda: (quantize_rows(keys, 0.96, fb), quantize_rows(keys, 0.92, fb)))
+        ref_ms = bench(lambda: (quantize_rows(keys, 0.92, fb), quantize_rows(keys, 0.96, fb, kt)))
+        if coding == "tilt":
+            row["block_rows_graph_ms"] = {r: bench_graph(lambda: write(block_rows=r)) for r in (1, 2, 4)}
         nbytes = 2 * (keys.numel() * 2 + codes[:, :, at].numel() + 4 * scale[:, :, at].numel())
-        row = dict(batch=batch, tokens=tokens, feedback=fb is not None, kernel_ms=ms, kernel_graph_ms=graph_ms, reference_ms=ref_ms, bytes=nbytes,
-                   floor_ms=nbytes / copy_bw * 1e3, bit_exact=exact, code_mismatch=mismatch)
+        row.update(kernel_ms=ms, kernel_graph_ms=graph_ms, reference_ms=ref_ms, bytes=nbytes,
+                   floor_ms=nbytes / copy_bw * 1e3)
         print(json.dumps(row), flush=True)
         rows.append(row)
+        del ref
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -285,11 +319,17 @@ def main():
             f"{c} {v[0] * 1e3:.1f}" for c, v in sorted(r["all"].items(), key=lambda kv: kv[1][0])))
     print("\n| write: batch | tokens (K+V) | coding | kernel us graph (eager) | reference us | floor us | bit-exact |")
     print("|---|---|---|---|---|---|---|")
+    names = {"plain": "plain", "feedback": "error feedback", "tilt": "keys tilted (G 4), values feedback"}
     for r in write:
-        coding = "error feedback" if r["feedback"] else "plain"
-        print(f"| {r['batch']} | {r['tokens']} | {coding} | {r['kernel_graph_ms'] * 1e3:.1f} ({r['kernel_ms'] * 1e3:.1f}) | "
-              f"{r['reference_ms'] * 1e3:.1f} | "
-              f"{r['floor_ms'] * 1e3:.2f} | {r['bit_exact']} ({r['code_mismatch']:.1e} codes differ) |")
+        exact = f"{r['bit_exact']} ({r['code_mismatch']:.1e} codes differ"
+        if "metric_error_rel" in r:
+            exact += f", tilted metric error {r['metric_error_rel']:+.1e} relative"
+        print(f"| {r['batch']} | {r['tokens']} | {names[r['coding']]} | {r['kernel_graph_ms'] * 1e3:.1f} "
+              f"({r['kernel_ms'] * 1e3:.1f}) | {r['reference_ms'] * 1e3:.1f} | {r['floor_ms'] * 1e3:.2f} | {exact}) |")
+    for r in write:
+        if "block_rows_graph_ms" in r:
+            print(f"  tilted b{r['batch']} {r['tokens']} tokens, rows per program -> graph us: " + ", ".join(
+                f"{k}: {v * 1e3:.1f}" for k, v in r["block_rows_graph_ms"].items()))
     if gen_res:
         print(f"\ngreedy generate, 2K prompt + 256 new tokens, Triton vs PyTorch path: {json.dumps(gen_res)}")
 
