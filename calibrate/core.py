@@ -194,7 +194,7 @@ def calibrate(
             for i in range(slots):
                 q_metric = q_cov[i] if name == "head" else q_cov[i].mean(0, keepdim=True)
                 rk[i], k_fb[i] = feedback_factors(rk[i], q_metric)
-                if tilt is not None and name == "head":
+                if tilt is not None and name == "head":  # the tilt's factor is that of the centred metric S
                     k_fb[i], tilt[0][i], tilt[1][i] = key_tilt_tensors(
                         rk[i], q_mean[i], q_head_cov[i], key_tilt * collector.scaling,
                         None if key_mean is None else key_mean[i],
