@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--rotation fitted: tokens of pass 1 (the query covariance that weights the values); -1: all "
                         "fitting tokens (the exact two-pass recipe). Pass 2 always covers all fitting tokens.")
     p.add_argument("--clip-fit", action=argparse.BooleanOptionalAction, default=False,
-                   help="choose clip ratios per layer and K/V on held-back tokens (default: the reference 0.96 / 0.92)")
+                   help="choose clip ratios per layer and K/V on held-back tokens (default: 0.96 / 0.96 with error "
+                        "feedback, the reference 0.96 / 0.92 without)")
     p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="code K and V with error feedback in the query-covariance / o_proj metrics (default); "
                         "--no-error-feedback: plain rounding, as the reference recipe")
