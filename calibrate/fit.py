@@ -181,5 +181,5 @@ def key_tilt_tensors(
     cov = r.transpose(-1, -2) @ query_cov.double().reshape(heads, group, d, d) @ r
     maps = strength * cov
     if key_mean is not None:
-        mean = mean + (key_mean.double().reshape(heads, 1, 1, d) @ rotation.double().unsqueeze(1)) @ maps
+        mean = mean + (key_mean.double().reshape(heads, 1, 1, d) @ r) @ maps
     return error_feedback_factor(cov.sum(1)), mean.squeeze(2).float(), maps.float()

@@ -50,7 +50,6 @@ class StatisticsCollector:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         n, h, d = len(self.layer_ids), num_kv_heads, head_dim
         kw = dict(dtype=torch.float64, device=device)
-        self.num_query_heads = None  # known at the first observation
         self.query_sums = None  # [layers, query heads, D, D]: per query head, so the key tilt can use each one
         self.query_first = None  # [layers, query heads, D]
         self.query_tokens = torch.zeros(n, **kw)
@@ -115,7 +114,6 @@ class StatisticsCollector:
         if self.phase in ("query", "full"):
             if self.query_sums is None:
                 kw = dict(dtype=torch.float64, device=device)
-                self.num_query_heads = hq
                 self.query_sums = torch.zeros(len(self.layer_ids), hq, d, d, **kw)
                 self.query_first = torch.zeros(len(self.layer_ids), hq, d, **kw)
             if self.scaling is None:
