@@ -43,11 +43,6 @@ def rotation_from_covariance(covariance: torch.Tensor) -> tuple[torch.Tensor, to
     return rotation.float(), evals.float()
 
 
-def _expand(rotation: torch.Tensor, num_query_heads: int) -> torch.Tensor:
-    groups = rotation.shape[0]
-    return rotation if groups == 1 else rotation.repeat_interleave(num_query_heads // groups, dim=0)
-
-
 class ClipSearch:
     """Scores clip ratios by the attention-output error of 2-bit keys (or values) on held-back tokens.
 
