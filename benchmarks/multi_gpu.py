@@ -71,7 +71,7 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, input_device) -> tuple[
         prompt.to(input_device), past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False,
     )
-    return out[0, prompt.shape[-1] :].cpu(), cache, time.perf_counter() - start
+    return out[:, prompt.shape[-1] :].cpu(), cache, time.perf_counter() - start
 
 
 def layer_devices(model, cache: OscarQuantizedCache) -> list[tuple[int, str, str]]:
