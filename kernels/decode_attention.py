@@ -2,16 +2,17 @@
 
 Split-K ("flash-decoding"), three launches:
 
-- **stage 0**, grid `(batch * kv_heads,)`: rotates the query by R_K (float32, IEEE dot) and rounds it to the storage
-  dtype, as the reference does, into a padded `[rows, head_dim]` tile per KV head.
+- **stage 0**, grid `(batch * kv_heads, 4)`: rotates the query by R_K (float32, IEEE dot), a quarter of the channels
+  per program, and rounds it to the storage dtype, as the reference does, into a padded `[rows, head_dim]` tile per
+  KV head.
 - **stage 1**, grid `(batch * kv_heads, splits)`. A program serves *all* query rows of one KV head (the
   `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. Programs
   `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk 64-token chunks of the sink and of the
   recent window.
   Each program writes its partial output, running max and running sum (base-2 online softmax).
-- **stage 2**, grid `(batch * kv_heads, group * q_len)`: merges one output row's partials over every split,
-  normalises, un-rotates by R_V^T and writes `[batch, q_len, heads, head_dim]` memory (returned as the
-  `[batch, heads, q_len, head_dim]` view).
+- **stage 2**, grid `(batch * kv_heads, group * q_len, head_dim / 32)`: merges one output row's partials over every
+  split in one pass, normalises, un-rotates 32 of its channels by R_V^T and writes them to
+  `[batch, q_len, heads, head_dim]` memory (returned as the `[batch, heads, q_len, head_dim]` view).
 
 INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
 row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
@@ -128,19 +129,6 @@ def _biased_codes(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _query_quarter(q_rows, row_ok, r_base, s: tl.constexpr, D: tl.constexpr, QD: tl.constexpr, HAS_RK: tl.constexpr):
-    """Channels `[s*QD, (s+1)*QD)` of the query rows rotated by R_K (float32, IEEE products), `[M, QD]`."""
-    if HAS_RK:
-        q = tl.load(q_rows[:, None] + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        r = tl.load(r_base + tl.arange(0, D)[:, None] * D + (s * QD + tl.arange(0, QD))[None, :])
-        return tl.dot(q, r, input_precision="ieee")
-    else:
-        return tl.load(
-            q_rows[:, None] + (s * QD + tl.arange(0, QD))[None, :], mask=row_ok[:, None], other=0.0
-        ).to(tl.float32)
-
-
-@triton.jit
 def _visible(pos, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK: tl.constexpr,
              CAUSAL: tl.constexpr):
     """[M, N] booleans: may query row (position `kv_len - q_len + qi`) attend to key position `pos`?"""
@@ -246,9 +234,11 @@ def _rotate_query(
     D: tl.constexpr, BLOCK_M: tl.constexpr, DT: tl.constexpr, HAS_RK: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """`[B * kv_heads, BLOCK_M, D]` rotated query rows (the `group * q_len` rows of one KV head, zero-padded), rounded
-    to the storage dtype as the reference rounds them: once per step, not once per split."""
+    to the storage dtype as the reference rounds them: once per step, not once per split. One program per (batch x KV
+    head, channel quarter): the product is tiny, so spreading it over 4x the programs is what shortens the launch."""
     QD: tl.constexpr = D // 4
     pid_bh = tl.program_id(0)
+    s = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kvh = (pid_bh % num_kv_heads).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
@@ -256,11 +246,15 @@ def _rotate_query(
     qi = rows % q_len
     row_ok = rows < group * q_len
     q_rows = q_ptr + b * sq_b + (kvh * group + g) * sq_h + qi * sq_t
-    r_base = rk_ptr + kvh * srk_g
-    out = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D
-    for s in tl.static_range(4):
-        q_s = _round(_query_quarter(q_rows, row_ok, r_base, s, D, QD, HAS_RK), DT, FP32_DOT)
-        tl.store(out + (s * QD + tl.arange(0, QD))[None, :], q_s)
+    cols = s * QD + tl.arange(0, QD)
+    if HAS_RK:
+        q = tl.load(q_rows[:, None] + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        r = tl.load(rk_ptr + kvh * srk_g + tl.arange(0, D)[:, None] * D + cols[None, :])
+        q_s = tl.dot(q, r, input_precision="ieee")
+    else:
+        q_s = tl.load(q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    out = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D + cols[None, :]
+    tl.store(out, _round(q_s, DT, FP32_DOT))
 
 
 # ---------------------------------------------------------------------------------------------------------- stage 1
@@ -374,47 +368,50 @@ def _decode_stage2(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, HAS_RV: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    """One program per output row `(b, kv head, query row)`: merges that row's partials over all splits (BLOCK_S at a
-    time, independent loads), normalises, and un-rotates by R_V^T with vector FMAs."""
+    """One program per (output row `(b, kv head, query row)`, block of `BLOCK_E` output channels): merges the row's
+    partials over all splits in one pass (`BLOCK_S` splits at a time, online rescaling; with `BLOCK_S` >= the split
+    count it is a single round of independent loads), normalises, and un-rotates its channels by R_V^T. The programs
+    of one row repeat the merge (a few KB from L2) rather than wait for each other."""
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
+    e0 = tl.program_id(2) * BLOCK_E
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kvh = (pid_bh % num_kv_heads).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, D)
+    if HAS_RV:
+        cols = tl.arange(0, D)
+    else:
+        cols = e0 + tl.arange(0, BLOCK_E)
     first = pid_bh.to(tl.int64) * num_splits
 
-    m_max = tl.max(tl.full([BLOCK_S], _MASKED, dtype=tl.float32), axis=0)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = s0 + splits < num_splits
-        m_s = tl.load(part_m + (first + s0 + splits) * BLOCK_M + row, mask=ok, other=_MASKED)
-        m_max = tl.maximum(m_max, tl.max(m_s, axis=0))
-    l_tot = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), axis=0)
-    acc = tl.zeros([D], dtype=tl.float32)
+    m_run = tl.max(tl.full([BLOCK_S], _MASKED, dtype=tl.float32), axis=0)
+    l_run = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), axis=0)
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         ok = s0 + splits < num_splits
         part = first + s0 + splits
         m_s = tl.load(part_m + part * BLOCK_M + row, mask=ok, other=_MASKED)
         l_s = tl.load(part_l + part * BLOCK_M + row, mask=ok, other=0.0)
         o_s = tl.load(part_o + (part * BLOCK_M + row)[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0)
-        w = tl.where(ok, tl.math.exp2(m_s - m_max), 0.0)
-        l_tot += tl.sum(w * l_s, axis=0)
-        acc += tl.sum(w[:, None] * o_s, axis=0)
-    o = acc / l_tot
+        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
+        alpha = tl.math.exp2(m_run - m_new)
+        w = tl.where(ok, tl.math.exp2(m_s - m_new), 0.0)
+        l_run = l_run * alpha + tl.sum(w * l_s, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * o_s, axis=0)
+        m_run = m_new
+    o = acc / l_run
 
     g = row // q_len
     qi = row % q_len
     out_row = out_ptr + b * so_b + (kvh * group + g) * so_h + qi * so_t
+    e = e0 + tl.arange(0, BLOCK_E)
     if HAS_RV:
-        # out[e] = sum_d o[d] * R_V[e, d]  (o @ R_V^T), BLOCK_E output channels at a time.
-        r_base = rv_ptr + kvh * srv_g
-        for e0 in tl.static_range(0, D, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
-            r = tl.load(r_base + e[:, None] * D + cols[None, :])
-            out_e = tl.sum(r * o[None, :], axis=1)
-            tl.store(out_row + e, _round(out_e, out_ptr.dtype.element_ty, FP32_DOT))
+        # out[e] = sum_d o[d] * R_V[e, d]  (o @ R_V^T) for this program's channels.
+        r = tl.load(rv_ptr + kvh * srv_g + e[:, None] * D + cols[None, :])
+        out_e = tl.sum(r * o[None, :], axis=1)
+        tl.store(out_row + e, _round(out_e, out_ptr.dtype.element_ty, FP32_DOT))
     else:
-        tl.store(out_row + cols, _round(o, out_ptr.dtype.element_ty, FP32_DOT))
+        tl.store(out_row + e, _round(o, out_ptr.dtype.element_ty, FP32_DOT))
 
 
 # ---------------------------------------------------------------------------------------------------------- launcher
@@ -573,7 +570,7 @@ def oscar_decode_attention(
     dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
     body = layer._body_tensors()
     q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
-    _rotate_query[(n_bh,)](
+    _rotate_query[(n_bh, 4)](
         query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
         D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=layer.k_rotation is not None, FP32_DOT=_interpreting(),
         num_warps=4,
@@ -593,12 +590,14 @@ def oscar_decode_attention(
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
         num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_stage2[(n_bh, group * q_len)](
+    block_e = 32
+    _decode_stage2[(n_bh, group * q_len, head_dim // block_e)](
         part_o, part_m, part_l,
         rv, srv,
         out, out.stride(0), out.stride(1), out.stride(2),
         num_splits, q_len, kvh, group,
-        D=head_dim, BLOCK_M=block_m, BLOCK_S=16, BLOCK_E=32, HAS_RV=layer.v_rotation is not None,
+        D=head_dim, BLOCK_M=block_m, BLOCK_S=min(64, max(16, triton.next_power_of_2(num_splits))), BLOCK_E=block_e,
+        HAS_RV=layer.v_rotation is not None,
         FP32_DOT=_interpreting(), num_warps=4,
     )
     return out

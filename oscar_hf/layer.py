@@ -148,8 +148,9 @@ class OscarQuantizedLayer(CacheLayerMixin):
                 )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads, self.head_dim = batch, heads, head_dim
-        self.k_rotation = None if self.k_rotation_init is None else self.k_rotation_init.to(self.device, torch.float32)
-        self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32)
+        # Contiguous, so that the kernels read them in place instead of copying them every step.
+        self.k_rotation = None if self.k_rotation_init is None else self.k_rotation_init.to(self.device, torch.float32).contiguous()
+        self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32).contiguous()
         self.k_feedback = None if self.k_feedback_init is None else self.k_feedback_init.to(self.device, torch.float32)
         self.v_feedback = None if self.v_feedback_init is None else self.v_feedback_init.to(self.device, torch.float32)
         self.k_tilt = None
