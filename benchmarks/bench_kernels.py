@@ -269,7 +269,8 @@ def main():
     ap.add_argument("--contexts", default="8192,32768,131072")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--configs", default=None,
-                    help="comma-separated launch configurations to sweep, n{block_n}w{warps}s{stages}p{programs per SM}")
+                    help="comma-separated launch configurations to sweep, n{block_n}w{warps}s{stages}p{programs per SM}"
+                         "[j{stacked query-row copies}], e.g. n128w4s3p3j1")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-write", action="store_true", help="skip the write-kernel benchmark")
     args = ap.parse_args()
@@ -293,7 +294,10 @@ def main():
         bn, rest = name[1:].split("w")
         nw, rest = rest.split("s")
         ns, pps = rest.split("p")
+        pps, _, stack = pps.partition("j")
         configs[name] = dict(block_n=int(bn), num_warps=int(nw), num_stages=int(ns), programs_per_sm=int(pps))
+        if stack:
+            configs[name]["stack"] = int(stack)
     contexts = [int(c) for c in args.contexts.split(",")]
     shapes = [(b, c) for b in (int(x) for x in args.batches.split(",")) for c in contexts]
     attn = run_attention(shapes, copy_bw, configs, gen)

@@ -131,12 +131,13 @@ def _biased_codes(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _visible(pos, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK: tl.constexpr,
              CAUSAL: tl.constexpr):
-    """[M, N] booleans: may query row (position `kv_len - q_len + qi`) attend to key position `pos`?"""
-    vis = row_ok[:, None] & n_ok[None, :]
+    """[M, N] booleans: may query row (position `kv_len - q_len + qi`) attend to key position `pos`? `pos` and
+    `n_ok` are `[1, N]` (every row reads the same keys) or `[M, N]` (rows of stacked sub-blocks read different ones)."""
+    vis = row_ok[:, None] & n_ok
     if CAUSAL:
-        vis = vis & (pos[None, :] <= (kv_len - q_len + qi)[:, None])
+        vis = vis & (pos <= (kv_len - q_len + qi)[:, None])
     if HAS_MASK:
-        allowed = tl.load(mask_ptr + b * sm_b + qi[:, None] * sm_q + pos[None, :] * sm_t, mask=vis, other=0)
+        allowed = tl.load(mask_ptr + b * sm_b + qi[:, None] * sm_q + pos * sm_t, mask=vis, other=0)
         vis = vis & (allowed != 0)
     return vis
 
@@ -153,43 +154,76 @@ def _online_softmax(scores, vis, m_i, l_i):
 
 @triton.jit
 def _int2_block(
-    start, end, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, b,
+    start, end, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
     kc_base, vc_base, ks_base, ko_base, vs_base, vo_base,
     pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-    QD: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    QD: tl.constexpr, BLOCK_N: tl.constexpr, J: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """One block of `BLOCK_N` 2-bit keys/values. `*_base` point at this (batch, KV head)'s rows: codes are
-    `QD`-byte rows, scale/offset one value per token (the layer's layout, checked by `unsupported_reason`)."""
-    offs = start + tl.arange(0, BLOCK_N)
-    n_ok = offs < end
-    # Key codes are loaded as [QD, BLOCK_N] (the dot's B operand as is, no transpose); value codes as [BLOCK_N, QD].
-    kc = tl.load(kc_base + offs[None, :] * QD + tl.arange(0, QD)[:, None], mask=n_ok[None, :], other=0)
-    vc = tl.load(vc_base + offs[:, None] * QD + tl.arange(0, QD)[None, :], mask=n_ok[:, None], other=0)
-    k_scale = tl.load(ks_base + offs, mask=n_ok, other=0.0).to(tl.float32)
-    k_off = tl.load(ko_base + offs, mask=n_ok, other=0.0).to(tl.float32)
-    v_scale = tl.load(vs_base + offs, mask=n_ok, other=0.0).to(tl.float32)
-    v_off = tl.load(vo_base + offs, mask=n_ok, other=0.0).to(tl.float32)
-
+    """`J` consecutive sub-blocks of `BLOCK_N` 2-bit keys/values; the rows of copy j (`rj == j`) take sub-block j, so
+    one `[M, BLOCK_N]` tile of scores (and one round of online softmax) covers `J * BLOCK_N` keys. `*_base` point at this
+    (batch, KV head)'s rows: codes are `QD`-byte rows, scale/offset one value per token (the layer's layout, checked
+    by `unsupported_reason`)."""
+    n = tl.arange(0, BLOCK_N)
+    if J == 1:
+        key = start + n  # every row scores the same keys: per-key values stay 1-D (loaded once, not per row)
+        key_ok = key < end
+    else:
+        key = start + rj[:, None] * BLOCK_N + n[None, :]  # [M, BLOCK_N]: the key each score belongs to
+        key_ok = key < end
     ASM: tl.constexpr = not FP32_DOT
-    qk = _mma(q0, _biased_codes(kc, 0, DT, ASM), FP32_DOT)
-    qk += _mma(q1, _biased_codes(kc, 1, DT, ASM), FP32_DOT)
-    qk += _mma(q2, _biased_codes(kc, 2, DT, ASM), FP32_DOT)
-    qk += _mma(q3, _biased_codes(kc, 3, DT, ASM), FP32_DOT)
+    qk = tl.zeros([q0.shape[0], BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(J):
+        offs = start + j * BLOCK_N + n
+        n_ok = offs < end
+        # Key codes are loaded as [QD, BLOCK_N] (the dot's B operand as is, no transpose).
+        kc = tl.load(kc_base + offs[None, :] * QD + tl.arange(0, QD)[:, None], mask=n_ok[None, :], other=0)
+        qk_j = _mma(q0, _biased_codes(kc, 0, DT, ASM), FP32_DOT)
+        qk_j += _mma(q1, _biased_codes(kc, 1, DT, ASM), FP32_DOT)
+        qk_j += _mma(q2, _biased_codes(kc, 2, DT, ASM), FP32_DOT)
+        qk_j += _mma(q3, _biased_codes(kc, 3, DT, ASM), FP32_DOT)
+        if J == 1:
+            qk = qk_j
+        else:
+            # Every row scores sub-block j (the query operands stay four loop-invariant tensors: masking them per
+            # sub-block costs more register shuffles than this select); the rows of copy j keep the result.
+            qk = tl.where((rj == j)[:, None], qk_j, qk)
+    k_scale = tl.load(ks_base + key, mask=key_ok, other=0.0).to(tl.float32)
+    k_off = tl.load(ko_base + key, mask=key_ok, other=0.0).to(tl.float32)
+    v_scale = tl.load(vs_base + key, mask=key_ok, other=0.0).to(tl.float32)
+    v_off = tl.load(vo_base + key, mask=key_ok, other=0.0).to(tl.float32)
     # q . (4 + code) * scale + (offset - 4 * scale) * sum(q) = q . (code * scale + offset)
     k_off = k_off - CODE_BASE * k_scale
-    scores = (qk * k_scale[None, :] + qsum[:, None] * k_off[None, :]) * sm_scale_log2
+    v_off = v_off - CODE_BASE * v_scale
+    if J == 1:
+        key, key_ok = key[None, :], key_ok[None, :]
+        k_scale, k_off, v_scale, v_off = k_scale[None, :], k_off[None, :], v_scale[None, :], v_off[None, :]
+    scores = (qk * k_scale + qsum[:, None] * k_off) * sm_scale_log2
 
-    vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
+    vis = _visible(pos0 + key, key_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
     p, alpha, m_i, l_i = _online_softmax(scores, vis, m_i, l_i)
     # Values decode as (4 + code) * scale + (offset - 4 * scale). The (p * scale) operand goes in as float16 (11-bit
     # mantissa; p * scale <= the float16 scale), with float16 codes, whatever the storage dtype.
-    pv = (p * v_scale[None, :]).to(tl.float16)
-    a0 = a0 * alpha[:, None] + _mma(pv, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
-    a1 = a1 * alpha[:, None] + _mma(pv, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
-    a2 = a2 * alpha[:, None] + _mma(pv, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
-    a3 = a3 * alpha[:, None] + _mma(pv, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
-    a_off = a_off * alpha + tl.sum(p * (v_off - CODE_BASE * v_scale)[None, :], axis=1)
+    pv = (p * v_scale).to(tl.float16)
+    for j in tl.static_range(J):
+        offs = start + j * BLOCK_N + n
+        n_ok = offs < end
+        vc = tl.load(vc_base + offs[:, None] * QD + tl.arange(0, QD)[None, :], mask=n_ok[:, None], other=0)
+        if J == 1:
+            pv_j = pv
+        else:
+            pv_j = tl.where((rj == j)[:, None], pv, tl.zeros_like(pv))
+        if j == 0:  # rescale and add in one expression: the compiler folds it into the products' accumulator
+            a0 = a0 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
+            a1 = a1 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
+            a2 = a2 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
+            a3 = a3 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
+        else:
+            a0 += _mma(pv_j, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
+            a1 += _mma(pv_j, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
+            a2 += _mma(pv_j, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
+            a3 += _mma(pv_j, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
+    a_off = a_off * alpha + tl.sum(p * v_off, axis=1)
     return m_i, l_i, a0, a1, a2, a3, a_off
 
 
@@ -217,7 +251,8 @@ def _exact_block(
     qk += _mma(q1, k1, FP32_DOT)
     qk += _mma(q2, k2, FP32_DOT)
     qk += _mma(q3, k3, FP32_DOT)
-    vis = _visible(pos0 + offs, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t, HAS_MASK, CAUSAL)
+    vis = _visible((pos0 + offs)[None, :], n_ok[None, :], qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t,
+                   HAS_MASK, CAUSAL)
     p, alpha, m_i, l_i = _online_softmax(qk * sm_scale_log2, vis, m_i, l_i)
     pv = _round(p, DT, FP32_DOT)
     a0 = a0 * alpha[:, None] + _mma(pv, v0, FP32_DOT)
@@ -271,11 +306,15 @@ def _decode_stage1(
     part_o, part_m, part_l,
     sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits, body_splits, sink_splits,
     sm_scale_log2, lengths_ptr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EXACT_CHUNK: tl.constexpr,
-    DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    EXACT_CHUNK: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr,
 ):
     QD: tl.constexpr = D // 4
+    # The BLOCK_M rows of the score tile are J = BLOCK_M / RP stacked copies of the RP (padded) query rows; in the
+    # body, copy j scores sub-block j of each J * BLOCK_N keys, so few query rows (GQA decode: 4 of the 16 rows a
+    # tensor-core tile needs) do not leave 3/4 of the softmax work on padding. The copies merge before the store.
+    J: tl.constexpr = BLOCK_M // RP
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     if DEVICE_LENGTHS:
@@ -288,12 +327,13 @@ def _decode_stage1(
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kvh = (pid_bh % num_kv_heads).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
-    g = rows // q_len
-    qi = rows % q_len
-    row_ok = rows < group * q_len
+    rj = rows // RP
+    rr = rows % RP
+    qi = rr % q_len
+    row_ok = rr < group * q_len
     kv_len = sink_len + body_len + recent_len
 
-    q_base = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rows[:, None] * D + tl.arange(0, QD)[None, :]
+    q_base = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rr[:, None] * D + tl.arange(0, QD)[None, :]
     q0 = tl.load(q_base)
     q1 = tl.load(q_base + QD)
     q2 = tl.load(q_base + 2 * QD)
@@ -318,14 +358,15 @@ def _decode_stage1(
         hi = tl.minimum(lo + body_chunk, body_len)
         c_off = b * s_c_b + kvh * s_c_h
         p_off = b * s_p_b + kvh * s_p_h
-        for start in range(lo, hi, BLOCK_N):
+        for start in range(lo, hi, J * BLOCK_N):
             m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
-                start, hi, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, b,
+                start, hi, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
                 kc_ptr + c_off, vc_ptr + c_off, ks_ptr + p_off, ko_ptr + p_off, vs_ptr + p_off, vo_ptr + p_off,
                 sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                QD, BLOCK_N, DT, HAS_MASK, CAUSAL, FP32_DOT,
+                QD, BLOCK_N, J, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
     elif pid_s < body_splits + sink_splits:
+        row_ok = row_ok & (rj == 0)  # the exact segments are not stacked: copy 0 of the rows does all the work
         # The exact segments are split too (EXACT_CHUNK tokens a program): one program walking all of them serially
         # would finish long after the body splits. They are a few hundred tokens, not worth pipeline buffers.
         lo = (pid_s - body_splits) * EXACT_CHUNK
@@ -338,6 +379,7 @@ def _decode_stage1(
                 QD, BLOCK_E, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
     else:
+        row_ok = row_ok & (rj == 0)
         lo = (pid_s - body_splits - sink_splits) * EXACT_CHUNK
         hi = tl.minimum(lo + EXACT_CHUNK, recent_len)
         for start in tl.range(lo, hi, BLOCK_E, num_stages=1):
@@ -348,14 +390,28 @@ def _decode_stage1(
                 QD, BLOCK_E, DT, HAS_MASK, CAUSAL, FP32_DOT,
             )
 
+    if J > 1:
+        # Merge the J copies of each query row (online-softmax merge; a copy that saw no key has l = 0 and weight 0).
+        m_j = tl.reshape(m_i, [J, RP])
+        m_i = tl.max(m_j, axis=0)
+        w = tl.math.exp2(m_j - m_i[None, :])
+        l_i = tl.sum(w * tl.reshape(l_i, [J, RP]), axis=0)
+        a_off = tl.sum(w * tl.reshape(a_off, [J, RP]), axis=0)
+        w = w[:, :, None]
+        a0 = tl.sum(w * tl.reshape(a0, [J, RP, QD]), axis=0)
+        a1 = tl.sum(w * tl.reshape(a1, [J, RP, QD]), axis=0)
+        a2 = tl.sum(w * tl.reshape(a2, [J, RP, QD]), axis=0)
+        a3 = tl.sum(w * tl.reshape(a3, [J, RP, QD]), axis=0)
+    out_rows = tl.arange(0, RP)
+    out_ok = out_rows < group * q_len
     part = (pid_bh * num_splits + pid_s).to(tl.int64)
-    o_rows = part_o + part * BLOCK_M * D + rows[:, None] * D + tl.arange(0, QD)[None, :]
-    tl.store(o_rows, a0 + a_off[:, None], mask=row_ok[:, None])
-    tl.store(o_rows + QD, a1 + a_off[:, None], mask=row_ok[:, None])
-    tl.store(o_rows + 2 * QD, a2 + a_off[:, None], mask=row_ok[:, None])
-    tl.store(o_rows + 3 * QD, a3 + a_off[:, None], mask=row_ok[:, None])
-    tl.store(part_m + part * BLOCK_M + rows, m_i, mask=row_ok)
-    tl.store(part_l + part * BLOCK_M + rows, l_i, mask=row_ok)
+    o_rows = part_o + part * BLOCK_M * D + out_rows[:, None] * D + tl.arange(0, QD)[None, :]
+    tl.store(o_rows, a0 + a_off[:, None], mask=out_ok[:, None])
+    tl.store(o_rows + QD, a1 + a_off[:, None], mask=out_ok[:, None])
+    tl.store(o_rows + 2 * QD, a2 + a_off[:, None], mask=out_ok[:, None])
+    tl.store(o_rows + 3 * QD, a3 + a_off[:, None], mask=out_ok[:, None])
+    tl.store(part_m + part * BLOCK_M + out_rows, m_i, mask=out_ok)
+    tl.store(part_l + part * BLOCK_M + out_rows, l_i, mask=out_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------- stage 2
@@ -500,6 +556,7 @@ def oscar_decode_attention(
     exact_chunk: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    stack: int | None = None,
     _checked: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
@@ -526,13 +583,20 @@ def oscar_decode_attention(
     else:
         sink_len, body_len, recent_len = layer.sink_len, layer.body_len, layer.recent_len
     kv_len = sink_len + body_len + recent_len
-    block_m = max(16, triton.next_power_of_2(group * q_len))
+    rows_pow2 = triton.next_power_of_2(group * q_len)
+    block_m = max(16, rows_pow2)
 
     n_bh = bsz * kvh
-    # Measured on H100 (benchmarks/RESULTS.md, sweep of 2026-11-23): few (batch x KV head) rows want 128-token blocks
-    # and ~3 programs per SM; many rows want 64-token blocks and more, shorter splits.
+    # `block_n` keys per iteration are `stack` sub-blocks of at least 16 keys, one per stacked copy of the query rows
+    # (see `_decode_stage1`). Measured on H100 (benchmarks/RESULTS.md, 2026-11-23): few (batch x KV head) rows want
+    # ~3 programs per SM, many rows more, shorter splits; 128-token iterations of 4 x 32 stacked keys issue the
+    # fewest instructions per key (unstacked, 64-token blocks were best for many rows).
     if block_n is None:
-        block_n = 128 if n_bh < 32 else 64
+        block_n = 128 if n_bh < 32 or rows_pow2 <= 4 else 64
+    if stack is None:
+        stack = min(4, block_m // rows_pow2, max(1, block_n // 16))
+    if block_m % stack or (block_m // stack) < rows_pow2 or block_n % stack or block_n // stack < 16:
+        raise ValueError(f"stack={stack} does not fit {group * q_len} query rows and block_n={block_n}.")
     body_blocks = triton.cdiv(body_len, block_n)
     if body_blocks:
         if programs_per_sm is None:
@@ -585,7 +649,8 @@ def oscar_decode_attention(
         part_o, part_m, part_l,
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
         float(scale * _LOG2E), layer.lengths if device_lengths else mask_u8,
-        D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=min(block_n, 32, exact_chunk), EXACT_CHUNK=exact_chunk,
+        D=head_dim, BLOCK_M=block_m, RP=block_m // stack, BLOCK_N=block_n // stack, BLOCK_E=min(block_n, 32, exact_chunk),
+        EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
         num_warps=num_warps, num_stages=num_stages,

@@ -289,6 +289,36 @@ def test_decode_kernel_matches_reference(poisoned_allocations, rotation, q_len, 
 
 
 @in_process
+@pytest.mark.parametrize("q_len,group,padded", [(1, 4, False), (2, 4, True), (1, 1, False), (1, 2, True)])
+def test_decode_kernel_stacked_query_rows_match_reference(poisoned_allocations, q_len, group, padded):
+    """Few query rows per KV head: the score tile stacks copies of them over consecutive key sub-blocks (`stack` > 1);
+    bodies that end inside a sub-block, and a left-padding mask that reaches into the body."""
+    gen = torch.Generator().manual_seed(30 + 4 * q_len + group)
+    prompt = int(torch.randint(150, 230, (1,), generator=gen))
+    layer = _filled_layer(gen, batch=2, kv_heads=2, head_dim=64, prompt=prompt, rotation="per_head")
+    seg, query = _step(layer, gen, q_len, group)
+    mask = None
+    if padded:
+        kv_len = layer.get_seq_length()
+        mask = torch.ones(2, 1, q_len, kv_len, dtype=torch.bool, device=DEVICE).tril(kv_len - q_len)
+        mask[1, :, :, :40] = False  # the second sequence's padding covers the sink and part of the body
+    rows = 1 << (q_len * group - 1).bit_length()
+    stacks = [s for s in (1, 2, 4) if 16 // s >= rows]
+    assert len(stacks) > 1
+    outs = []
+    for stack in stacks:
+        out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
+                                        stack=stack)
+        _check_against_reference(out, query, seg, mask)
+        outs.append(out)
+    # Stacking changes only the order in which partial softmax sums are merged.
+    for out in outs[1:]:
+        assert _rel(out, outs[0]) < 1e-2
+    with pytest.raises(ValueError, match="stack"):
+        dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=32, stack=4)
+
+
+@in_process
 def test_decode_kernel_left_padded_batch_with_mask(poisoned_allocations):
     gen = torch.Generator().manual_seed(11)
     q_len, group = 2, 4
@@ -347,7 +377,8 @@ def test_decode_kernel_declines_when_new_tokens_were_demoted():
 
 
 @in_process
-def test_decode_kernel_reads_device_lengths_in_graph_mode(poisoned_allocations):
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_decode_kernel_reads_device_lengths_in_graph_mode(poisoned_allocations, block_n):
     """Graph mode: the grid is sized for the buffers' capacity and the lengths come from `layer.lengths`, so the
     same launch must give the same attention at every step, demotions included."""
     gen = torch.Generator().manual_seed(21)
@@ -362,11 +393,11 @@ def test_decode_kernel_reads_device_lengths_in_graph_mode(poisoned_allocations):
         layer.make_room(1)
         seg, query = _step(layer, gen, 1, 4)
         assert layer.lengths.tolist() == [layer.sink_len, layer.body_len, layer.recent_len]
-        out = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=16, exact_chunk=16)
+        out = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=block_n, exact_chunk=16)
         assert torch.isfinite(out).all(), "an output element was never written (poisoned NaN survived)"
         # The host-length launch splits the body differently; only the merge order of the partials may differ.
         layer.graph_mode = False
-        expected = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=16, exact_chunk=16)
+        expected = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=block_n, exact_chunk=16)
         layer.graph_mode = True
         assert _rel(out, expected) < 1e-2
         assert _rel(out, segment_attention_reference(query, seg, None, None)) < 0.1
