@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store keys minus their calibrated mean per KV head (softmax ignores the shift); off by default")
     p.add_argument("--key-tilt", type=float, default=None,
                    help="strength of the attention tilt of the key coding: each key is coded in the metric of the "
-                        "queries that will attend to it (default 2 with per-head error feedback; 0: off)")
+                        "queries that will attend to it (default 3 with per-head error feedback; 0: off)")
     p.add_argument("--rotation", choices=("fitted", "hadamard"), default="hadamard",
                    help="hadamard (default): the data-free rotation, the statistics go to the error feedback; "
                         "fitted: R = U.H.P_br from the covariances (the paper's recipe)")
