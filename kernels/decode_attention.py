@@ -8,7 +8,8 @@ Split-K ("flash-decoding"), three launches:
 - **stage 1**, grid `(batch * kv_heads, splits)`. A program serves *all* query rows of one KV head (the
   `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. Programs
   `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk 64-token chunks of the sink and of the
-  recent window.
+  recent window. With few query rows (GQA decode: 4 of the 16 rows a tensor-core tile has) the tile holds up to 4
+  copies of them, copy j scoring sub-block j of each body iteration, so the online softmax runs on no padding rows.
   Each program writes its partial output, running max and running sum (base-2 online softmax).
 - **stage 2**, grid `(batch * kv_heads, group * q_len, head_dim / 32)`: merges one output row's partials over every
   split in one pass, normalises, un-rotates 32 of its channels by R_V^T and writes them to
@@ -565,6 +566,9 @@ def oscar_decode_attention(
     `attention_mask`: None (causal among the new tokens) or a boolean `[B or 1, 1, q_len, >= kv_len]` mask whose last
     `kv_len` columns are read (True = attend), as `segment_attention_reference` reads it.
     Raises `ValueError` for what the kernel does not support; `unsupported_reason` says which beforehand.
+    The keyword arguments tune the launch (benchmarks/bench_kernels.py sweeps them): `block_n` keys per body
+    iteration, `programs_per_sm` and `min_blocks_per_split` the split-K grid, `exact_chunk` tokens of the exact
+    windows per program, `stack` copies of the query rows in the score tile (default: as many as fit).
     """
     num_new = query.shape[2] if num_new is None else num_new
     reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new)
