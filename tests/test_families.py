@@ -51,13 +51,15 @@ def test_greedy_generate_with_covering_windows_equals_dynamic_cache(family):
         assert sliding and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in sliding)
 
 
-def against_oracle(family, attn="oscar", head_dim=32, dtype=torch.float32, batch=2, with_exact=False):
+def against_oracle(
+    family, attn="oscar", head_dim=32, dtype=torch.float32, batch=2, with_exact=False, oracle_attn="eager"
+):
     """Logits of a quantized run and of the oracle (and of the exact model), teacher-forced on the same random tokens.
 
     No test needs to show separately that the oracle quantizes: the cache does (its body is checked), so an oracle
     that did not would differ from it.
     """
-    reference = same_weights(family, "eager", dtype, head_dim=head_dim)
+    reference = same_weights(family, oracle_attn, dtype, head_dim=head_dim)
     model = same_weights(family, attn, dtype, head_dim=head_dim)
     ids = torch.randint(3, 128, (batch, 44))
     rotations = OscarRotations.data_free("hadamard", 2, 2, head_dim)
@@ -108,9 +110,12 @@ def test_hadamard_rotation_of_any_head_dim_is_orthogonal_and_spreads_outliers(n)
 )
 @torch.no_grad()
 def test_half_precision_quantized_run_tracks_the_oracle(family, dtype):
-    got, want, exact = against_oracle(family, head_dim=64, dtype=dtype, with_exact=True)
+    # An SDPA oracle: in half precision, eager and SDPA attention round differently, a later layer's keys then land on
+    # the other side of a 2-bit step, and the gap grows by an amount that depends on the CPU's half-precision kernels
+    # (eager against SDPA left 0.27x of the quantization's effect and 93% top-1 on Gemma 3, SDPA against SDPA 0.03x).
+    got, want, exact = against_oracle(family, head_dim=64, dtype=dtype, with_exact=True, oracle_attn="sdpa")
     assert torch.isfinite(got).all()
     # The cache stores its exact windows rotated, one more half-precision rounding than the oracle: what is left
     # must be well below the quantization's own effect.
-    assert (got - want).abs().max() < 0.35 * (want - exact).abs().max()
+    assert (got - want).abs().max() < 0.2 * (want - exact).abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
