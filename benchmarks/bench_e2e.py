@@ -13,7 +13,7 @@ Sections (`--sections`, all by default):
   `--oscar-largest` (1,000,000) tokens, eager and graph.
 - `batch`: at `--batch-context` (32K), the largest batch each cache fits in `--kv-budget-gib` (40 GiB) of KV storage,
   decode step under CUDA graphs and aggregate tokens/s.
-- `prefill`: chunked prefill through the model (`model(input_ids=chunk, past_key_values=cache, ...)` chunk by chunk)
+- `prefill`: chunked prefill through the model (`model(input_ids=chunk, cache=cache, ...)` chunk by chunk)
   at `--prefill-context` for every cache, and the last `--prefill-long-chunks` chunks of a `--prefill-long-context`
   (128K) prompt whose head was written through the cache's write path.
 
@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache  # noqa: E402
 
 import oscar_hf  # noqa: E402, F401  (registers attn_implementation="oscar")
-from oscar_hf import OscarQuantizedCache, OscarQuantizedLayer  # noqa: E402
+from oscar_hf import OscarQuantizedCache, OscarQuantizedLayer, cache_keyword  # noqa: E402
 from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE  # noqa: E402
 
 GiB = 2**30
@@ -325,7 +325,8 @@ def forward_kwargs(model, ids: torch.Tensor, cache, position: int) -> dict:
             "cache_position" in inspect.signature(f).parameters for f in (model.forward, inner.forward)
         )
     positions = torch.arange(position, position + ids.shape[1], device=ids.device)
-    kw = dict(input_ids=ids, past_key_values=cache, position_ids=positions[None], use_cache=True, logits_to_keep=1)
+    kw = {"input_ids": ids, cache_keyword(model): cache, "position_ids": positions[None], "use_cache": True,
+          "logits_to_keep": 1}
     if _TAKES_CACHE_POSITION[kind]:
         kw["cache_position"] = positions
     return kw

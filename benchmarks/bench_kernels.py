@@ -211,7 +211,7 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
     from transformers import AutoModelForCausalLM
 
     import oscar_hf.kernels as kernels
-    from oscar_hf import OscarQuantizedCache
+    from oscar_hf import OscarQuantizedCache, cache_keyword
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="oscar").cuda().eval()
     tokens = np.load(f"{path}/heldout_tokens.npy")
@@ -230,8 +230,8 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.no_grad():
-                res = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                res = model.generate(input_ids=ids, attention_mask=mask, **{cache_keyword(model): cache},
+                                     do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
                                      return_dict_in_generate=True, output_scores=True)
             torch.cuda.synchronize()
             scores = torch.stack([sc.float() for sc in res.scores], dim=1)  # [batch, steps, vocab]

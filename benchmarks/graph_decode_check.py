@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import oscar_hf  # noqa: F401  (registers the "oscar" attention)
-from oscar_hf import OscarQuantizedCache
+from oscar_hf import OscarQuantizedCache, cache_keyword
 from oscar_hf.graphs import GraphDecoder
 
 EVAL_START = 1_048_576 + 300_000  # evaluation split of heldout_tokens.npy
@@ -48,7 +48,7 @@ def main() -> None:
 
     eager, t_eager = timed(
         lambda: model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=OscarQuantizedCache(model.config, **kw),
+            ids, attention_mask=torch.ones_like(ids), **{cache_keyword(model): OscarQuantizedCache(model.config, **kw)},
             max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
         )
     )

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import oscar_hf
-from oscar_hf import OscarQuantizedCache, OscarRotations
+from oscar_hf import OscarQuantizedCache, OscarRotations, cache_keyword
 from oscar_hf.calibrate.cli import main as cli_main
 from oscar_hf.calibrate.core import calibrate
 
@@ -68,7 +68,7 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, input_device) -> tuple[
     cache = OscarQuantizedCache(model.config, method="hadamard")
     start = time.perf_counter()
     out = model.generate(
-        prompt.to(input_device), past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        prompt.to(input_device), **{cache_keyword(model): cache}, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False,
     )
     return out[:, prompt.shape[-1] :].cpu(), cache, time.perf_counter() - start

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import oscar_hf
-from oscar_hf import OscarQuantizedCache
+from oscar_hf import OscarQuantizedCache, cache_keyword
 from oscar_hf.graphs import GraphDecoder
 
 
@@ -51,14 +51,14 @@ def held_out(path: str, n: int, offset: int) -> torch.Tensor | None:
 def baseline_step_ms(model, tokens: torch.Tensor, device, repeats: int = 20) -> float:
     """Mean time of a DynamicCache decode step after prefilling `tokens` (SDPA over the exact context)."""
     cache = DynamicCache(config=model.config)
-    model(input_ids=tokens[None, :-1].to(device), past_key_values=cache, logits_to_keep=1)
+    model(input_ids=tokens[None, :-1].to(device), **{cache_keyword(model): cache}, logits_to_keep=1)
     step = tokens[None, -1:].to(device)
-    model(input_ids=step, past_key_values=cache)  # warm-up
+    model(input_ids=step, **{cache_keyword(model): cache})  # warm-up
     cache.crop(-1)
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        model(input_ids=step, past_key_values=cache)
+        model(input_ids=step, **{cache_keyword(model): cache})
         cache.crop(-1)
     sync(device)
     return 1e3 * (time.perf_counter() - start) / repeats
@@ -105,9 +105,9 @@ def main(argv=None) -> int:
         logits = decoder.prefill(prompt)
         forward = decoder.step
     else:
-        logits = model(input_ids=prompt, past_key_values=cache).logits[:, -1]
+        logits = model(input_ids=prompt, **{cache_keyword(model): cache}).logits[:, -1]
         def forward(ids):
-            return model(input_ids=ids, past_key_values=cache).logits[:, -1]
+            return model(input_ids=ids, **{cache_keyword(model): cache}).logits[:, -1]
     context = tokens[: args.prompt_tokens].tolist()
     bad = torch.zeros((), dtype=torch.bool, device=device)
     nll = torch.zeros((), dtype=torch.float64, device=device)

@@ -46,7 +46,7 @@ def load_calibration_tokens(path, tokenizer=None, num_tokens: int | None = None,
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}.")
         end = None if num_tokens is None else offset + num_tokens
-        tokens = torch.from_numpy(np.asarray(ids[offset:end], dtype=np.int64))
+        tokens = torch.from_numpy(np.array(ids[offset:end], dtype=np.int64))
     elif suffix in (".txt", ".jsonl"):
         if tokenizer is None:
             raise ValueError(f"{path} is text: a tokenizer is needed to turn it into token ids.")

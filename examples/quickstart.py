@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from oscar_hf import OscarQuantizedCache  # importing oscar_hf registers attn_implementation="oscar"
+from oscar_hf import OscarQuantizedCache, cache_keyword  # importing oscar_hf registers attn_implementation="oscar"
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_REF = Path(os.environ.get("OSCAR_REF_MODEL", HERE.parent.parent / "shared" / "models" / "oscar-ref-code-qwen3"))
@@ -88,11 +88,13 @@ def main():
         cache = OscarQuantizedCache.from_pretrained(args.rotations, config=model.config, **windows)
     else:
         cache = OscarQuantizedCache(model.config, method="hadamard", **windows)
+    # `cache=` from transformers 5.24, `past_key_values=` before (and still accepted, with a warning, until 6.0).
+    kw = cache_keyword(model)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(ids, **{kw: cache}, max_new_tokens=args.max_new_tokens, do_sample=False)
         new_tokens = out[:, ids.shape[1] :]
         # Agreement with an exact cache, teacher-forced on the tokens generated with the 2-bit cache.
-        exact = model(out[:, :-1], past_key_values=DynamicCache(config=model.config)).logits[:, ids.shape[1] - 1 :]
+        exact = model(out[:, :-1], **{kw: DynamicCache(config=model.config)}).logits[:, ids.shape[1] - 1 :]
 
     # Logits of the quantized run, recomputed step by step through a fresh cache of the same kind.
     if args.rotations:
@@ -100,9 +102,9 @@ def main():
     else:
         replay = OscarQuantizedCache(model.config, method="hadamard", **windows)
     with torch.no_grad():
-        steps = [model(ids, past_key_values=replay).logits[:, -1:]]
+        steps = [model(ids, **{kw: replay}).logits[:, -1:]]
         for pos in range(ids.shape[1], out.shape[1] - 1):
-            steps.append(model(out[:, pos : pos + 1], past_key_values=replay).logits)
+            steps.append(model(out[:, pos : pos + 1], **{kw: replay}).logits)
     quant = torch.cat(steps, dim=1)
     p_log = torch.log_softmax(exact.float(), -1)
     q_log = torch.log_softmax(quant.float(), -1)

@@ -2,7 +2,7 @@
 
 from . import attention as _attention
 from .attention import OSCAR_ATTENTION
-from .cache import OscarQuantizedCache
+from .cache import OscarQuantizedCache, cache_keyword
 from .layer import OscarQuantizedLayer, OscarSegments
 from .rotations import OscarRotations
 
@@ -17,4 +17,5 @@ __all__ = [
     "OscarRotations",
     "OscarSegments",
     "__version__",
+    "cache_keyword",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
@@ -45,8 +47,18 @@ def model_geometry(config: PretrainedConfig) -> tuple[PretrainedConfig, int, int
     return config, num_layers, num_kv_heads, head_dim, list(layer_types)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which `model` (its `forward`, and so `generate`) takes a cache.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40 for `forward`, 6.0 for
+    `generate`); earlier releases know only `past_key_values`. Call as `model(ids, **{cache_keyword(model): cache})`.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class OscarQuantizedCache(Cache):
-    """A 2-bit KV cache with BF16 attention-sink and recent windows, for `model.generate(past_key_values=...)`.
+    """A 2-bit KV cache with BF16 attention-sink and recent windows, for `model.generate(cache=...)` (`past_key_values=` before
+    transformers 5.24).
 
     Args:
         config: the model's config (`model.config`).

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from tqdm.auto import tqdm
+from .cache import cache_keyword
 
 # Attributes under which transformers' cache layers keep their tensors: `keys`/`values` for the exact layers and the
 # residual window of `QuantizedLayer`, `_quantized_keys`/`_quantized_values` for its quantized history.
@@ -48,11 +49,12 @@ def decode_mode_run(
     device = model.device
     ids = tokens.to(device).unsqueeze(0)
     cache = cache if cache is not None else DynamicCache(config=model.config)
-    out = model(input_ids=ids[:, :prefix_tokens], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    keyword = cache_keyword(model)
+    out = model(input_ids=ids[:, :prefix_tokens], **{keyword: cache}, use_cache=True, logits_to_keep=1)
     rows = [torch.log_softmax(out.logits[0, -1].float(), -1).cpu()]
     steps = range(prefix_tokens, tokens.numel() - 1)
     for pos in tqdm(steps, desc=desc, disable=not progress, leave=False):
-        out = model(input_ids=ids[:, pos : pos + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, pos : pos + 1], **{keyword: cache}, use_cache=True)
         rows.append(torch.log_softmax(out.logits[0, -1].float(), -1).cpu())
     return DecodeRun(torch.stack(rows), tokens[prefix_tokens:].clone(), cache)
 

@@ -21,7 +21,7 @@ import inspect
 
 import torch
 
-from .cache import OscarQuantizedCache
+from .cache import OscarQuantizedCache, cache_keyword
 from .layer import OscarQuantizedLayer
 
 
@@ -57,6 +57,7 @@ class GraphDecoder:
             self._oscar_layers = list(cache.layers)
         # transformers 5.17 models take a `cache_position` (or derive it with a host sync); newer ones do not.
         self._takes_cache_position = "cache_position" in inspect.signature(model.model.forward).parameters
+        self._cache_keyword = cache_keyword(model)
 
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
@@ -120,7 +121,7 @@ class GraphDecoder:
         batch, length = input_ids.shape
         if positions is None:
             positions = torch.arange(position, position + length, device=input_ids.device).expand(batch, length)
-        kwargs = dict(position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        kwargs = {"position_ids": positions, self._cache_keyword: self.cache, "use_cache": True, "logits_to_keep": 1}
         if self._takes_cache_position:
             kwargs["cache_position"] = positions[0]
         return self.model(input_ids=input_ids, **kwargs)

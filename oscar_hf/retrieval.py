@@ -36,6 +36,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .cache import cache_keyword
+
 # Identifier words for needle keys; three of them give 27,000 distinct keys.
 KEY_WORDS = (
     "alpha", "beta", "gamma", "delta", "kernel", "buffer", "parser", "token", "cache", "widget", "vector", "matrix",
@@ -194,9 +196,9 @@ def feed_chunks(model, input_ids: torch.Tensor, cache, chunk_tokens: int | None)
     logits of the last position `[vocab]`."""
     n = input_ids.shape[-1]
     step = n if not chunk_tokens else chunk_tokens
-    out = None
+    out, keyword = None, cache_keyword(model)
     for pos in range(0, n, step):
-        out = model(input_ids=input_ids[:, pos : pos + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids[:, pos : pos + step], **{keyword: cache}, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
 
 
@@ -204,10 +206,10 @@ def feed_chunks(model, input_ids: torch.Tensor, cache, chunk_tokens: int | None)
 def greedy_continuation(model, cache, last_logits: torch.Tensor, max_new_tokens: int) -> list[int]:
     """Greedy tokens after the prompt already in `cache`, one decode step each."""
     generated = [int(last_logits.argmax())]
-    device = model.device
+    device, keyword = model.device, cache_keyword(model)
     for _ in range(max_new_tokens - 1):
         ids = torch.tensor([[generated[-1]]], device=device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=ids, **{keyword: cache}, use_cache=True).logits[0, -1]
         generated.append(int(logits.argmax()))
     return generated
 

@@ -1,11 +1,14 @@
 """OscarQuantizedCache in transformers models: exactness with covering windows, mixed-segment attention, generate()."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from conftest import tiny_model
-from oscar_hf import OscarQuantizedCache, OscarRotations
+from oscar_hf import OscarQuantizedCache, OscarRotations, cache_keyword
+from oscar_hf.evaluation import decode_mode_run
 from oscar_hf.attention import segment_attention_reference
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments
 from oscar_hf.quantization import dequantize_rows, hadamard_matrix
@@ -195,6 +198,26 @@ def test_generate_with_quantized_history_runs_and_quantizes(kwargs):
     assert out.shape[1] == 70
     layer = cache.layers[0]
     assert layer.body_len > 0 and layer.get_seq_length() == 69
+
+
+@torch.no_grad()
+def test_generate_takes_the_cache_under_either_keyword_and_ours_warns_no_deprecation():
+    """transformers 5.24 renamed `past_key_values` to `cache`: the old name must keep working, and our own calls (which
+    pass `cache_keyword(model)`) must not trip the deprecation."""
+    model = tiny_model("qwen3")
+    ids = torch.randint(3, 128, (1, 40))
+    windows = dict(method="hadamard", sink_tokens=4, recent_tokens=8, demote_block=4)
+    legacy = OscarQuantizedCache(model.config, **windows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        expected = model.generate(ids, past_key_values=legacy, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    current = OscarQuantizedCache(model.config, **windows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = model.generate(ids, **{cache_keyword(model): current}, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        run = decode_mode_run(model, ids[0], 30, cache=OscarQuantizedCache(model.config, **windows))
+    assert torch.equal(got, expected) and current.layers[0].body_len > 0
+    assert run.cache.layers[0].body_len > 0 and run.logprobs.shape[0] == 10
 
 
 @torch.no_grad()
