@@ -51,6 +51,19 @@ def test_greedy_generate_with_covering_windows_equals_dynamic_cache(family):
         assert sliding and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in sliding)
 
 
+def assert_tracks_oracle(got, want, exact, bound=0.05, top1=0.95):
+    """`got` equals the oracle's logits up to rare 2-bit code flips: the cache rotates each token as it arrives and the
+    oracle rotates the stored history at every forward, float32 products of different shapes that the CPU's BLAS may
+    sum in different orders, and a row sitting on a code boundary then rounds to the other code on some CPUs (seen on
+    one machine for head_dim 112: max |got - want| 0.015). What is left must be a small fraction of the quantization's
+    own effect; a wrong window, scale or rotation is of the size of that effect."""
+    assert torch.isfinite(got).all()
+    gap, effect = (got - want).abs().max().item(), (want - exact).abs().max().item()
+    assert gap <= bound * effect, f"max |got - oracle| {gap:.3g} is over {bound} x the quantization's effect {effect:.3g}"
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= top1, f"top-1 agreement with the oracle {agree:.3f} < {top1}"
+
+
 def against_oracle(
     family, attn="oscar", head_dim=32, dtype=torch.float32, batch=2, with_exact=False, oracle_attn="eager"
 ):
@@ -79,8 +92,7 @@ def against_oracle(
 )
 @torch.no_grad()
 def test_quantized_run_matches_the_fake_quantized_oracle(family, attn):
-    got, want = against_oracle(family, attn)
-    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert_tracks_oracle(*against_oracle(family, attn, with_exact=True))
 
 
 @pytest.mark.parametrize(
@@ -88,8 +100,7 @@ def test_quantized_run_matches_the_fake_quantized_oracle(family, attn):
 )
 @torch.no_grad()
 def test_head_dims_including_non_powers_of_two_match_the_oracle(family, head_dim):
-    got, want = against_oracle(family, head_dim=head_dim, batch=1)
-    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert_tracks_oracle(*against_oracle(family, head_dim=head_dim, batch=1, with_exact=True))
 
 
 @pytest.mark.parametrize("n", [64, 80, 96, 112, 120, 256])
