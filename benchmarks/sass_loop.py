@@ -119,17 +119,19 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dtype", choices=sorted(_DT_TYPE), default="bf16")
+    p.add_argument("--key-pairs", action="store_true", help="read key codes as byte pairs (KEY_PAIRS)")
     p.add_argument("--top", type=int, default=14, help="opcodes to list")
     args = p.parse_args(argv)
     missing = tools_missing()
     if missing:
         print(f"cannot produce SASS: {missing}")
         return 2
-    compiled = compile_stage1(args.block_n, args.stack, args.rows, args.dtype, args.warps, args.stages)
+    compiled = compile_stage1(args.block_n, args.stack, args.rows, args.dtype, args.warps, args.stages,
+                              KEY_PAIRS=args.key_pairs)
     loop = opcode_counts(mma_loop(sass_text(compiled)))
     total = sum(loop.values())
     print(f"triton {triton.__version__}, sm_90, block_n {args.block_n}, stack {args.stack}, {args.warps} warps, "
-          f"{args.stages} stages, {args.dtype}")
+          f"{args.stages} stages, {args.dtype}{', key pairs' if args.key_pairs else ''}")
     print(f"body loop: {total} instructions per warp per iteration, {total * args.warps / args.block_n:.1f} warp "
           f"instructions per key")
     print(", ".join(f"{op} {n}" for op, n in loop.most_common(args.top)))

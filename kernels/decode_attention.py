@@ -24,8 +24,11 @@ row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row deco
 Codes become bf16/fp16 operands by bit pattern (`4 + code`, exact; see `_unpack_asm`), so the tensor cores multiply
 them directly and no conversion instruction runs per element; the scale/offset corrections are one multiply-add per
 (row, key). The packed bytes reach shared memory through the software pipeline (`num_stages`) with 16-byte copies and
-are unpacked in the registers of the matrix-product operand layout. The PyTorch reference is
-`oscar_hf.attention.segment_attention_reference`.
+are unpacked in the registers of the matrix-product operand layout. With `key_pairs` the key codes are read as
+uint16 (two bytes) and each quarter's score product splits into the even and the odd bytes' channels: the operands
+are then 16-bit all the way, and Triton lays the query out as for bf16 x bf16 instead of re-packing it for a byte
+operand every block (12% fewer instructions in the body loop on sm_90, `benchmarks/sass_loop.py`; not yet timed on
+a GPU, so off by default). The PyTorch reference is `oscar_hf.attention.segment_attention_reference`.
 """
 
 from __future__ import annotations
@@ -95,6 +98,65 @@ _BF16_ASM_0, _BF16_ASM_1, _BF16_ASM_2, _BF16_ASM_3 = (tl.constexpr(_unpack_asm("
 _FP16_ASM_0, _FP16_ASM_1, _FP16_ASM_2, _FP16_ASM_3 = (tl.constexpr(_unpack_asm("fp16", s)) for s in range(4))
 
 
+def _unpack_pairs_asm(dt: str, s: int) -> str:
+    """PTX for two packed byte pairs (one 32-bit register, `$2`: bytes b0 b1 | b2 b3) -> the `4 + code` values of
+    quarter `s` of the even bytes (`$0`: b0, b2) and of the odd bytes (`$1`: b1, b3)."""
+    if dt == "bf16":
+        shift = "shr.b32 t, $2, 1;" if s == 3 else f"shl.b32 t, $2, {5 - 2 * s};"
+        mask, bits, other, sel = "0x60606060", "0x80808080", "0x40404040", ("0x4240", "0x4341")
+    else:
+        shift = "mov.b32 t, $2;" if s == 0 else f"shr.b32 t, $2, {2 * s};"
+        mask, bits, other, sel = "0x03030303", "0x44444444", "0", ("0x2404", "0x3414")
+    return (
+        f"{{ .reg .b32 t, m, c, h; {shift} mov.b32 m, {mask}; mov.b32 c, {bits}; mov.b32 h, {other}; "
+        f"lop3.b32 t, t, m, c, 0xea; prmt.b32 $0, t, h, {sel[0]}; prmt.b32 $1, t, h, {sel[1]}; }}"
+    )
+
+
+_BF16_PAIRS_0, _BF16_PAIRS_1, _BF16_PAIRS_2, _BF16_PAIRS_3 = (tl.constexpr(_unpack_pairs_asm("bf16", s)) for s in range(4))
+_FP16_PAIRS_0, _FP16_PAIRS_1, _FP16_PAIRS_2, _FP16_PAIRS_3 = (tl.constexpr(_unpack_pairs_asm("fp16", s)) for s in range(4))
+
+
+@triton.jit
+def _biased_code_pairs(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """`4 + code` in DT of quarter `s` for the low (even) and the high (odd) byte of each uint16 in `packed`: two
+    tensors of `packed`'s shape. The products then take 16-bit operands, so Triton lays the other operand out as it
+    would for bf16 x bf16 instead of for a byte operand (which re-packs the query registers every block)."""
+    if ASM:
+        if DT == tl.bfloat16:
+            if s == 0:
+                asm: tl.constexpr = _BF16_PAIRS_0
+            elif s == 1:
+                asm: tl.constexpr = _BF16_PAIRS_1
+            elif s == 2:
+                asm: tl.constexpr = _BF16_PAIRS_2
+            else:
+                asm: tl.constexpr = _BF16_PAIRS_3
+            return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=(tl.bfloat16, tl.bfloat16),
+                                             is_pure=True, pack=2)
+        else:
+            if s == 0:
+                asm: tl.constexpr = _FP16_PAIRS_0
+            elif s == 1:
+                asm: tl.constexpr = _FP16_PAIRS_1
+            elif s == 2:
+                asm: tl.constexpr = _FP16_PAIRS_2
+            else:
+                asm: tl.constexpr = _FP16_PAIRS_3
+            return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=(tl.float16, tl.float16),
+                                             is_pure=True, pack=2)
+    else:
+        x = packed.to(tl.int32)
+        lo = (x >> (2 * s)) & 3
+        hi = (x >> (8 + 2 * s)) & 3
+        if DT == tl.bfloat16:
+            return ((lo << 5) | 0x4080).to(tl.int16).to(tl.bfloat16, bitcast=True), \
+                ((hi << 5) | 0x4080).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            return ((lo << 8) | 0x4400).to(tl.int16).to(tl.float16, bitcast=True), \
+                ((hi << 8) | 0x4400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
 @triton.jit
 def _biased_codes(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """`4 + code` in DT for the codes of channel quarter `s` (bits `2s, 2s+1`) of each packed byte. With `ASM`
@@ -155,11 +217,11 @@ def _online_softmax(scores, vis, m_i, l_i):
 
 @triton.jit
 def _int2_block(
-    start, end, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
+    start, end, q0, q1, q2, q3, o0, o1, o2, o3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
     kc_base, vc_base, ks_base, ko_base, vs_base, vo_base,
     pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
     QD: tl.constexpr, BLOCK_N: tl.constexpr, J: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, KEY_PAIRS: tl.constexpr,
 ):
     """`J` consecutive sub-blocks of `BLOCK_N` 2-bit keys/values; the rows of copy j (`rj == j`) take sub-block j, so
     one `[M, BLOCK_N]` tile of scores (and one round of online softmax) covers `J * BLOCK_N` keys. `*_base` point at this
@@ -178,11 +240,28 @@ def _int2_block(
         offs = start + j * BLOCK_N + n
         n_ok = offs < end
         # Key codes are loaded as [QD, BLOCK_N] (the dot's B operand as is, no transpose).
-        kc = tl.load(kc_base + offs[None, :] * QD + tl.arange(0, QD)[:, None], mask=n_ok[None, :], other=0)
-        qk_j = _mma(q0, _biased_codes(kc, 0, DT, ASM), FP32_DOT)
-        qk_j += _mma(q1, _biased_codes(kc, 1, DT, ASM), FP32_DOT)
-        qk_j += _mma(q2, _biased_codes(kc, 2, DT, ASM), FP32_DOT)
-        qk_j += _mma(q3, _biased_codes(kc, 3, DT, ASM), FP32_DOT)
+        if KEY_PAIRS:
+            # Read as uint16 (two code bytes): the even bytes' channels meet q0..q3, the odd bytes' o0..o3.
+            kc = tl.load(kc_base.to(tl.pointer_type(tl.uint16)) + offs[None, :] * (QD // 2)
+                         + tl.arange(0, QD // 2)[:, None], mask=n_ok[None, :], other=0)
+            even, odd = _biased_code_pairs(kc, 0, DT, ASM)
+            qk_j = _mma(q0, even, FP32_DOT)
+            qk_j += _mma(o0, odd, FP32_DOT)
+            even, odd = _biased_code_pairs(kc, 1, DT, ASM)
+            qk_j += _mma(q1, even, FP32_DOT)
+            qk_j += _mma(o1, odd, FP32_DOT)
+            even, odd = _biased_code_pairs(kc, 2, DT, ASM)
+            qk_j += _mma(q2, even, FP32_DOT)
+            qk_j += _mma(o2, odd, FP32_DOT)
+            even, odd = _biased_code_pairs(kc, 3, DT, ASM)
+            qk_j += _mma(q3, even, FP32_DOT)
+            qk_j += _mma(o3, odd, FP32_DOT)
+        else:
+            kc = tl.load(kc_base + offs[None, :] * QD + tl.arange(0, QD)[:, None], mask=n_ok[None, :], other=0)
+            qk_j = _mma(q0, _biased_codes(kc, 0, DT, ASM), FP32_DOT)
+            qk_j += _mma(q1, _biased_codes(kc, 1, DT, ASM), FP32_DOT)
+            qk_j += _mma(q2, _biased_codes(kc, 2, DT, ASM), FP32_DOT)
+            qk_j += _mma(q3, _biased_codes(kc, 3, DT, ASM), FP32_DOT)
         if J == 1:
             qk = qk_j
         else:
@@ -309,7 +388,7 @@ def _decode_stage1(
     sm_scale_log2, lengths_ptr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     EXACT_CHUNK: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    DEVICE_LENGTHS: tl.constexpr,
+    DEVICE_LENGTHS: tl.constexpr, KEY_PAIRS: tl.constexpr = False,
 ):
     QD: tl.constexpr = D // 4
     # The BLOCK_M rows of the score tile are J = BLOCK_M / RP stacked copies of the RP (padded) query rows; in the
@@ -349,6 +428,19 @@ def _decode_stage1(
     a_off = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     if pid_s < body_splits:
+        if KEY_PAIRS:  # the body's query operands split by channel parity within each quarter
+            p_base = qr_ptr + pid_bh.to(tl.int64) * BLOCK_M * D + rr[:, None] * D + 2 * tl.arange(0, QD // 2)[None, :]
+            e0 = tl.load(p_base)
+            e1 = tl.load(p_base + QD)
+            e2 = tl.load(p_base + 2 * QD)
+            e3 = tl.load(p_base + 3 * QD)
+            o0 = tl.load(p_base + 1)
+            o1 = tl.load(p_base + QD + 1)
+            o2 = tl.load(p_base + 2 * QD + 1)
+            o3 = tl.load(p_base + 3 * QD + 1)
+        else:
+            e0, e1, e2, e3 = q0, q1, q2, q3
+            o0, o1, o2, o3 = q0, q1, q2, q3
         qsum = (
             tl.sum(q0.to(tl.float32), axis=1)
             + tl.sum(q1.to(tl.float32), axis=1)
@@ -361,10 +453,10 @@ def _decode_stage1(
         p_off = b * s_p_b + kvh * s_p_h
         for start in range(lo, hi, J * BLOCK_N):
             m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
-                start, hi, q0, q1, q2, q3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
+                start, hi, e0, e1, e2, e3, o0, o1, o2, o3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
                 kc_ptr + c_off, vc_ptr + c_off, ks_ptr + p_off, ko_ptr + p_off, vs_ptr + p_off, vo_ptr + p_off,
                 sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                QD, BLOCK_N, J, DT, HAS_MASK, CAUSAL, FP32_DOT,
+                QD, BLOCK_N, J, DT, HAS_MASK, CAUSAL, FP32_DOT, KEY_PAIRS,
             )
     elif pid_s < body_splits + sink_splits:
         row_ok = row_ok & (rj == 0)  # the exact segments are not stacked: copy 0 of the rows does all the work
@@ -558,6 +650,7 @@ def oscar_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     stack: int | None = None,
+    key_pairs: bool = False,
     _checked: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
@@ -568,7 +661,8 @@ def oscar_decode_attention(
     Raises `ValueError` for what the kernel does not support; `unsupported_reason` says which beforehand.
     The keyword arguments tune the launch (benchmarks/bench_kernels.py sweeps them): `block_n` keys per body
     iteration, `programs_per_sm` and `min_blocks_per_split` the split-K grid, `exact_chunk` tokens of the exact
-    windows per program, `stack` copies of the query rows in the score tile (default: as many as fit).
+    windows per program, `stack` copies of the query rows in the score tile (default: as many as fit), `key_pairs`
+    key codes read two bytes at a time (see the module docstring).
     """
     num_new = query.shape[2] if num_new is None else num_new
     reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new)
@@ -657,7 +751,7 @@ def oscar_decode_attention(
         EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
-        num_warps=num_warps, num_stages=num_stages,
+        KEY_PAIRS=key_pairs, num_warps=num_warps, num_stages=num_stages,
     )
     block_e = 32
     _decode_stage2[(n_bh, group * q_len, head_dim // block_e)](

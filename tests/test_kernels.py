@@ -283,9 +283,10 @@ def test_decode_kernel_matches_reference(poisoned_allocations, rotation, q_len, 
         seg, query = _step(layer, gen, q_len, group)
         assert layer.body_len > 0 and layer.body_len % 16 != 0 or layer.body_len > 0
         # 16-token exact chunks: the sink and the recent window are each split over several programs.
-        out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, min_blocks_per_split=2,
-                                        exact_chunk=16)
-        _check_against_reference(out, query, seg, None)
+        for key_pairs in (False, True):  # key codes read one byte or two bytes (uint16) at a time
+            out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, min_blocks_per_split=2,
+                                            exact_chunk=16, key_pairs=key_pairs)
+            _check_against_reference(out, query, seg, None)
 
 
 @in_process
@@ -307,11 +308,13 @@ def test_decode_kernel_stacked_query_rows_match_reference(poisoned_allocations, 
     assert len(stacks) > 1
     outs = []
     for stack in stacks:
-        out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
-                                        stack=stack)
-        _check_against_reference(out, query, seg, mask)
-        outs.append(out)
-    # Stacking changes only the order in which partial softmax sums are merged.
+        for key_pairs in (False, True):
+            out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
+                                            stack=stack, key_pairs=key_pairs)
+            _check_against_reference(out, query, seg, mask)
+            outs.append(out)
+    # Stacking changes only the order in which partial softmax sums are merged; key pairs change nothing but the
+    # order of the score products' terms.
     for out in outs[1:]:
         assert _rel(out, outs[0]) < 1e-2
     with pytest.raises(ValueError, match="stack"):
