@@ -52,6 +52,9 @@ def compile_stage1(block_n: int = 128, stack: int = 4, rows: int = 4, dtype: str
                  EXACT_CHUNK=64, DT=_DT_TYPE[dtype], HAS_MASK=False, CAUSAL=False, FP32_DOT=False,
                  DEVICE_LENGTHS=False)
     const.update(constexprs)
+    for param in fn.params:  # constexpr parameters left at their defaults
+        if param.is_constexpr and param.has_default and param.name not in const:
+            const[param.name] = param.default
     pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "mask_ptr": "*u8", "part_o": "*fp32", "part_m": "*fp32",
                 "part_l": "*fp32", "lengths_ptr": "*i32"}
     sig = {}
