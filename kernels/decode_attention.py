@@ -695,6 +695,8 @@ def oscar_decode_attention(
         stack = min(4, block_m // rows_pow2, max(1, block_n // 16))
     if block_m % stack or (block_m // stack) < rows_pow2 or block_n % stack or block_n // stack < 16:
         raise ValueError(f"stack={stack} does not fit {group * q_len} query rows and block_n={block_n}.")
+    if key_pairs and head_dim < 128:  # a parity's channels per quarter, head_dim / 8, are a product's K (>= 16)
+        raise ValueError(f"key_pairs needs head_dim >= 128 (got {head_dim}).")
     body_blocks = triton.cdiv(body_len, block_n)
     if body_blocks:
         if programs_per_sm is None:

@@ -283,10 +283,9 @@ def test_decode_kernel_matches_reference(poisoned_allocations, rotation, q_len, 
         seg, query = _step(layer, gen, q_len, group)
         assert layer.body_len > 0 and layer.body_len % 16 != 0 or layer.body_len > 0
         # 16-token exact chunks: the sink and the recent window are each split over several programs.
-        for key_pairs in (False, True):  # key codes read one byte or two bytes (uint16) at a time
-            out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, min_blocks_per_split=2,
-                                            exact_chunk=16, key_pairs=key_pairs)
-            _check_against_reference(out, query, seg, None)
+        out = dk.oscar_decode_attention(query, layer, None, None, q_len, block_n=16, min_blocks_per_split=2,
+                                        exact_chunk=16)
+        _check_against_reference(out, query, seg, None)
 
 
 @in_process
@@ -308,17 +307,48 @@ def test_decode_kernel_stacked_query_rows_match_reference(poisoned_allocations, 
     assert len(stacks) > 1
     outs = []
     for stack in stacks:
-        for key_pairs in (False, True):
-            out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
-                                            stack=stack, key_pairs=key_pairs)
-            _check_against_reference(out, query, seg, mask)
-            outs.append(out)
-    # Stacking changes only the order in which partial softmax sums are merged; key pairs change nothing but the
-    # order of the score products' terms.
+        out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
+                                        stack=stack)
+        _check_against_reference(out, query, seg, mask)
+        outs.append(out)
+    # Stacking changes only the order in which partial softmax sums are merged.
     for out in outs[1:]:
         assert _rel(out, outs[0]) < 1e-2
     with pytest.raises(ValueError, match="stack"):
         dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=32, stack=4)
+
+
+@in_process
+@pytest.mark.parametrize("q_len,group,stack,padded", [(1, 4, 4, False), (1, 4, 1, True), (2, 3, 2, True), (5, 2, 1, False)])
+def test_decode_kernel_key_pairs_match_reference(poisoned_allocations, q_len, group, stack, padded):
+    """Key codes read as byte pairs (`key_pairs`): each quarter's score product split into the even and the odd
+    bytes' channels. Same products as the byte path, in another order: both must match the reference, and each
+    other closely; head_dim 128 (the pairs need 16 channels per parity and quarter)."""
+    gen = torch.Generator().manual_seed(70 + 4 * q_len + group)
+    prompt = int(torch.randint(150, 230, (1,), generator=gen))
+    layer = _filled_layer(gen, batch=2, kv_heads=2, head_dim=128, prompt=prompt, rotation="per_head")
+    seg, query = _step(layer, gen, q_len, group)
+    mask = None
+    if padded:
+        kv_len = layer.get_seq_length()
+        mask = torch.ones(2, 1, q_len, kv_len, dtype=torch.bool, device=DEVICE).tril(kv_len - q_len)
+        mask[1, :, :, :40] = False
+    outs = []
+    for key_pairs in (False, True):
+        out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
+                                        stack=stack, key_pairs=key_pairs)
+        _check_against_reference(out, query, seg, mask)
+        outs.append(out)
+    assert _rel(outs[1], outs[0]) < 1e-2
+
+
+@in_process
+def test_decode_kernel_key_pairs_need_head_dim_128():
+    gen = torch.Generator().manual_seed(3)
+    layer = _filled_layer(gen, batch=1, kv_heads=2, head_dim=64, prompt=120, rotation=None)
+    _, query = _step(layer, gen, 1, 4)
+    with pytest.raises(ValueError, match="key_pairs"):
+        dk.oscar_decode_attention(query, layer, key_pairs=True)
 
 
 @in_process
