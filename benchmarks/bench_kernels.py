@@ -270,7 +270,8 @@ def main():
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--configs", default=None,
                     help="comma-separated launch configurations to sweep, n{block_n}w{warps}s{stages}p{programs per SM}"
-                         "[j{stacked query-row copies}][k: key codes read as byte pairs], e.g. n128w4s3p3j1, n128w4s3p3k")
+                         "[j{stacked query-row copies}][b{k,v,kv}: key/value codes a byte at a time], e.g. n128w4s3p3j1, "
+                         "n128w4s3p3bkv")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-write", action="store_true", help="skip the write-kernel benchmark")
     args = ap.parse_args()
@@ -291,17 +292,19 @@ def main():
         names = [f"n{bn}w{nw}s{ns}p{pps}" for bn, nw, ns in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4))
                  for pps in (2, 4, 8)]
     for name in names:
-        # n{block_n}w{warps}s{stages}p{programs per SM}[j{stack}][k: key codes read as byte pairs]
-        key_pairs = name.endswith("k")
-        bn, rest = name[1:].removesuffix("k").split("w")
+        # n{block_n}w{warps}s{stages}p{programs per SM}[j{stack}][b{k,v,kv}: key / value codes read a byte at a time]
+        base, _, bytes_of = name.partition("b")
+        bn, rest = base[1:].split("w")
         nw, rest = rest.split("s")
         ns, pps = rest.split("p")
         pps, _, stack = pps.partition("j")
         configs[name] = dict(block_n=int(bn), num_warps=int(nw), num_stages=int(ns), programs_per_sm=int(pps))
         if stack:
             configs[name]["stack"] = int(stack)
-        if key_pairs:
-            configs[name]["key_pairs"] = True
+        if "k" in bytes_of:
+            configs[name]["key_pairs"] = False
+        if "v" in bytes_of:
+            configs[name]["value_pairs"] = False
     contexts = [int(c) for c in args.contexts.split(",")]
     shapes = [(b, c) for b in (int(x) for x in args.batches.split(",")) for c in contexts]
     attn = run_attention(shapes, copy_bw, configs, gen)

@@ -8,6 +8,7 @@ variant that issues more instructions per key than the current one has not been 
 
     python benchmarks/sass_loop.py                      # the default launch: 4 x 32 stacked keys, 4 warps, 3 stages
     python benchmarks/sass_loop.py --block-n 64 --stack 1 --warps 4 --dtype fp16
+    python benchmarks/sass_loop.py --no-key-pairs --no-value-pairs   # codes read a byte at a time
 
 Counts depend on the Triton version (the GPU image has 3.6; install it in a side environment to match it).
 """
@@ -122,19 +123,25 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dtype", choices=sorted(_DT_TYPE), default="bf16")
-    p.add_argument("--key-pairs", action="store_true", help="read key codes as byte pairs (KEY_PAIRS)")
+    p.add_argument("--key-pairs", action=argparse.BooleanOptionalAction, default=None,
+                   help="key codes read as byte pairs (default: as the launcher chooses, head_dim >= 128)")
+    p.add_argument("--value-pairs", action=argparse.BooleanOptionalAction, default=None,
+                   help="value codes read as token pairs (default: as the launcher chooses, sub-blocks >= 32 tokens)")
     p.add_argument("--top", type=int, default=14, help="opcodes to list")
     args = p.parse_args(argv)
     missing = tools_missing()
     if missing:
         print(f"cannot produce SASS: {missing}")
         return 2
+    key_pairs = True if args.key_pairs is None else args.key_pairs  # head_dim 128 here
+    value_pairs = args.block_n // args.stack >= 32 if args.value_pairs is None else args.value_pairs
     compiled = compile_stage1(args.block_n, args.stack, args.rows, args.dtype, args.warps, args.stages,
-                              KEY_PAIRS=args.key_pairs)
+                              KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs)
     loop = opcode_counts(mma_loop(sass_text(compiled)))
     total = sum(loop.values())
     print(f"triton {triton.__version__}, sm_90, block_n {args.block_n}, stack {args.stack}, {args.warps} warps, "
-          f"{args.stages} stages, {args.dtype}{', key pairs' if args.key_pairs else ''}")
+          f"{args.stages} stages, {args.dtype}, key codes by {'pairs' if key_pairs else 'bytes'}, value codes by "
+          f"{'pairs' if value_pairs else 'bytes'}")
     print(f"body loop: {total} instructions per warp per iteration, {total * args.warps / args.block_n:.1f} warp "
           f"instructions per key")
     print(", ".join(f"{op} {n}" for op, n in loop.most_common(args.top)))

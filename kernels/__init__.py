@@ -58,10 +58,11 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
         return oscar_decode_attention(query, segments.layer, attention_mask, scaling, segments.num_new, _checked=True)
 
 
-def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=None, tilt=None) -> bool:
+def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=None, tilt=None,
+                            token_pairs_from=None) -> bool:
     """Quantize `rows` into the given buffers with the Triton kernel; False (nothing written) when it cannot: the
     reference then codes them (a key tilt of more than 8 query heads per KV head, or one without `feedback`, which the
-    reference rejects with the reason)."""
+    reference rejects with the reason). `token_pairs_from`: see `quantize_rows_into`."""
     if not (_ENABLED and rows.is_cuda and triton_available()) or (tilt is not None and feedback is None):
         return False
     from .quantize import can_quantize, quantize_rows_into
@@ -69,7 +70,7 @@ def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=Non
     if not can_quantize(rows, tilt):
         return False
     with torch.cuda.device(rows.device):  # see decode_attention_fast_path
-        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback, tilt)
+        quantize_rows_into(rows, clip_ratio, codes, scale, offset, feedback, tilt, token_pairs_from=token_pairs_from)
     return True
 
 

@@ -24,11 +24,16 @@ row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row deco
 Codes become bf16/fp16 operands by bit pattern (`4 + code`, exact; see `_unpack_asm`), so the tensor cores multiply
 them directly and no conversion instruction runs per element; the scale/offset corrections are one multiply-add per
 (row, key). The packed bytes reach shared memory through the software pipeline (`num_stages`) with 16-byte copies and
-are unpacked in the registers of the matrix-product operand layout. With `key_pairs` the key codes are read as
-uint16 (two bytes) and each quarter's score product splits into the even and the odd bytes' channels: the operands
-are then 16-bit all the way, and Triton lays the query out as for bf16 x bf16 instead of re-packing it for a byte
-operand every block (12% fewer instructions in the body loop on sm_90, `benchmarks/sass_loop.py`; not yet timed on
-a GPU, so off by default). The PyTorch reference is `oscar_hf.attention.segment_attention_reference`.
+are unpacked in the registers of the matrix-product operand layout.
+
+Codes are read two bytes at a time (uint16), so that every product operand is 16-bit and Triton lays the other
+operand out as for bf16 x bf16 (a byte operand makes it re-pack the query every block): `key_pairs` splits each
+quarter's score product into the even and the odd code bytes' channels; `value_pairs` reads the same byte of two
+consecutive tokens (the body stores value codes token-pair interleaved, `quantization.write_token_pairs`) and splits
+the value product by token parity. Body loop on sm_90 (`benchmarks/sass_loop.py`, Triton 3.6): 1,005 -> 781
+instructions per warp per 128 keys; chosen on these counts, to be timed on the device. The byte-at-a-time paths
+remain for head_dim 64 and sub-blocks under 32 tokens. The PyTorch reference is
+`oscar_hf.attention.segment_attention_reference`.
 """
 
 from __future__ import annotations
@@ -221,7 +226,7 @@ def _int2_block(
     kc_base, vc_base, ks_base, ko_base, vs_base, vo_base,
     pos0, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
     QD: tl.constexpr, BLOCK_N: tl.constexpr, J: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, KEY_PAIRS: tl.constexpr,
+    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, KEY_PAIRS: tl.constexpr, VALUE_PAIRS: tl.constexpr,
 ):
     """`J` consecutive sub-blocks of `BLOCK_N` 2-bit keys/values; the rows of copy j (`rj == j`) take sub-block j, so
     one `[M, BLOCK_N]` tile of scores (and one round of online softmax) covers `J * BLOCK_N` keys. `*_base` point at this
@@ -285,24 +290,56 @@ def _int2_block(
     # Values decode as (4 + code) * scale + (offset - 4 * scale). The (p * scale) operand goes in as float16 (11-bit
     # mantissa; p * scale <= the float16 scale), with float16 codes, whatever the storage dtype.
     pv = (p * v_scale).to(tl.float16)
-    for j in tl.static_range(J):
-        offs = start + j * BLOCK_N + n
-        n_ok = offs < end
-        vc = tl.load(vc_base + offs[:, None] * QD + tl.arange(0, QD)[None, :], mask=n_ok[:, None], other=0)
-        if J == 1:
-            pv_j = pv
-        else:
-            pv_j = tl.where((rj == j)[:, None], pv, tl.zeros_like(pv))
-        if j == 0:  # rescale and add in one expression: the compiler folds it into the products' accumulator
-            a0 = a0 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
-            a1 = a1 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
-            a2 = a2 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
-            a3 = a3 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
-        else:
-            a0 += _mma(pv_j, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
-            a1 += _mma(pv_j, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
-            a2 += _mma(pv_j, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
-            a3 += _mma(pv_j, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
+    if VALUE_PAIRS:
+        # Value codes are stored in token pairs: one uint16 is the same byte of an even and an odd token. The
+        # product splits by token parity, the probabilities by column parity (a register-local split).
+        pv_even, pv_odd = tl.split(tl.reshape(pv, [pv.shape[0], BLOCK_N // 2, 2]))
+        a0 = a0 * alpha[:, None]
+        a1 = a1 * alpha[:, None]
+        a2 = a2 * alpha[:, None]
+        a3 = a3 * alpha[:, None]
+        for j in tl.static_range(J):
+            pair = (start + j * BLOCK_N) // 2 + tl.arange(0, BLOCK_N // 2)
+            vc = tl.load(vc_base.to(tl.pointer_type(tl.uint16)) + pair[:, None] * QD + tl.arange(0, QD)[None, :],
+                         mask=(2 * pair < end)[:, None], other=0)
+            if J == 1:
+                pe, po = pv_even, pv_odd
+            else:
+                pe = tl.where((rj == j)[:, None], pv_even, tl.zeros_like(pv_even))
+                po = tl.where((rj == j)[:, None], pv_odd, tl.zeros_like(pv_odd))
+            even, odd = _biased_code_pairs(vc, 0, tl.float16, ASM)
+            a0 += _mma(pe, even, FP32_DOT)
+            a0 += _mma(po, odd, FP32_DOT)
+            even, odd = _biased_code_pairs(vc, 1, tl.float16, ASM)
+            a1 += _mma(pe, even, FP32_DOT)
+            a1 += _mma(po, odd, FP32_DOT)
+            even, odd = _biased_code_pairs(vc, 2, tl.float16, ASM)
+            a2 += _mma(pe, even, FP32_DOT)
+            a2 += _mma(po, odd, FP32_DOT)
+            even, odd = _biased_code_pairs(vc, 3, tl.float16, ASM)
+            a3 += _mma(pe, even, FP32_DOT)
+            a3 += _mma(po, odd, FP32_DOT)
+    else:
+        for j in tl.static_range(J):
+            offs = start + j * BLOCK_N + n
+            n_ok = offs < end
+            # token-pair interleaved value codes (`quantization.write_token_pairs`), read a byte per token
+            vc = tl.load(vc_base + (offs // 2)[:, None] * (2 * QD) + 2 * tl.arange(0, QD)[None, :]
+                         + (offs % 2)[:, None], mask=n_ok[:, None], other=0)
+            if J == 1:
+                pv_j = pv
+            else:
+                pv_j = tl.where((rj == j)[:, None], pv, tl.zeros_like(pv))
+            if j == 0:  # rescale and add in one expression: the compiler folds it into the products' accumulator
+                a0 = a0 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
+                a1 = a1 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
+                a2 = a2 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
+                a3 = a3 * alpha[:, None] + _mma(pv_j, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
+            else:
+                a0 += _mma(pv_j, _biased_codes(vc, 0, tl.float16, ASM), FP32_DOT)
+                a1 += _mma(pv_j, _biased_codes(vc, 1, tl.float16, ASM), FP32_DOT)
+                a2 += _mma(pv_j, _biased_codes(vc, 2, tl.float16, ASM), FP32_DOT)
+                a3 += _mma(pv_j, _biased_codes(vc, 3, tl.float16, ASM), FP32_DOT)
     a_off = a_off * alpha + tl.sum(p * v_off, axis=1)
     return m_i, l_i, a0, a1, a2, a3, a_off
 
@@ -388,7 +425,7 @@ def _decode_stage1(
     sm_scale_log2, lengths_ptr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     EXACT_CHUNK: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    DEVICE_LENGTHS: tl.constexpr, KEY_PAIRS: tl.constexpr = False,
+    DEVICE_LENGTHS: tl.constexpr, KEY_PAIRS: tl.constexpr = False, VALUE_PAIRS: tl.constexpr = False,
 ):
     QD: tl.constexpr = D // 4
     # The BLOCK_M rows of the score tile are J = BLOCK_M / RP stacked copies of the RP (padded) query rows; in the
@@ -456,7 +493,7 @@ def _decode_stage1(
                 start, hi, e0, e1, e2, e3, o0, o1, o2, o3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
                 kc_ptr + c_off, vc_ptr + c_off, ks_ptr + p_off, ko_ptr + p_off, vs_ptr + p_off, vo_ptr + p_off,
                 sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                QD, BLOCK_N, J, DT, HAS_MASK, CAUSAL, FP32_DOT, KEY_PAIRS,
+                QD, BLOCK_N, J, DT, HAS_MASK, CAUSAL, FP32_DOT, KEY_PAIRS, VALUE_PAIRS,
             )
     elif pid_s < body_splits + sink_splits:
         row_ok = row_ok & (rj == 0)  # the exact segments are not stacked: copy 0 of the rows does all the work
@@ -650,7 +687,8 @@ def oscar_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     stack: int | None = None,
-    key_pairs: bool = False,
+    key_pairs: bool | None = None,
+    value_pairs: bool | None = None,
     _checked: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
@@ -661,8 +699,8 @@ def oscar_decode_attention(
     Raises `ValueError` for what the kernel does not support; `unsupported_reason` says which beforehand.
     The keyword arguments tune the launch (benchmarks/bench_kernels.py sweeps them): `block_n` keys per body
     iteration, `programs_per_sm` and `min_blocks_per_split` the split-K grid, `exact_chunk` tokens of the exact
-    windows per program, `stack` copies of the query rows in the score tile (default: as many as fit), `key_pairs`
-    key codes read two bytes at a time (see the module docstring).
+    windows per program, `stack` copies of the query rows in the score tile (default: as many as fit), `key_pairs` /
+    `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the shapes allow).
     """
     num_new = query.shape[2] if num_new is None else num_new
     reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new)
@@ -695,8 +733,15 @@ def oscar_decode_attention(
         stack = min(4, block_m // rows_pow2, max(1, block_n // 16))
     if block_m % stack or (block_m // stack) < rows_pow2 or block_n % stack or block_n // stack < 16:
         raise ValueError(f"stack={stack} does not fit {group * q_len} query rows and block_n={block_n}.")
-    if key_pairs and head_dim < 128:  # a parity's channels per quarter, head_dim / 8, are a product's K (>= 16)
+    # Codes read two bytes at a time where the products allow it (each parity's half is a product's K, >= 16).
+    if key_pairs is None:
+        key_pairs = head_dim >= 128
+    elif key_pairs and head_dim < 128:
         raise ValueError(f"key_pairs needs head_dim >= 128 (got {head_dim}).")
+    if value_pairs is None:
+        value_pairs = block_n // stack >= 32
+    elif value_pairs and block_n // stack < 32:
+        raise ValueError(f"value_pairs needs sub-blocks of >= 32 tokens (block_n={block_n}, stack={stack}).")
     body_blocks = triton.cdiv(body_len, block_n)
     if body_blocks:
         if programs_per_sm is None:
@@ -753,7 +798,7 @@ def oscar_decode_attention(
         EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
-        KEY_PAIRS=key_pairs, num_warps=num_warps, num_stages=num_stages,
+        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, num_warps=num_warps, num_stages=num_stages,
     )
     block_e = 32
     _decode_stage2[(n_bh, group * q_len, head_dim // block_e)](

@@ -162,7 +162,7 @@ def _tilt_state(x_t, sx_d, row_ok, f_base, m_base, p_base, D: tl.constexpr, BLOC
     return v, y
 
 
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_rows", "t0"])
 def _quantize_rows_kernel(
     x_ptr,
     codes_ptr,
@@ -190,6 +190,7 @@ def _quantize_rows_kernel(
     maps_ptr,
     s_means_h,
     s_maps_h,
+    t0,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_FEEDBACK: tl.constexpr,
@@ -197,6 +198,7 @@ def _quantize_rows_kernel(
     G: tl.constexpr,
     GP: tl.constexpr,
     EXACT_PRODUCTS: tl.constexpr,
+    PAIRS: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -284,11 +286,12 @@ def _quantize_rows_kernel(
             code = tl.minimum(tl.maximum(code, 0.0), 3.0)
             packed = packed | (code.to(tl.int32) << (2 * s))
 
-    tl.store(
-        codes_ptr + b * sc_b + h * sc_h + t[:, None] * sc_t + tl.arange(0, QD)[None, :],
-        packed.to(tl.uint8),
-        mask=row_ok[:, None],
-    )
+    if PAIRS:  # token-pair interleaved codes (`quantization.write_token_pairs`); token t is t0 + t of the plane
+        tt = t0 + t
+        code_at = (tt // 2)[:, None] * (2 * sc_t) + 2 * tl.arange(0, QD)[None, :] + (tt % 2)[:, None]
+    else:
+        code_at = t[:, None] * sc_t + tl.arange(0, QD)[None, :]
+    tl.store(codes_ptr + b * sc_b + h * sc_h + code_at, packed.to(tl.uint8), mask=row_ok[:, None])
     tl.store(scale_ptr + b * ss_b + h * ss_h + t * ss_t, scale.to(tl.float16), mask=row_ok)
     tl.store(offset_ptr + b * so_b + h * so_h + t * so_t, lo.to(tl.float16), mask=row_ok)
 
@@ -342,13 +345,16 @@ def quantize_rows_into(
     tilt=None,
     block_rows: int | None = None,
     num_warps: int | None = None,
+    token_pairs_from: int | None = None,
 ) -> None:
     """Quantize `rows` `[..., T, D]` (already rotated) into `codes` `[..., T, D/4]` uint8 and `scale`/`offset`
     `[..., T]` float16, which may be strided views of a larger buffer (the layer's body at `body_len`).
     `feedback`: an error-feedback factor `[heads or 1, D, D]` (`quantization.error_feedback_factor`), or None for
     plain rounding. `tilt`: a `quantization.KeyTilt` (G <= 8 query heads per KV head; with `feedback`, the factor of
     its base metric) to code each row in its own metric `S + W W^T`. `block_rows` / `num_warps`: rows and warps per
-    program; by default 16 rows on 4 warps, and with a tilt one warp (`_tilt_launch`)."""
+    program; by default 16 rows on 4 warps, and with a tilt one warp (`_tilt_launch`).
+    `token_pairs_from`: when given, `codes` is a whole token-pair interleaved plane `[..., capacity, D/4]`
+    (`quantization.write_token_pairs`, contiguous) and the rows are its tokens `token_pairs_from ..`."""
     if tilt is not None and feedback is None:
         raise ValueError("A key tilt refines error feedback: pass the factor of its base metric as `feedback`.")
     if not can_quantize(rows, tilt):
@@ -361,7 +367,17 @@ def quantize_rows_into(
         )
     d = rows.shape[-1]
     lead = tuple(rows.shape[:-1])
-    if tuple(codes.shape) != lead + (d // CODES_PER_BYTE,) or tuple(scale.shape) != lead or tuple(offset.shape) != lead:
+    code_lead = lead
+    if token_pairs_from is not None:
+        n_rows = lead[-1] if lead else 0
+        cap = codes.shape[-2] if codes.dim() >= 2 else 0
+        if not codes.is_contiguous() or cap % 2 or token_pairs_from < 0 or token_pairs_from + n_rows > cap:
+            raise ValueError(
+                f"A token-pair interleaved code plane must be contiguous with an even capacity holding tokens "
+                f"{token_pairs_from}..{token_pairs_from + n_rows}; got shape {tuple(codes.shape)}."
+            )
+        code_lead = lead[:-1] + (cap,)
+    if tuple(codes.shape) != code_lead + (d // CODES_PER_BYTE,) or tuple(scale.shape) != lead or tuple(offset.shape) != lead:
         raise ValueError(
             f"Output shapes {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(offset.shape)} do not match rows "
             f"{tuple(rows.shape)}: codes must be [..., {d // CODES_PER_BYTE}] and scale/offset [...]."
@@ -426,6 +442,7 @@ def quantize_rows_into(
         maps,
         s_means_h,
         s_maps_h,
+        token_pairs_from or 0,
         D=d,
         BLOCK_R=block_rows,
         HAS_FEEDBACK=feedback is not None,
@@ -433,6 +450,7 @@ def quantize_rows_into(
         G=groups,
         GP=padded_groups,
         EXACT_PRODUCTS=not _interpreting(),  # the interpreter computes in NumPy, which never fuses
+        PAIRS=token_pairs_from is not None,
         num_warps=num_warps,
     )
 

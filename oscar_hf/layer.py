@@ -31,8 +31,10 @@ from .quantization import (
     QuantizedRows,
     dequantize_rows,
     quantize_rows,
+    read_token_pairs,
     rotate,
     unrotate,
+    write_token_pairs,
 )
 
 # Body growth: a page granularity so that small contexts do not reallocate every demotion, and a growth factor that
@@ -188,6 +190,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
 
     def _allocate_body(self, capacity: int) -> None:
         b, h, d = self.batch_size, self.num_heads, self.head_dim
+        capacity += capacity % 2  # value codes are stored in token pairs (`quantization.write_token_pairs`)
 
         def codes():
             return torch.zeros(b, h, capacity, d // CODES_PER_BYTE, dtype=torch.uint8, device=self.device)
@@ -209,8 +212,9 @@ class OscarQuantizedLayer(CacheLayerMixin):
         capacity = -(-capacity // _BODY_PAGE) * _BODY_PAGE
         old = self._body_tensors()
         self._allocate_body(capacity)
+        kept = self.body_len + self.body_len % 2  # whole token pairs of the value codes
         for new, previous in zip(self._body_tensors(), old):
-            new[:, :, : self.body_len] = previous[:, :, : self.body_len]
+            new[:, :, :kept] = previous[:, :, :kept]
 
     def _body_tensors(self) -> list[torch.Tensor]:
         return [
@@ -412,18 +416,21 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if keys.is_cuda:
             from .kernels import quantize_into_fast_path as kernel
         at = slice(self.body_len, self.body_len + n)
-        for rows, ratio, feedback, tilt, codes, scale, offset in (
+        for rows, ratio, feedback, tilt, codes, scale, offset, pairs in (
             (
                 keys, self.k_clip_ratio, self.k_feedback, self.k_tilt,
-                self.body_key_codes, self.body_key_scale, self.body_key_offset,
+                self.body_key_codes, self.body_key_scale, self.body_key_offset, False,
             ),
             (
                 values, self.v_clip_ratio, self.v_feedback, None,
-                self.body_value_codes, self.body_value_scale, self.body_value_offset,
+                self.body_value_codes, self.body_value_scale, self.body_value_offset, True,
             ),
         ):
+            # Value codes go to their token-pair interleaved places (`quantization.write_token_pairs`).
+            out_codes = codes if pairs else codes[:, :, at]
             if kernel is not None and kernel(
-                rows, ratio, codes[:, :, at], scale[:, :, at], offset[:, :, at], feedback, tilt=tilt
+                rows, ratio, out_codes, scale[:, :, at], offset[:, :, at], feedback, tilt=tilt,
+                token_pairs_from=self.body_len if pairs else None,
             ):
                 continue
             # The tilted coder keeps two [D, G] matrices per row: slice long prompts to bound its memory.
@@ -432,17 +439,22 @@ class OscarQuantizedLayer(CacheLayerMixin):
                 stop = min(n, start + step)
                 q = quantize_rows(rows[:, :, start:stop], ratio, feedback, tilt)
                 dst = slice(self.body_len + start, self.body_len + stop)
-                codes[:, :, dst], scale[:, :, dst], offset[:, :, dst] = q.codes, q.scale, q.offset
+                scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
+                if pairs:
+                    write_token_pairs(codes, q.codes, self.body_len + start)
+                else:
+                    codes[:, :, dst] = q.codes
         self.body_len += n
 
     # ------------------------------------------------------------------ reads
     def body_rows(self) -> tuple[QuantizedRows, QuantizedRows]:
-        """The valid part of the 2-bit body, keys then values."""
+        """The valid part of the 2-bit body, keys then values, as token rows (the value codes de-interleaved: a copy)."""
         n = self.body_len
         return (
             QuantizedRows(self.body_key_codes[:, :, :n], self.body_key_scale[:, :, :n], self.body_key_offset[:, :, :n]),
             QuantizedRows(
-                self.body_value_codes[:, :, :n], self.body_value_scale[:, :, :n], self.body_value_offset[:, :, :n]
+                read_token_pairs(self.body_value_codes, n), self.body_value_scale[:, :, :n],
+                self.body_value_offset[:, :, :n],
             ),
         )
 

@@ -10,6 +10,12 @@ Packing layout ("planar"): byte `i` of a row (0 <= i < head_dim / 4) holds the c
 `i`, `i + head_dim/4`, `i + head_dim/2` and `i + 3*head_dim/4` in bits 0-1, 2-3, 4-5 and 6-7. A kernel that loads
 the `head_dim / 4` bytes of a row and shifts them by 0, 2, 4, 6 gets four contiguous quarters of the row, so it never
 has to interleave registers.
+
+Value codes in the cache's 2-bit body are stored *token-pair interleaved* (`write_token_pairs` / `read_token_pairs`):
+byte `i` of token `t` sits at `(t // 2) * 2 * (head_dim / 4) + 2 * i + t % 2` of a head's code plane, so one 16-bit
+read gives the same byte of two consecutive tokens. The value product reduces over tokens, and that is the operand
+order the decode kernel's tensor-core products want. Key codes stay token rows (the key product reduces over
+channels).
 """
 
 from __future__ import annotations
@@ -321,3 +327,28 @@ def unrotate(rows: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     if r.dim() == 3:
         r = r.unsqueeze(0)
     return torch.matmul(rows.float(), r.transpose(-1, -2))
+
+
+def _pair_view(plane: torch.Tensor) -> torch.Tensor:
+    """`[..., capacity, B]` codes stored token-pair interleaved -> a `[..., capacity / 2, 2, B]` view indexed
+    (pair, token parity, byte)."""
+    *lead, cap, nbytes = plane.shape
+    if cap % 2:
+        raise ValueError(f"A token-pair interleaved code plane needs an even capacity, got {cap}.")
+    return plane.view(*lead, cap // 2, nbytes, 2).transpose(-1, -2)
+
+
+def write_token_pairs(plane: torch.Tensor, codes: torch.Tensor, start: int) -> None:
+    """Store `codes` `[..., n, B]` (token rows) as tokens `start .. start + n - 1` of the token-pair interleaved
+    `plane` `[..., capacity, B]` (see the module docstring); `start` may be odd."""
+    n = codes.shape[-2]
+    if start < 0 or start + n > plane.shape[-2]:
+        raise ValueError(f"Tokens {start}..{start + n} do not fit a code plane of {plane.shape[-2]} tokens.")
+    t = torch.arange(start, start + n, device=plane.device)
+    _pair_view(plane)[..., t // 2, t % 2, :] = codes
+
+
+def read_token_pairs(plane: torch.Tensor, n: int) -> torch.Tensor:
+    """Tokens `0 .. n - 1` of the token-pair interleaved `plane` as token rows `[..., n, B]` (a new tensor)."""
+    t = torch.arange(n, device=plane.device)
+    return _pair_view(plane)[..., t // 2, t % 2, :]

@@ -40,7 +40,13 @@ from oscar_hf.kernels import decode_attention as dk  # noqa: E402
 from oscar_hf.kernels import decode_attention_fast_path  # noqa: E402
 from oscar_hf.kernels import quantize as qk  # noqa: E402
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments  # noqa: E402
-from oscar_hf.quantization import KeyTilt, error_feedback_factor, quantize_rows  # noqa: E402
+from oscar_hf.quantization import (  # noqa: E402
+    KeyTilt,
+    error_feedback_factor,
+    quantize_rows,
+    read_token_pairs,
+    write_token_pairs,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -85,6 +91,28 @@ def test_quantize_kernel_matches_reference_bit_for_bit(clip_ratio, dtype):
     # Nothing outside the destination rows was touched.
     assert (codes[:, :, :at] == 0xA5).all() and (codes[:, :, at + n :] == 0xA5).all()
     assert scale[:, :, :at].isnan().all() and scale[:, :, at + n :].isnan().all()
+
+
+@in_process
+@pytest.mark.parametrize("at", [6, 7])
+def test_quantize_kernel_writes_token_pair_interleaved_codes(at):
+    """Value codes go to the body token-pair interleaved (`quantization.write_token_pairs`): the kernel writes them
+    there itself, from an even or an odd first token, touching no other byte of the plane."""
+    gen = torch.Generator().manual_seed(40 + at)
+    b, h, d, n = 2, 2, 128, 21
+    rows = _rows((b, h, n, d), gen)
+    ref = quantize_rows(rows, 0.96)
+    cap = 40
+    plane = torch.full((b, h, cap, d // 4), 0xA5, dtype=torch.uint8, device=DEVICE)
+    expected = plane.clone()
+    write_token_pairs(expected, ref.codes, at)
+    scale = torch.empty(b, h, n, dtype=torch.float16, device=DEVICE)
+    offset = torch.empty_like(scale)
+    qk.quantize_rows_into(rows, 0.96, plane, scale, offset, token_pairs_from=at)
+    torch.testing.assert_close(plane, expected, rtol=0, atol=0)
+    torch.testing.assert_close(read_token_pairs(plane, at + n)[:, :, at:], ref.codes, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="token-pair"):
+        qk.quantize_rows_into(rows, 0.96, plane, scale, offset, token_pairs_from=cap - n + 1)
 
 
 @in_process
@@ -320,13 +348,20 @@ def test_decode_kernel_stacked_query_rows_match_reference(poisoned_allocations, 
 
 @in_process
 @pytest.mark.parametrize("q_len,group,stack,padded", [(1, 4, 4, False), (1, 4, 1, True), (2, 3, 2, True), (5, 2, 1, False)])
-def test_decode_kernel_key_pairs_match_reference(poisoned_allocations, q_len, group, stack, padded):
-    """Key codes read as byte pairs (`key_pairs`): each quarter's score product split into the even and the odd
-    bytes' channels. Same products as the byte path, in another order: both must match the reference, and each
-    other closely; head_dim 128 (the pairs need 16 channels per parity and quarter)."""
+def test_decode_kernel_code_pairs_match_reference(poisoned_allocations, q_len, group, stack, padded):
+    """Codes read two bytes at a time: key codes by byte pairs (`key_pairs`, each quarter's score product split by
+    channel parity) and value codes by token pairs (`value_pairs`, the value product split by token parity). Same
+    products as the byte paths, in another order: every combination must match the reference, and each other
+    closely; head_dim 128 and 128-token blocks (the pairs need 16 channels / tokens per parity). Half the cases
+    write their last demotion from inside a token pair (after a crop to an odd body)."""
     gen = torch.Generator().manual_seed(70 + 4 * q_len + group)
     prompt = int(torch.randint(150, 230, (1,), generator=gen))
     layer = _filled_layer(gen, batch=2, kv_heads=2, head_dim=128, prompt=prompt, rotation="per_head")
+    if not padded:
+        # Crop into the body to an odd length, then demote more: a write that starts inside a token pair.
+        layer.crop(-(layer.recent_len + 3))
+        assert layer.body_len % 2 == 1
+        layer.update(_rows((2, 2, 40, 128), gen), _rows((2, 2, 40, 128), gen))
     seg, query = _step(layer, gen, q_len, group)
     mask = None
     if padded:
@@ -335,20 +370,24 @@ def test_decode_kernel_key_pairs_match_reference(poisoned_allocations, q_len, gr
         mask[1, :, :, :40] = False
     outs = []
     for key_pairs in (False, True):
-        out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
-                                        stack=stack, key_pairs=key_pairs)
-        _check_against_reference(out, query, seg, mask)
-        outs.append(out)
-    assert _rel(outs[1], outs[0]) < 1e-2
+        for value_pairs in (False, True):
+            out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=128, min_blocks_per_split=1,
+                                            stack=stack, key_pairs=key_pairs, value_pairs=value_pairs)
+            _check_against_reference(out, query, seg, mask)
+            outs.append(out)
+    for out in outs[1:]:
+        assert _rel(out, outs[0]) < 1e-2
 
 
 @in_process
-def test_decode_kernel_key_pairs_need_head_dim_128():
+def test_decode_kernel_code_pairs_refuse_shapes_they_cannot_serve():
     gen = torch.Generator().manual_seed(3)
     layer = _filled_layer(gen, batch=1, kv_heads=2, head_dim=64, prompt=120, rotation=None)
     _, query = _step(layer, gen, 1, 4)
     with pytest.raises(ValueError, match="key_pairs"):
         dk.oscar_decode_attention(query, layer, key_pairs=True)
+    with pytest.raises(ValueError, match="value_pairs"):
+        dk.oscar_decode_attention(query, layer, block_n=64, stack=4, value_pairs=True)
 
 
 @in_process

@@ -162,3 +162,21 @@ def test_bit_reversal_is_a_permutation_and_an_involution():
     assert sorted(p.tolist()) == list(range(128))
     assert torch.equal(p[p], torch.arange(128))
     assert p[:4].tolist() == [0, 64, 32, 96]
+
+
+def test_token_pair_layout_places_each_byte_by_the_formula_and_round_trips_from_odd_starts():
+    from oscar_hf.quantization import read_token_pairs, write_token_pairs
+
+    gen = torch.Generator().manual_seed(11)
+    plane = torch.zeros(2, 3, 12, 8, dtype=torch.uint8)
+    codes = torch.randint(0, 256, (2, 3, 11, 8), generator=gen).to(torch.uint8)
+    write_token_pairs(plane, codes[:, :, :5], 0)
+    write_token_pairs(plane, codes[:, :, 5:], 5)  # starts inside a pair: token 5 shares its pair with token 4
+    assert torch.equal(read_token_pairs(plane, 11), codes)
+    flat = plane.reshape(2, 3, -1)
+    t, i = torch.meshgrid(torch.arange(11), torch.arange(8), indexing="ij")
+    assert torch.equal(flat[:, :, (t // 2) * 16 + 2 * i + t % 2], codes)
+    with pytest.raises(ValueError, match="do not fit"):
+        write_token_pairs(plane, codes[:, :, :3], 10)
+    with pytest.raises(ValueError, match="even capacity"):
+        read_token_pairs(torch.zeros(1, 1, 5, 8, dtype=torch.uint8), 3)
