@@ -83,16 +83,19 @@ def _round(x, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 CODE_BASE = tl.constexpr(4.0)
 
 
-def _unpack_asm(dt: str, s: int) -> str:
+def _unpack_asm(dt: str, s: int, pairs: bool = False) -> str:
     """PTX for four packed bytes (one 32-bit register, `$2`) -> four `4 + code` values of quarter `s` (`$0`, `$1`):
     one shift, one `lop3` ((t & mask) | exponent bits) and two byte permutes that interleave the code bytes with the
-    constant bytes."""
+    constant bytes. Bytes b0 b1 | b2 b3 give `$0` = (b0, b1) and `$1` = (b2, b3); with `pairs` (the register holds
+    two uint16 elements) `$0` = the even bytes (b0, b2) and `$1` = the odd ones (b1, b3)."""
     if dt == "bf16":  # low byte 0x80 | code << 5, high byte 0x40
         shift = "shr.b32 t, $2, 1;" if s == 3 else f"shl.b32 t, $2, {5 - 2 * s};"
-        mask, bits, other, sel = "0x60606060", "0x80808080", "0x40404040", ("0x4140", "0x4342")
+        mask, bits, other = "0x60606060", "0x80808080", "0x40404040"
+        sel = ("0x4240", "0x4341") if pairs else ("0x4140", "0x4342")
     else:  # low byte 0, high byte 0x44 | code
         shift = "mov.b32 t, $2;" if s == 0 else f"shr.b32 t, $2, {2 * s};"
-        mask, bits, other, sel = "0x03030303", "0x44444444", "0", ("0x1404", "0x3424")
+        mask, bits, other = "0x03030303", "0x44444444", "0"
+        sel = ("0x2404", "0x3414") if pairs else ("0x1404", "0x3424")
     return (
         f"{{ .reg .b32 t, m, c, h; {shift} mov.b32 m, {mask}; mov.b32 c, {bits}; mov.b32 h, {other}; "
         f"lop3.b32 t, t, m, c, 0xea; prmt.b32 $0, t, h, {sel[0]}; prmt.b32 $1, t, h, {sel[1]}; }}"
@@ -101,25 +104,8 @@ def _unpack_asm(dt: str, s: int) -> str:
 
 _BF16_ASM_0, _BF16_ASM_1, _BF16_ASM_2, _BF16_ASM_3 = (tl.constexpr(_unpack_asm("bf16", s)) for s in range(4))
 _FP16_ASM_0, _FP16_ASM_1, _FP16_ASM_2, _FP16_ASM_3 = (tl.constexpr(_unpack_asm("fp16", s)) for s in range(4))
-
-
-def _unpack_pairs_asm(dt: str, s: int) -> str:
-    """PTX for two packed byte pairs (one 32-bit register, `$2`: bytes b0 b1 | b2 b3) -> the `4 + code` values of
-    quarter `s` of the even bytes (`$0`: b0, b2) and of the odd bytes (`$1`: b1, b3)."""
-    if dt == "bf16":
-        shift = "shr.b32 t, $2, 1;" if s == 3 else f"shl.b32 t, $2, {5 - 2 * s};"
-        mask, bits, other, sel = "0x60606060", "0x80808080", "0x40404040", ("0x4240", "0x4341")
-    else:
-        shift = "mov.b32 t, $2;" if s == 0 else f"shr.b32 t, $2, {2 * s};"
-        mask, bits, other, sel = "0x03030303", "0x44444444", "0", ("0x2404", "0x3414")
-    return (
-        f"{{ .reg .b32 t, m, c, h; {shift} mov.b32 m, {mask}; mov.b32 c, {bits}; mov.b32 h, {other}; "
-        f"lop3.b32 t, t, m, c, 0xea; prmt.b32 $0, t, h, {sel[0]}; prmt.b32 $1, t, h, {sel[1]}; }}"
-    )
-
-
-_BF16_PAIRS_0, _BF16_PAIRS_1, _BF16_PAIRS_2, _BF16_PAIRS_3 = (tl.constexpr(_unpack_pairs_asm("bf16", s)) for s in range(4))
-_FP16_PAIRS_0, _FP16_PAIRS_1, _FP16_PAIRS_2, _FP16_PAIRS_3 = (tl.constexpr(_unpack_pairs_asm("fp16", s)) for s in range(4))
+_BF16_PAIRS_0, _BF16_PAIRS_1, _BF16_PAIRS_2, _BF16_PAIRS_3 = (tl.constexpr(_unpack_asm("bf16", s, pairs=True)) for s in range(4))
+_FP16_PAIRS_0, _FP16_PAIRS_1, _FP16_PAIRS_2, _FP16_PAIRS_3 = (tl.constexpr(_unpack_asm("fp16", s, pairs=True)) for s in range(4))
 
 
 @triton.jit

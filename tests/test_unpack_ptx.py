@@ -1,7 +1,7 @@
 """The PTX that unpacks 2-bit codes inside the decode kernel, checked without a GPU.
 
 The Triton interpreter runs the kernels' element-by-element fallback, never the inline PTX, so the PTX routines
-(`_unpack_asm`, `_unpack_pairs_asm`) are executed here by a small emulator of the five instructions they use, on
+(`_unpack_asm`, bytes and byte pairs) are executed here by a small emulator of the five instructions they use, on
 random words, against the bit patterns the fallback builds (`4 + code` in bf16 and fp16).
 """
 
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not importable: the kernel module cannot be loaded")
 
-from oscar_hf.kernels.decode_attention import _unpack_asm, _unpack_pairs_asm  # noqa: E402
+from oscar_hf.kernels.decode_attention import _unpack_asm  # noqa: E402
 
 _MASK = 0xFFFFFFFF
 
@@ -75,10 +75,10 @@ def test_byte_and_pair_unpack_ptx_give_the_reference_bit_patterns(dtype, quarter
         # Four uint8 elements in, four 16-bit values out: elements 0, 1 in $0 and 2, 3 in $1 (low half first).
         assert run_ptx(_unpack_asm(dtype, quarter), word) == (want[0] | want[1] << 16, want[2] | want[3] << 16)
         # Two uint16 elements (bytes b0 b1 | b2 b3) in; out: their low bytes' values ($0) and high bytes' ($1).
-        assert run_ptx(_unpack_pairs_asm(dtype, quarter), word) == (want[0] | want[2] << 16, want[1] | want[3] << 16)
+        assert run_ptx(_unpack_asm(dtype, quarter, pairs=True), word) == (want[0] | want[2] << 16, want[1] | want[3] << 16)
 
 
 def test_the_emulator_catches_a_wrong_selector():
-    wrong = _unpack_pairs_asm("bf16", 0).replace("0x4240", "0x4140")
+    wrong = _unpack_asm("bf16", 0, pairs=True).replace("0x4240", "0x4140")
     word = 0x03020100 | 0x000000C0  # byte 0 holds code 0 in quarter 0 but byte 1 holds code 1
-    assert run_ptx(wrong, word) != run_ptx(_unpack_pairs_asm("bf16", 0), word)
+    assert run_ptx(wrong, word) != run_ptx(_unpack_asm("bf16", 0, pairs=True), word)
