@@ -19,6 +19,7 @@ import datetime
 import itertools
 import json
 import math
+import re
 import time
 
 import torch
@@ -261,6 +262,27 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
     return out
 
 
+CONFIG_RE = re.compile(r"n(\d+)w(\d+)s(\d+)p(\d+)(?:j(\d+))?(?:r(\d+))?(?:b(k|v|kv))?")
+
+
+def parse_config(name: str) -> dict:
+    """`n{block_n}w{warps}s{stages}p{programs per SM}[j{stack}][r{max registers}][b{k,v,kv}]` as launch keywords."""
+    m = CONFIG_RE.fullmatch(name)
+    if m is None:
+        raise SystemExit(f"bad launch configuration {name!r}: expected e.g. n128w4s3p3, n128w4s3p5r96, n128w4s3p3bkv")
+    bn, nw, ns, pps, stack, regs, bytes_of = m.groups()
+    cfg = dict(block_n=int(bn), num_warps=int(nw), num_stages=int(ns), programs_per_sm=int(pps))
+    if stack:
+        cfg["stack"] = int(stack)
+    if regs:
+        cfg["max_registers"] = int(regs)
+    if bytes_of and "k" in bytes_of:
+        cfg["key_pairs"] = False
+    if bytes_of and "v" in bytes_of:
+        cfg["value_pairs"] = False
+    return cfg
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -270,8 +292,8 @@ def main():
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--configs", default=None,
                     help="comma-separated launch configurations to sweep, n{block_n}w{warps}s{stages}p{programs per SM}"
-                         "[j{stacked query-row copies}][b{k,v,kv}: key/value codes a byte at a time], e.g. n128w4s3p3j1, "
-                         "n128w4s3p3bkv")
+                         "[j{stacked query-row copies}][r{max registers per thread}][b{k,v,kv}: key/value codes a byte "
+                         "at a time], e.g. n128w4s3p3j1, n128w4s3p5r96, n128w4s3p3bkv")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-write", action="store_true", help="skip the write-kernel benchmark")
     args = ap.parse_args()
@@ -292,19 +314,7 @@ def main():
         names = [f"n{bn}w{nw}s{ns}p{pps}" for bn, nw, ns in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4))
                  for pps in (2, 4, 8)]
     for name in names:
-        # n{block_n}w{warps}s{stages}p{programs per SM}[j{stack}][b{k,v,kv}: key / value codes read a byte at a time]
-        base, _, bytes_of = name.partition("b")
-        bn, rest = base[1:].split("w")
-        nw, rest = rest.split("s")
-        ns, pps = rest.split("p")
-        pps, _, stack = pps.partition("j")
-        configs[name] = dict(block_n=int(bn), num_warps=int(nw), num_stages=int(ns), programs_per_sm=int(pps))
-        if stack:
-            configs[name]["stack"] = int(stack)
-        if "k" in bytes_of:
-            configs[name]["key_pairs"] = False
-        if "v" in bytes_of:
-            configs[name]["value_pairs"] = False
+        configs[name] = parse_config(name)
     contexts = [int(c) for c in args.contexts.split(",")]
     shapes = [(b, c) for b in (int(x) for x in args.batches.split(",")) for c in contexts]
     attn = run_attention(shapes, copy_bw, configs, gen)

@@ -6,7 +6,7 @@ tensor-core products is found from the backward branches, and its instructions a
 variant that issues more instructions per key than the current one has not been worth a device run so far (RESULTS,
 "Keys on the M side of the products"); use this before spending one.
 
-    python benchmarks/sass_loop.py                      # the default launch: 4 x 32 stacked keys, 4 warps, 3 stages
+    python benchmarks/sass_loop.py                      # the default launch: 4 x 32 stacked keys, 4 warps, 2 stages
     python benchmarks/sass_loop.py --block-n 64 --stack 1 --warps 4 --dtype fp16
     python benchmarks/sass_loop.py --no-key-pairs --no-value-pairs   # codes read a byte at a time
 
@@ -44,7 +44,7 @@ def tools_missing() -> str | None:
 
 
 def compile_stage1(block_n: int = 128, stack: int = 4, rows: int = 4, dtype: str = "bf16", num_warps: int = 4,
-                   num_stages: int = 3, arch: int = 90, **constexprs):
+                   num_stages: int = 2, arch: int = 90, **constexprs):
     """Stage 1 compiled for `sm_{arch}` as `oscar_decode_attention` launches it for `rows` query rows per KV head
     (pointers and strides 16-byte divisible, as the real tensors are; lengths not specialised)."""
     fn = da._decode_stage1
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--stack", type=int, default=4, help="stacked copies of the query rows")
     p.add_argument("--rows", type=int, default=4, help="query rows per KV head (GQA group x query length)")
     p.add_argument("--warps", type=int, default=4)
-    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--stages", type=int, default=2)
     p.add_argument("--dtype", choices=sorted(_DT_TYPE), default="bf16")
     p.add_argument("--key-pairs", action=argparse.BooleanOptionalAction, default=None,
                    help="key codes read as byte pairs (default: as the launcher chooses, head_dim >= 128)")

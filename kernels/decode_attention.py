@@ -671,10 +671,11 @@ def oscar_decode_attention(
     min_blocks_per_split: int = 4,
     exact_chunk: int = 64,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
     stack: int | None = None,
     key_pairs: bool | None = None,
     value_pairs: bool | None = None,
+    max_registers: int | None = None,
     _checked: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
@@ -686,7 +687,8 @@ def oscar_decode_attention(
     The keyword arguments tune the launch (benchmarks/bench_kernels.py sweeps them): `block_n` keys per body
     iteration, `programs_per_sm` and `min_blocks_per_split` the split-K grid, `exact_chunk` tokens of the exact
     windows per program, `stack` copies of the query rows in the score tile (default: as many as fit), `key_pairs` /
-    `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the shapes allow).
+    `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the shapes allow),
+    `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on an SM.
     """
     num_new = query.shape[2] if num_new is None else num_new
     reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new)
@@ -710,9 +712,10 @@ def oscar_decode_attention(
 
     n_bh = bsz * kvh
     # `block_n` keys per iteration are `stack` sub-blocks of at least 16 keys, one per stacked copy of the query rows
-    # (see `_decode_stage1`). Measured on H100 (benchmarks/RESULTS.md, 2026-11-23): few (batch x KV head) rows want
-    # ~3 programs per SM, many rows more, shorter splits; 128-token iterations of 4 x 32 stacked keys issue the
-    # fewest instructions per key (unstacked, 64-token blocks were best for many rows).
+    # (see `_decode_stage1`). Measured on H100 (benchmarks/RESULTS.md, 2026-11-23): 128-token iterations of 4 x 32
+    # stacked keys issue the fewest instructions per key (unstacked, 64-token blocks were best for many rows). On H200
+    # with two-byte code reads (2026-12-01): few (batch x KV head) rows want ~3 programs per SM; many rows want many
+    # short splits (16 per SM: the programs finish unevenly, and 4 fit on an SM at once); 2 pipeline stages.
     if block_n is None:
         block_n = 128 if n_bh < 32 or rows_pow2 <= 4 else 64
     if stack is None:
@@ -731,7 +734,7 @@ def oscar_decode_attention(
     body_blocks = triton.cdiv(body_len, block_n)
     if body_blocks:
         if programs_per_sm is None:
-            programs_per_sm = 3 if n_bh < 32 else 8
+            programs_per_sm = 3 if n_bh < 32 else 16
         want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
         splits = max(1, min(want, body_blocks // max(1, min_blocks_per_split)))
         chunk = triton.cdiv(body_blocks, splits) * block_n
@@ -785,6 +788,7 @@ def oscar_decode_attention(
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
         KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, num_warps=num_warps, num_stages=num_stages,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     block_e = 32
     _decode_stage2[(n_bh, group * q_len, head_dim // block_e)](

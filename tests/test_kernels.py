@@ -335,8 +335,9 @@ def test_decode_kernel_stacked_query_rows_match_reference(poisoned_allocations, 
     assert len(stacks) > 1
     outs = []
     for stack in stacks:
+        # A register cap (`max_registers`) changes the compiled code, not the result.
         out = dk.oscar_decode_attention(query, layer, mask, None, q_len, block_n=64, min_blocks_per_split=1,
-                                        stack=stack)
+                                        stack=stack, max_registers=96 if stack == stacks[-1] else None)
         _check_against_reference(out, query, seg, mask)
         outs.append(out)
     # Stacking changes only the order in which partial softmax sums are merged.
