@@ -262,15 +262,16 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
     return out
 
 
-CONFIG_RE = re.compile(r"n(\d+)w(\d+)s(\d+)p(\d+)(?:j(\d+))?(?:r(\d+))?(?:b(k|v|kv))?")
+CONFIG_RE = re.compile(r"n(\d+)w(\d+)s(\d+)p(\d+)(?:j(\d+))?(?:r(\d+))?(?:b(k|v|kv))?(d)?")
 
 
 def parse_config(name: str) -> dict:
-    """`n{block_n}w{warps}s{stages}p{programs per SM}[j{stack}][r{max registers}][b{k,v,kv}]` as launch keywords."""
+    """`n{block_n}w{warps}s{stages}p{programs per SM}[j{stack}][r{max registers}][b{k,v,kv}][d]` as launch
+    keywords (`d`: stage 2 launched as a programmatic dependent of stage 1)."""
     m = CONFIG_RE.fullmatch(name)
     if m is None:
         raise SystemExit(f"bad launch configuration {name!r}: expected e.g. n128w4s3p3, n128w4s3p5r96, n128w4s3p3bkv")
-    bn, nw, ns, pps, stack, regs, bytes_of = m.groups()
+    bn, nw, ns, pps, stack, regs, bytes_of, dependent = m.groups()
     cfg = dict(block_n=int(bn), num_warps=int(nw), num_stages=int(ns), programs_per_sm=int(pps))
     if stack:
         cfg["stack"] = int(stack)
@@ -280,6 +281,8 @@ def parse_config(name: str) -> dict:
         cfg["key_pairs"] = False
     if bytes_of and "v" in bytes_of:
         cfg["value_pairs"] = False
+    if dependent:
+        cfg["dependent_launch"] = True
     return cfg
 
 
@@ -293,7 +296,7 @@ def main():
     ap.add_argument("--configs", default=None,
                     help="comma-separated launch configurations to sweep, n{block_n}w{warps}s{stages}p{programs per SM}"
                          "[j{stacked query-row copies}][r{max registers per thread}][b{k,v,kv}: key/value codes a byte "
-                         "at a time], e.g. n128w4s3p3j1, n128w4s3p5r96, n128w4s3p3bkv")
+                         "at a time][d: dependent launch of stage 2], e.g. n128w4s3p3j1, n128w4s3p5r96, n128w4s3p3bkv, n128w4s2p3d")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-write", action="store_true", help="skip the write-kernel benchmark")
     args = ap.parse_args()

@@ -43,6 +43,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
 
@@ -378,6 +379,7 @@ def _decode_stage1(
     D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     EXACT_CHUNK: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr, KEY_PAIRS: tl.constexpr = False, VALUE_PAIRS: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     QD: tl.constexpr = D // 4
     # The BLOCK_M rows of the score tile are J = BLOCK_M / RP stacked copies of the RP (padded) query rows; in the
@@ -484,6 +486,8 @@ def _decode_stage1(
         a1 = tl.sum(w * tl.reshape(a1, [J, RP, QD]), axis=0)
         a2 = tl.sum(w * tl.reshape(a2, [J, RP, QD]), axis=0)
         a3 = tl.sum(w * tl.reshape(a3, [J, RP, QD]), axis=0)
+    if PDL:  # stage 2 (launched as a programmatic dependent) may start once every program got here
+        gdc_launch_dependents()
     out_rows = tl.arange(0, RP)
     out_ok = out_rows < group * q_len
     part = (pid_bh * num_splits + pid_s).to(tl.int64)
@@ -504,7 +508,7 @@ def _decode_stage2(
     out_ptr, so_b, so_h, so_t,
     num_splits, q_len, num_kv_heads, group,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, HAS_RV: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program per (output row `(b, kv head, query row)`, block of `BLOCK_E` output channels): merges the row's
     partials over all splits in one pass (`BLOCK_S` splits at a time, online rescaling; with `BLOCK_S` >= the split
@@ -521,6 +525,11 @@ def _decode_stage2(
     else:
         cols = e0 + tl.arange(0, BLOCK_E)
     first = pid_bh.to(tl.int64) * num_splits
+    e = e0 + tl.arange(0, BLOCK_E)
+    if HAS_RV:  # R_V is not written by stage 1: read it before waiting for stage 1
+        r = tl.load(rv_ptr + kvh * srv_g + e[:, None] * D + cols[None, :])
+    if PDL:
+        gdc_wait()
 
     m_run = tl.max(tl.full([BLOCK_S], _MASKED, dtype=tl.float32), axis=0)
     l_run = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), axis=0)
@@ -542,10 +551,8 @@ def _decode_stage2(
     g = row // q_len
     qi = row % q_len
     out_row = out_ptr + b * so_b + (kvh * group + g) * so_h + qi * so_t
-    e = e0 + tl.arange(0, BLOCK_E)
     if HAS_RV:
         # out[e] = sum_d o[d] * R_V[e, d]  (o @ R_V^T) for this program's channels.
-        r = tl.load(rv_ptr + kvh * srv_g + e[:, None] * D + cols[None, :])
         out_e = tl.sum(r * o[None, :], axis=1)
         tl.store(out_row + e, _round(out_e, out_ptr.dtype.element_ty, FP32_DOT))
     else:
@@ -555,6 +562,11 @@ def _decode_stage2(
 # ---------------------------------------------------------------------------------------------------------- launcher
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (each stage's launch overlapping the previous stage) needs sm_90 or newer."""
+    return not _interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _sm_count(device: torch.device) -> int:
@@ -642,6 +654,7 @@ def oscar_decode_attention(
     key_pairs: bool | None = None,
     value_pairs: bool | None = None,
     max_registers: int | None = None,
+    dependent_launch: bool = False,
     _checked: bool = False,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
@@ -654,7 +667,9 @@ def oscar_decode_attention(
     iteration, `programs_per_sm` and `min_blocks_per_split` the split-K grid, `exact_chunk` tokens of the exact
     windows per program, `stack` copies of the query rows in the score tile (default: as many as fit), `key_pairs` /
     `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the shapes allow),
-    `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on an SM.
+    `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on an SM,
+    `dependent_launch` launches stage 2 as a programmatic dependent of stage 1 (sm_90+; off by default until timed,
+    see benchmarks/RESULTS.md).
     """
     num_new = query.shape[2] if num_new is None else num_new
     reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new)
@@ -734,11 +749,17 @@ def oscar_decode_attention(
     dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
     body = layer._body_tensors()
     q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
+    pdl = bool(dependent_launch)
+    if pdl and not _pdl_supported(dev):
+        raise ValueError("dependent_launch needs an sm_90 or newer GPU (and not the Triton interpreter).")
     _rotate_query[(n_bh, 4)](
         query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
         D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=layer.k_rotation is not None, FP32_DOT=_interpreting(),
         num_warps=4,
     )
+    # Stage 1 is launched normally: launched as a dependent of stage 0 it was 18% slower at 128K batch 1 (H200,
+    # 2026-12-01; its programs are likely placed unevenly on the SMs). With `dependent_launch`, stage 2's launch
+    # overlaps stage 1's last stores.
     _decode_stage1[(n_bh, num_splits)](
         q_rot,
         layer.sink_keys, layer.sink_values, *layer.sink_keys.stride()[:3],
@@ -753,7 +774,7 @@ def oscar_decode_attention(
         EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
-        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, num_warps=num_warps, num_stages=num_stages,
+        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     block_e = 32
@@ -764,6 +785,6 @@ def oscar_decode_attention(
         num_splits, q_len, kvh, group,
         D=head_dim, BLOCK_M=block_m, BLOCK_S=min(64, max(16, triton.next_power_of_2(num_splits))), BLOCK_E=block_e,
         HAS_RV=layer.v_rotation is not None,
-        FP32_DOT=_interpreting(), num_warps=4,
+        FP32_DOT=_interpreting(), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out

@@ -392,6 +392,22 @@ def test_decode_kernel_code_pairs_refuse_shapes_they_cannot_serve():
 
 
 @in_process
+def test_decode_kernel_dependent_launch_only_where_supported():
+    """Programmatic dependent launch of stage 2 (opt-in, sm_90+) gives the same output; asked for elsewhere it is an
+    error, not a kernel that runs PTX the device (or the interpreter) cannot."""
+    gen = torch.Generator().manual_seed(5)
+    layer = _filled_layer(gen, batch=1, kv_heads=2, head_dim=64, prompt=120, rotation=None)
+    _, query = _step(layer, gen, 1, 2)
+    if dk._pdl_supported(query.device):
+        out = dk.oscar_decode_attention(query, layer, dependent_launch=True)
+        ref = dk.oscar_decode_attention(query, layer, dependent_launch=False)
+        assert torch.equal(out, ref)
+    else:
+        with pytest.raises(ValueError, match="dependent_launch"):
+            dk.oscar_decode_attention(query, layer, dependent_launch=True)
+
+
+@in_process
 def test_decode_kernel_left_padded_batch_with_mask(poisoned_allocations):
     gen = torch.Generator().manual_seed(11)
     q_len, group = 2, 4
