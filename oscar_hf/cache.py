@@ -70,6 +70,10 @@ class OscarQuantizedCache(Cache):
         demote_block: recent tokens quantized together when the window overflows (default 64).
         max_cache_len: allocate the 2-bit body once for this many tokens instead of growing it.
         check_finite: raise a `ValueError` on NaN/Inf keys or values (one host sync per layer and step).
+        key_grid_refit: after the key codes of an error-feedback bundle are chosen, refit each key row's scale and
+            offset by least squares in its coding metric (`quantization.refit_grid`; same format). Experimental, off by
+            default: it runs in PyTorch after the write kernel and has been measured on the CPU only
+            (benchmarks/RESULTS.md).
 
     Full-attention layers are quantized; sliding-window layers (Gemma 2/3, Mistral) keep transformers' exact
     sliding-window layer, which is already bounded in size. Use `attn_implementation="oscar"` when loading the model
@@ -90,6 +94,7 @@ class OscarQuantizedCache(Cache):
         demote_block: int = 64,
         max_cache_len: int | None = None,
         check_finite: bool = False,
+        key_grid_refit: bool = False,
     ):
         for name, value, low in (
             ("sink_tokens", sink_tokens, 0),
@@ -153,6 +158,7 @@ class OscarQuantizedCache(Cache):
                     v_feedback=v_feedback,
                     k_mean=rotations.layer_key_mean(idx),
                     k_tilt=rotations.layer_key_tilt(idx),
+                    key_grid_refit=bool(key_grid_refit),
                 )
             )
         super().__init__(layers=layers)

@@ -13,9 +13,9 @@ alias), `naive`, `hadamard`, `oscar` (needs `--rotations`), `quanto-int2`, `quan
 
 Variants are extra rows for ablations: `NAME=BASE[:KEY=VALUE,...]` where BASE is a method above or a rotation bundle
 directory, and the KEY=VALUE overrides are keyword arguments of the cache (`OscarQuantizedCache`: sink_tokens,
-recent_tokens, k_clip_ratio, v_clip_ratio, demote_block; quanto: residual_length, q_group_size, axis_key,
+recent_tokens, k_clip_ratio, v_clip_ratio, demote_block, key_grid_refit; quanto: residual_length, q_group_size, axis_key,
 axis_value). Examples: `--variant per-head=/tmp/bundle_head`, `--variant hadamard-noclip=hadamard:k_clip_ratio=1,v_clip_ratio=1`,
-`--variant oscar-r128=oscar:recent_tokens=128`.
+`--variant oscar-r128=oscar:recent_tokens=128`, `--variant refit=/tmp/bundle:key_grid_refit=True`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ EVAL_SPLIT_START = 1_048_576  # the reference model's convention: tokens before 
 OSCAR_METHODS = ("naive", "hadamard", "oscar")
 QUANTO_METHODS = {"quanto-int2": 2, "quanto-int4": 4}
 REFERENCE_ALIASES = ("bf16", "exact")
-OSCAR_OVERRIDES = ("sink_tokens", "recent_tokens", "k_clip_ratio", "v_clip_ratio", "demote_block")
+OSCAR_OVERRIDES = ("sink_tokens", "recent_tokens", "k_clip_ratio", "v_clip_ratio", "demote_block", "key_grid_refit")
 QUANTO_OVERRIDES = ("residual_length", "q_group_size", "axis_key", "axis_value")
 # transformers' QuantizedCache defaults, passed explicitly so the report records what ran on either release.
 QUANTO_DEFAULTS = {"residual_length": 128, "q_group_size": 64, "axis_key": 0, "axis_value": 0}

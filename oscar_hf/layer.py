@@ -31,7 +31,9 @@ from .quantization import (
     QuantizedRows,
     dequantize_rows,
     quantize_rows,
+    metric_from_factor,
     read_token_pairs,
+    refit_grid,
     rotate,
     unrotate,
     write_token_pairs,
@@ -85,6 +87,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
         demote_block: how many recent tokens are quantized together once the window overflows.
         max_cache_len: if given, the body is allocated once for this many tokens (static shapes, no regrowth).
         check_finite: raise on NaN/Inf keys or values (costs a host sync per update; off by default).
+        key_grid_refit: refit each demoted key row's scale and offset in its coding metric
+            (`quantization.refit_grid`) after error-feedback coding; without a key feedback factor it does nothing.
     """
 
     is_compileable = False
@@ -107,6 +111,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         v_feedback: torch.Tensor | None = None,
         k_mean: torch.Tensor | None = None,
         k_tilt: KeyTilt | None = None,
+        key_grid_refit: bool = False,
     ):
         super().__init__()
         self.k_rotation_init = k_rotation
@@ -122,6 +127,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.k_feedback_init, self.v_feedback_init = k_feedback, v_feedback
         self.k_mean_init = k_mean
         self.k_tilt_init = k_tilt
+        self.key_grid_refit = bool(key_grid_refit)
         self.sink_len = self.body_len = self.recent_len = 0
         # CUDA-graph decoding (`oscar_hf.graphs`): single-token appends go to a device-side index and the kernels read
         # the segment lengths from `self.lengths`, so one captured step replays for every position.
@@ -154,6 +160,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.k_rotation = None if self.k_rotation_init is None else self.k_rotation_init.to(self.device, torch.float32).contiguous()
         self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32).contiguous()
         self.k_feedback = None if self.k_feedback_init is None else self.k_feedback_init.to(self.device, torch.float32)
+        self.k_metric = None  # the key feedback's metric, computed at the first refit (`key_grid_refit`)
         self.v_feedback = None if self.v_feedback_init is None else self.v_feedback_init.to(self.device, torch.float32)
         self.k_tilt = None
         if self.k_tilt_init is not None:
@@ -428,22 +435,31 @@ class OscarQuantizedLayer(CacheLayerMixin):
         ):
             # Value codes go to their token-pair interleaved places (`quantization.write_token_pairs`).
             out_codes = codes if pairs else codes[:, :, at]
-            if kernel is not None and kernel(
+            # The tilted coder keeps two [D, G] matrices per row: slice long prompts to bound its memory.
+            step = _QUANTIZE_SLICE_ROWS if tilt is None else _TILT_SLICE_TOKENS
+            if kernel is None or not kernel(
                 rows, ratio, out_codes, scale[:, :, at], offset[:, :, at], feedback, tilt=tilt,
                 token_pairs_from=self.body_len if pairs else None,
             ):
-                continue
-            # The tilted coder keeps two [D, G] matrices per row: slice long prompts to bound its memory.
-            step = _QUANTIZE_SLICE_ROWS if tilt is None else _TILT_SLICE_TOKENS
-            for start in range(0, n, step):
-                stop = min(n, start + step)
-                q = quantize_rows(rows[:, :, start:stop], ratio, feedback, tilt)
-                dst = slice(self.body_len + start, self.body_len + stop)
-                scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
-                if pairs:
-                    write_token_pairs(codes, q.codes, self.body_len + start)
-                else:
-                    codes[:, :, dst] = q.codes
+                for start in range(0, n, step):
+                    stop = min(n, start + step)
+                    q = quantize_rows(rows[:, :, start:stop], ratio, feedback, tilt)
+                    dst = slice(self.body_len + start, self.body_len + stop)
+                    scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
+                    if pairs:
+                        write_token_pairs(codes, q.codes, self.body_len + start)
+                    else:
+                        codes[:, :, dst] = q.codes
+            if self.key_grid_refit and not pairs and feedback is not None:
+                # After either coder: the codes stay, each key row's grid is refitted in its metric (`refit_grid`).
+                if self.k_metric is None:
+                    self.k_metric = metric_from_factor(feedback)
+                for start in range(0, n, _TILT_SLICE_TOKENS):
+                    dst = slice(self.body_len + start, self.body_len + min(n, start + _TILT_SLICE_TOKENS))
+                    q = refit_grid(rows[:, :, start : start + _TILT_SLICE_TOKENS],
+                                   QuantizedRows(codes[:, :, dst], scale[:, :, dst], offset[:, :, dst]),
+                                   self.k_metric, tilt)
+                    scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
         self.body_len += n
 
     # ------------------------------------------------------------------ reads

@@ -291,6 +291,52 @@ def _sweep_inverse(a: torch.Tensor) -> torch.Tensor:
     return -a
 
 
+def metric_from_factor(feedback: torch.Tensor) -> torch.Tensor:
+    """The metric S `[heads or 1, D, D]` float32 whose error-feedback factor is `feedback` (`U^T U = S^-1`)."""
+    u = feedback.double()
+    return torch.linalg.inv(u.mT @ u).float()
+
+
+def refit_grid(
+    rows: torch.Tensor, q: QuantizedRows, metric: torch.Tensor, tilt: KeyTilt | None = None
+) -> QuantizedRows:
+    """Each row's scale and offset refitted by least squares in its coding metric, the codes kept.
+
+    `quantize_rows(..., feedback=)` picks codes on the min-max grid of the clipped row; the grid is then no longer the
+    best one for those codes in the metric that picked them. For a row x (`rows`, rotated and unclipped) with codes c,
+    this solves the 2 x 2 normal equations of `min_{s, z} (x - s c - z)^T M (x - s c - z)`, M the row's metric:
+    `metric` S (`metric_from_factor` of the feedback factor), plus `W W^T` with a key `tilt`. A row keeps its old grid
+    where the refit, rounded to float16, is not lower in M (a degenerate or non-finite row, or rounding). `rows`
+    `[..., heads, n, D]`; `metric` `[heads or 1, D, D]`.
+    """
+    x = rows.float()
+    codes = unpack_codes(q.codes).float()
+    metric = metric.to(x.device, torch.float32).unsqueeze(-3)  # [H or 1, 1, D, D]
+    w = None if tilt is None else tilt.columns(x)  # [..., H, n, D, G]
+
+    def apply(v: torch.Tensor) -> torch.Tensor:  # M v, row by row
+        out = (v.unsqueeze(-2) @ metric).squeeze(-2)
+        if w is not None:
+            out = out + (w @ (v.unsqueeze(-2) @ w).mT).squeeze(-1)
+        return out
+
+    ones = torch.ones_like(codes)
+    mc, m1 = apply(codes), apply(ones)
+    a11, a12, a22 = (codes * mc).sum(-1), mc.sum(-1), m1.sum(-1)
+    r1, r2 = (x * mc).sum(-1), (x * m1).sum(-1)
+    det = a11 * a22 - a12 * a12
+    scale = ((a22 * r1 - a12 * r2) / det).to(PARAM_DTYPE)
+    offset = ((a11 * r2 - a12 * r1) / det).to(PARAM_DTYPE)
+
+    def error(sc: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+        e = x - (codes * sc.float().unsqueeze(-1) + off.float().unsqueeze(-1))
+        return (e * apply(e)).sum(-1)
+
+    keep = torch.isfinite(scale) & torch.isfinite(offset) & (scale > 0) & (det > 0)
+    keep &= error(scale, offset) < error(q.scale, q.offset)
+    return QuantizedRows(q.codes, torch.where(keep, scale, q.scale), torch.where(keep, offset, q.offset))
+
+
 def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of `quantize_rows` (up to the quantization error): `code * scale + offset`."""
     codes = unpack_codes(q.codes).float()
@@ -348,7 +394,8 @@ def write_token_pairs(plane: torch.Tensor, codes: torch.Tensor, start: int) -> N
     _pair_view(plane)[..., t // 2, t % 2, :] = codes
 
 
-def read_token_pairs(plane: torch.Tensor, n: int) -> torch.Tensor:
-    """Tokens `0 .. n - 1` of the token-pair interleaved `plane` as token rows `[..., n, B]` (a new tensor)."""
-    t = torch.arange(n, device=plane.device)
+def read_token_pairs(plane: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+    """Tokens `start .. start + n - 1` of the token-pair interleaved `plane` as token rows `[..., n, B]` (a new
+    tensor)."""
+    t = torch.arange(start, start + n, device=plane.device)
     return _pair_view(plane)[..., t // 2, t % 2, :]
