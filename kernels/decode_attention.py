@@ -84,14 +84,12 @@ def _round(x, DT: tl.constexpr, FP32_DOT: tl.constexpr):
 CODE_BASE = tl.constexpr(4.0)
 
 
-@triton.constexpr_function
-def _unpack_asm(dt, s: int, pairs: bool = False) -> str:
+def _unpack_asm(dt: str, s: int, pairs: bool = False) -> str:
     """PTX for four packed bytes (one 32-bit register, `$2`) -> four `4 + code` values of quarter `s` (`$0`, `$1`):
     one shift, one `lop3` ((t & mask) | exponent bits) and two byte permutes that interleave the code bytes with the
     constant bytes. Bytes b0 b1 | b2 b3 give `$0` = (b0, b1) and `$1` = (b2, b3); with `pairs` (the register holds
-    two uint16 elements) `$0` = the even bytes (b0, b2) and `$1` = the odd ones (b1, b3). `dt`: "bf16" / "fp16" or
-    the Triton dtype (the kernels call it at compile time)."""
-    if dt == "bf16" or dt == tl.bfloat16:  # low byte 0x80 | code << 5, high byte 0x40
+    two uint16 elements) `$0` = the even bytes (b0, b2) and `$1` = the odd ones (b1, b3)."""
+    if dt == "bf16":  # low byte 0x80 | code << 5, high byte 0x40
         shift = "shr.b32 t, $2, 1;" if s == 3 else f"shl.b32 t, $2, {5 - 2 * s};"
         mask, bits, other = "0x60606060", "0x80808080", "0x40404040"
         sel = ("0x4240", "0x4341") if pairs else ("0x4140", "0x4342")
@@ -105,17 +103,38 @@ def _unpack_asm(dt, s: int, pairs: bool = False) -> str:
     )
 
 
+_BF16_ASM_0, _BF16_ASM_1, _BF16_ASM_2, _BF16_ASM_3 = (tl.constexpr(_unpack_asm("bf16", s)) for s in range(4))
+_FP16_ASM_0, _FP16_ASM_1, _FP16_ASM_2, _FP16_ASM_3 = (tl.constexpr(_unpack_asm("fp16", s)) for s in range(4))
+_BF16_PAIRS_0, _BF16_PAIRS_1, _BF16_PAIRS_2, _BF16_PAIRS_3 = (tl.constexpr(_unpack_asm("bf16", s, pairs=True)) for s in range(4))
+_FP16_PAIRS_0, _FP16_PAIRS_1, _FP16_PAIRS_2, _FP16_PAIRS_3 = (tl.constexpr(_unpack_asm("fp16", s, pairs=True)) for s in range(4))
+
+
 @triton.jit
 def _biased_code_pairs(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """`4 + code` in DT of quarter `s` for the low (even) and the high (odd) byte of each uint16 in `packed`: two
     tensors of `packed`'s shape. The products then take 16-bit operands, so Triton lays the other operand out as it
     would for bf16 x bf16 instead of for a byte operand (which re-packs the query registers every block)."""
     if ASM:
-        asm: tl.constexpr = _unpack_asm(DT, s, True)
-        if DT == tl.bfloat16:  # (`dtype=DT` would pass the constexpr wrapper, not the dtype)
+        if DT == tl.bfloat16:
+            if s == 0:
+                asm: tl.constexpr = _BF16_PAIRS_0
+            elif s == 1:
+                asm: tl.constexpr = _BF16_PAIRS_1
+            elif s == 2:
+                asm: tl.constexpr = _BF16_PAIRS_2
+            else:
+                asm: tl.constexpr = _BF16_PAIRS_3
             return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=(tl.bfloat16, tl.bfloat16),
                                              is_pure=True, pack=2)
         else:
+            if s == 0:
+                asm: tl.constexpr = _FP16_PAIRS_0
+            elif s == 1:
+                asm: tl.constexpr = _FP16_PAIRS_1
+            elif s == 2:
+                asm: tl.constexpr = _FP16_PAIRS_2
+            else:
+                asm: tl.constexpr = _FP16_PAIRS_3
             return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=(tl.float16, tl.float16),
                                              is_pure=True, pack=2)
     else:
@@ -136,10 +155,25 @@ def _biased_codes(packed, s: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     (compiled GPU code) four bytes are unpacked at a time (`_unpack_asm`); otherwise, and under the CPU interpreter,
     the same bit patterns are built element by element."""
     if ASM:
-        asm: tl.constexpr = _unpack_asm(DT, s, False)
         if DT == tl.bfloat16:
+            if s == 0:
+                asm: tl.constexpr = _BF16_ASM_0
+            elif s == 1:
+                asm: tl.constexpr = _BF16_ASM_1
+            elif s == 2:
+                asm: tl.constexpr = _BF16_ASM_2
+            else:
+                asm: tl.constexpr = _BF16_ASM_3
             return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
         else:
+            if s == 0:
+                asm: tl.constexpr = _FP16_ASM_0
+            elif s == 1:
+                asm: tl.constexpr = _FP16_ASM_1
+            elif s == 2:
+                asm: tl.constexpr = _FP16_ASM_2
+            else:
+                asm: tl.constexpr = _FP16_ASM_3
             return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
     else:
         c = (packed.to(tl.int32) >> (2 * s)) & 3
