@@ -43,7 +43,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # programmatic dependent launch (Triton >= 3.3); the kernels reference these only when `PDL` is set
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
 
@@ -600,7 +604,8 @@ def _interpreting() -> bool:
 
 def _pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (each stage's launch overlapping the previous stage) needs sm_90 or newer."""
-    return not _interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return (gdc_wait is not None and not _interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _sm_count(device: torch.device) -> int:
