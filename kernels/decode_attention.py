@@ -824,6 +824,7 @@ def oscar_decode_attention(
         num_splits, q_len, kvh, group,
         D=head_dim, BLOCK_M=block_m, BLOCK_S=min(64, max(16, triton.next_power_of_2(num_splits))), BLOCK_E=block_e,
         HAS_RV=layer.v_rotation is not None,
-        FP32_DOT=_interpreting(), PDL=pdl, num_warps=4, launch_pdl=pdl,
+        FP32_DOT=_interpreting(), PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),  # (a launch option Triton < 3.4 does not know)
     )
     return out
