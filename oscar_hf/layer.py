@@ -30,8 +30,8 @@ from .quantization import (
     KeyTilt,
     QuantizedRows,
     dequantize_rows,
-    quantize_rows,
     metric_from_factor,
+    quantize_rows,
     read_token_pairs,
     refit_grid,
     rotate,
@@ -160,7 +160,10 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.k_rotation = None if self.k_rotation_init is None else self.k_rotation_init.to(self.device, torch.float32).contiguous()
         self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32).contiguous()
         self.k_feedback = None if self.k_feedback_init is None else self.k_feedback_init.to(self.device, torch.float32)
-        self.k_metric = None  # the key feedback's metric, computed at the first refit (`key_grid_refit`)
+        # The key feedback's metric, which the grid refit solves in (`key_grid_refit`; None: no refit).
+        self.k_metric = (
+            metric_from_factor(self.k_feedback) if self.key_grid_refit and self.k_feedback is not None else None
+        )
         self.v_feedback = None if self.v_feedback_init is None else self.v_feedback_init.to(self.device, torch.float32)
         self.k_tilt = None
         if self.k_tilt_init is not None:
@@ -450,10 +453,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
                         write_token_pairs(codes, q.codes, self.body_len + start)
                     else:
                         codes[:, :, dst] = q.codes
-            if self.key_grid_refit and not pairs and feedback is not None:
+            if self.k_metric is not None and not pairs:
                 # After either coder: the codes stay, each key row's grid is refitted in its metric (`refit_grid`).
-                if self.k_metric is None:
-                    self.k_metric = metric_from_factor(feedback)
                 for start in range(0, n, _TILT_SLICE_TOKENS):
                     dst = slice(self.body_len + start, self.body_len + min(n, start + _TILT_SLICE_TOKENS))
                     q = refit_grid(rows[:, :, start : start + _TILT_SLICE_TOKENS],
