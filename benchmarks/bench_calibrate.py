@@ -3,7 +3,7 @@
     python benchmarks/bench_calibrate.py                       # 36 layers, 32 q / 8 kv heads, head_dim 128, 32K tokens
     python benchmarks/bench_calibrate.py --rotation fitted --grouping layer --clip-fit   # the paper's recipe + clip fit
 
-Reports the seconds of `oscar_hf.calibrate.calibrate` (both statistics passes, the eigendecompositions and the clip
+Reports the seconds of `oscar_hf.calibrate.core.calibrate` (both statistics passes, the eigendecompositions and the clip
 search on held-back tokens) and of each phase's forward passes, plus peak GPU memory. Target: under 2 minutes for
 32K tokens on one H100.
 """
@@ -18,7 +18,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import oscar_hf  # noqa: F401
-from oscar_hf.calibrate import calibrate
+from oscar_hf.calibrate.core import calibrate
 
 
 def main():

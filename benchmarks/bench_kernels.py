@@ -211,7 +211,7 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    import oscar_hf.kernels as kernels
+    import oscar_hf.kernel_dispatch as kernels
     from oscar_hf import OscarQuantizedCache, cache_keyword
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="oscar").cuda().eval()

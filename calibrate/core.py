@@ -1,4 +1,14 @@
-"""`calibrate(model, tokens)`: fit an OSCAR bundle from a loaded model and calibration token ids."""
+"""`calibrate(model, tokens)`: fit an OSCAR bundle from a loaded model and calibration token ids.
+
+```python
+from oscar_hf.calibrate.core import calibrate
+rotations, report = calibrate(model, token_ids, grouping="layer")
+rotations.save_pretrained("./bundle")
+```
+The package `oscar_hf.calibrate` (the repository's `calibrate/` folder) is a namespace package without an
+`__init__.py`, so that the folder can never stand in for an installed distribution called `calibrate`; import from its
+modules: `core` (this), `data` (`load_calibration_tokens`), `fit` (`rotation_from_covariance`), `statistics`, `cli`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from oscar_hf.cache import model_geometry
+from oscar_hf.geometry import model_geometry
 from oscar_hf.quantization import hadamard_matrix
 from oscar_hf.rotations import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarRotations
 
@@ -133,7 +143,7 @@ def calibrate(
         )
     start = time.perf_counter()
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-    text_config, num_layers, num_kv_heads, head_dim, layer_types = model_geometry(model.config)
+    text_config, num_layers, num_kv_heads, head_dim, layer_types, _ = model_geometry(model.config)
     layer_ids = [i for i, t in enumerate(layer_types) if t == "full_attention"]
     if not layer_ids:
         raise ValueError("The model has no full-attention layers: there is nothing for OSCAR to quantize.")

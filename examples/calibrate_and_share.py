@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 import oscar_hf  # noqa: F401  (registers attn_implementation="oscar")
 from oscar_hf import OscarQuantizedCache, OscarRotations
-from oscar_hf.calibrate import calibrate, load_calibration_tokens
+from oscar_hf.calibrate.core import calibrate
+from oscar_hf.calibrate.data import load_calibration_tokens
 from oscar_hf.evaluation import evaluate_caches
 
 

@@ -23,7 +23,7 @@ OSCAR_ATTENTION = "oscar"
 
 # The kernel path tried before the reference on CUDA: a callable that takes (query, segments, mask, scaling) and
 # returns the attention output `[batch, heads, q_len, head_dim]` un-rotated, or None to decline. By default it is
-# `oscar_hf.kernels.decode_attention_fast_path`, imported on first use so that Triton stays optional.
+# `oscar_hf.kernel_dispatch.decode_attention_fast_path`, imported on first use so that Triton stays optional.
 _AUTO = object()
 _FAST_PATH = _AUTO
 
@@ -38,8 +38,8 @@ def _fast_path():
     global _FAST_PATH
     if _FAST_PATH is _AUTO:
         try:
-            from .kernels import decode_attention_fast_path as fn
-        except ImportError:  # pragma: no cover - the kernels package is part of the distribution
+            from .kernel_dispatch import decode_attention_fast_path as fn
+        except ImportError:  # pragma: no cover - the kernels are part of the distribution
             fn = None
         _FAST_PATH = fn
     return _FAST_PATH
@@ -162,7 +162,7 @@ def oscar_attention_forward(
     if out is None and graph_mode and query.is_cuda:
         raise RuntimeError(
             "Graph decoding needs the Triton decode kernel (the PyTorch reference reads host-side lengths that a "
-            "captured graph would freeze); it declined this call. Check oscar_hf.kernels.enabled() and "
+            "captured graph would freeze); it declined this call. Check oscar_hf.kernel_dispatch.enabled() and "
             "oscar_hf.kernels.decode_attention.unsupported_reason."
         )
     if out is None:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .geometry import model_geometry, model_name
+
 if TYPE_CHECKING:  # pragma: no cover
     from .rotations import OscarRotations
 
@@ -129,10 +131,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def load_bundle(directory: str | os.PathLike) -> "OscarRotations":
-    """Read a bundle directory written by `save_bundle`; raises `ValueError` naming the file and the problem."""
-    from .rotations import OscarRotations
-
+def load_bundle(directory: str | os.PathLike, cls: type) -> "OscarRotations":
+    """Read a bundle directory written by `save_bundle` into `cls` (`OscarRotations`); raises `ValueError` naming the
+    file and the problem."""
     root = Path(directory)
     for name in (TENSORS_FILE, CONFIG_FILE):
         if not (root / name).is_file():
@@ -149,7 +150,7 @@ def load_bundle(directory: str | os.PathLike) -> "OscarRotations":
         raise ValueError(f"{root / TENSORS_FILE} lacks the tensors {missing}.")
     metadata = {k: v for k, v in config.items() if k not in _STRUCTURAL_KEYS}
     try:
-        return OscarRotations(
+        return cls(
             method=config["method"],
             num_layers=int(config["num_layers"]),
             num_kv_heads=int(config["num_kv_heads"]),
@@ -169,18 +170,6 @@ def load_bundle(directory: str | os.PathLike) -> "OscarRotations":
         )
     except ValueError as err:
         raise ValueError(f"Invalid rotation bundle {root}: {err}") from err
-
-
-def attach_evaluation(directory: str | os.PathLike, evaluation: dict) -> Path:
-    """Store `evaluation` (the format `model_card` reads: description, metrics, results) in a local bundle's
-    oscar_config.json and re-render its README.md; the tensors are left untouched. Returns the directory."""
-    root = Path(directory)
-    rot = load_bundle(root)  # validates the bundle before anything is rewritten
-    config = _read_config(root / CONFIG_FILE)
-    config["evaluation"] = evaluation
-    (root / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-    (root / CARD_FILE).write_text(str(model_card(rot, config)))
-    return root
 
 
 def resolve_bundle_dir(
@@ -208,34 +197,6 @@ def resolve_bundle_dir(
         allow_patterns=list(BUNDLE_FILES),
     )
     return Path(path)
-
-
-def push_bundle(
-    rot: "OscarRotations",
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload OSCAR rotation bundle",
-    create_pr: bool = False,
-    endpoint: str | None = None,
-    evaluation: dict | None = None,
-):
-    """Create `repo_id` if needed and upload the bundle in one commit; returns the `CommitInfo`."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_bundle(rot, tmp, evaluation=evaluation)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            revision=revision,
-            commit_message=commit_message,
-            create_pr=create_pr,
-        )
 
 
 def _card_template() -> str:
@@ -267,3 +228,95 @@ def model_card(rot: "OscarRotations", config: dict[str, Any] | None = None):
         evaluation=evaluation,
         model_id=model_id or "unknown model",
     )
+
+
+class BundleIO:
+    """`save_pretrained` / `from_pretrained` / `push_to_hub` / `model_card` of a rotation bundle, for `OscarRotations`
+    to inherit (as `huggingface_hub.ModelHubMixin` gives models theirs): the bundle format lives in this module only."""
+
+    def save_pretrained(self, save_directory, evaluation: dict | None = None) -> Path:
+        """Write `rotations.safetensors`, `oscar_config.json` and a `README.md` model card into `save_directory`.
+
+        `evaluation`, if given, is stored in the config and fills the card's quality table:
+        `{"metrics": ["kl_mean", ...], "results": {"oscar": {"kl_mean": ...}, "hadamard": {...}}, "description": str}`.
+        """
+        return save_bundle(self, save_directory, evaluation=evaluation)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir,
+        revision: str | None = None,
+        *,
+        cache_dir=None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        endpoint: str | None = None,
+        config=None,
+    ):
+        """Load a bundle from a local directory or a Hub repository (`revision`: branch, tag or commit).
+
+        Hub downloads go through the local cache, so `HF_HUB_OFFLINE=1` works once a bundle has been fetched. With
+        `config` (a model config), the bundle is also checked against the model's layers, KV heads and head_dim.
+        """
+        directory = resolve_bundle_dir(
+            repo_id_or_dir,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            endpoint=endpoint,
+        )
+        rotations = load_bundle(directory, cls)
+        if config is not None:
+            geometry = model_geometry(config)
+            rotations.check_compatible(
+                geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, model_name=model_name(geometry.text_config)
+            )
+        return rotations
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload OSCAR rotation bundle",
+        create_pr: bool = False,
+        endpoint: str | None = None,
+        evaluation: dict | None = None,
+    ):
+        """Create `repo_id` if needed and upload the bundle (the files of `save_pretrained`) in one commit; returns
+        the `CommitInfo`."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=endpoint, token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_bundle(self, tmp, evaluation=evaluation)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
+
+    def model_card(self):
+        """The `huggingface_hub.ModelCard` that `save_pretrained` writes as README.md."""
+        return model_card(self)
+
+    @classmethod
+    def attach_evaluation(cls, directory: str | os.PathLike, evaluation: dict) -> Path:
+        """Store `evaluation` (the format `model_card` reads: description, metrics, results) in a local bundle's
+        oscar_config.json and re-render its README.md; the tensors are left untouched. Returns the directory."""
+        root = Path(directory)
+        rot = load_bundle(root, cls)  # validates the bundle before anything is rewritten
+        config = _read_config(root / CONFIG_FILE)
+        config["evaluation"] = evaluation
+        (root / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        (root / CARD_FILE).write_text(str(model_card(rot, config)))
+        return root

@@ -9,42 +9,10 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from .attention import OSCAR_ATTENTION
+from .geometry import model_geometry, model_name as name_of
 from .layer import OscarQuantizedLayer
 from .quantization import CODES_PER_BYTE
 from .rotations import OscarRotations
-
-
-def model_geometry(config: PretrainedConfig) -> tuple[PretrainedConfig, int, int, int, list[str]]:
-    """`(text_config, num_layers, num_kv_heads, head_dim, layer_types)` of a decoder config.
-
-    Raises a `ValueError` for models whose cache is not per-head keys and values of one decoder stack.
-    """
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"OscarQuantizedCache is for decoder-only models; {config.model_type} is an encoder-decoder model, whose "
-            "generate() needs an EncoderDecoderCache. Use transformers' caches for it."
-        )
-    config = config.get_text_config(decoder=True)
-    if getattr(config, "kv_lora_rank", None) is not None:
-        raise ValueError(
-            f"{config.model_type} uses multi-head latent attention (MLA): its cache holds a compressed latent and "
-            "keys and values of different head sizes, not the per-head keys and values OSCAR rotates. "
-            "Use transformers' caches for it."
-        )
-    for name in ("num_hidden_layers", "num_attention_heads"):
-        if getattr(config, name, None) is None:
-            raise ValueError(
-                f"{type(config).__name__} has no `{name}`: OscarQuantizedCache needs a decoder config with "
-                "`num_hidden_layers`, `num_attention_heads` and optionally `num_key_value_heads` and `head_dim`."
-            )
-    num_layers = config.num_hidden_layers
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-        layer_types = ["sliding_attention" if sliding else "full_attention"] * num_layers
-    return config, num_layers, num_kv_heads, head_dim, list(layer_types)
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -109,7 +77,7 @@ class OscarQuantizedCache(Cache):
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"`{name}` is a quantile and must lie in (0, 1], got {value!r}.")
 
-        text_config, num_layers, num_kv_heads, head_dim, layer_types = model_geometry(config)
+        text_config, num_layers, num_kv_heads, head_dim, layer_types, windows = model_geometry(config)
         method = method or (rotations.method if rotations is not None else None)
         if method is None:
             raise ValueError(
@@ -120,7 +88,7 @@ class OscarQuantizedCache(Cache):
             rotations = OscarRotations.data_free(method, num_layers, num_kv_heads, head_dim, k_clip_ratio, v_clip_ratio)
         elif method != rotations.method:
             raise ValueError(f"method={method!r} does not match the bundle's method {rotations.method!r}.")
-        model_name = getattr(text_config, "_name_or_path", None) or text_config.model_type
+        model_name = name_of(text_config)
         rotations.check_compatible(num_layers, num_kv_heads, head_dim, model_name=model_name)
         unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if unsupported:
@@ -138,7 +106,7 @@ class OscarQuantizedCache(Cache):
         layers = []
         for idx, layer_type in enumerate(layer_types):
             if layer_type == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
+                layers.append(DynamicSlidingWindowLayer(sliding_window=windows[idx]))
                 continue
             k_rot, v_rot = rotations.layer_rotations(idx)
             k_feedback, v_feedback = rotations.layer_feedback(idx)

@@ -424,7 +424,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self._reserve_body(self.body_len + n)
         kernel = None
         if keys.is_cuda:
-            from .kernels import quantize_into_fast_path as kernel
+            from .kernel_dispatch import quantize_into_fast_path as kernel
         at = slice(self.body_len, self.body_len + n)
         for rows, ratio, feedback, tilt, codes, scale, offset, pairs in (
             (

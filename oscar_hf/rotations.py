@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .bundle import BundleIO
 from .quantization import KeyTilt, hadamard_rotation
 
 METHODS = ("naive", "hadamard", "oscar")
@@ -23,7 +24,7 @@ ORTHOGONALITY_TOLERANCE = 1e-3
 
 
 @dataclass
-class OscarRotations:
+class OscarRotations(BundleIO):
     """Rotations and clip ratios for every decoder layer of one model.
 
     Attributes:
@@ -44,6 +45,8 @@ class OscarRotations:
             the attention tilt of the key coding (`quantization.KeyTilt`). With them `k_feedback` is the factor of
             the tilt's base metric and every key is coded in the metric of the queries that will attend to it.
         metadata: free-form provenance (model id, revision, calibration data, token count, ...).
+
+    Bundle I/O (`save_pretrained`, `from_pretrained`, `push_to_hub`, `model_card`) comes from `bundle.BundleIO`.
     """
 
     method: str
@@ -240,85 +243,3 @@ class OscarRotations:
         if self.k_rotations is None:
             return None, None
         return self.k_rotations[layer_idx], self.v_rotations[layer_idx]
-
-    # ------------------------------------------------------------------ bundle I/O (format: oscar_hf/bundle.py)
-    def save_pretrained(self, save_directory, evaluation: dict | None = None):
-        """Write `rotations.safetensors`, `oscar_config.json` and a `README.md` model card into `save_directory`.
-
-        `evaluation`, if given, is stored in the config and fills the card's quality table:
-        `{"metrics": ["kl_mean", ...], "results": {"oscar": {"kl_mean": ...}, "hadamard": {...}}, "description": str}`.
-        """
-        from .bundle import save_bundle
-
-        return save_bundle(self, save_directory, evaluation=evaluation)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        repo_id_or_dir,
-        revision: str | None = None,
-        *,
-        cache_dir=None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        endpoint: str | None = None,
-        config=None,
-    ) -> "OscarRotations":
-        """Load a bundle from a local directory or a Hub repository (`revision`: branch, tag or commit).
-
-        Hub downloads go through the local cache, so `HF_HUB_OFFLINE=1` works once a bundle has been fetched. With
-        `config` (a model config), the bundle is also checked against the model's layers, KV heads and head_dim.
-        """
-        from .bundle import load_bundle, resolve_bundle_dir
-
-        directory = resolve_bundle_dir(
-            repo_id_or_dir,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            endpoint=endpoint,
-        )
-        rotations = load_bundle(directory)
-        if config is not None:
-            from .cache import model_geometry
-
-            text_config, num_layers, num_kv_heads, head_dim, _ = model_geometry(config)
-            name = getattr(text_config, "_name_or_path", None) or text_config.model_type
-            rotations.check_compatible(num_layers, num_kv_heads, head_dim, model_name=name)
-        return rotations
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        commit_message: str = "Upload OSCAR rotation bundle",
-        create_pr: bool = False,
-        endpoint: str | None = None,
-        evaluation: dict | None = None,
-    ):
-        """Create `repo_id` if needed and upload the bundle (the files of `save_pretrained`) in one commit."""
-        from .bundle import push_bundle
-
-        return push_bundle(
-            self,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            endpoint=endpoint,
-            evaluation=evaluation,
-        )
-
-    def model_card(self):
-        """The `huggingface_hub.ModelCard` that `save_pretrained` writes as README.md."""
-        from .bundle import model_card
-
-        return model_card(self)

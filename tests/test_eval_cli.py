@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_model
 from oscar_hf import OscarQuantizedCache, OscarRotations
-from oscar_hf.eval_cli import calibration_overlap, main, markdown_table, parse_methods, quanto_unavailable_reason
+from oscar_hf.evaluation.cli import calibration_overlap, main, markdown_table, parse_methods, quanto_unavailable_reason
 from oscar_hf.evaluation import cache_kv_bits_per_element, cache_kv_bytes, smooth
 
 

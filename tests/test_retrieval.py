@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from conftest import CALIBRATION_SPLIT, tiny_model
 from oscar_hf import OscarQuantizedCache
-from oscar_hf.retrieval import build_cases, feed_chunks, is_exact_match, run_retrieval
+from oscar_hf.evaluation.retrieval import build_cases, feed_chunks, is_exact_match, run_retrieval
 
 
 class CharTokenizer:

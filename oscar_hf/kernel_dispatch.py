@@ -1,10 +1,11 @@
-"""`oscar_hf.kernels`: Triton kernels for the generate() hot path.
+"""Which path a hot-path call takes: the Triton kernels of `oscar_hf.kernels` (the repository's `kernels/` folder) or
+the PyTorch reference.
 
-- `quantize.py`: the write path (per-row quantile clip + asymmetric INT2 + planar pack, straight into the layer's
-  body buffers; codes by plain rounding, error feedback, or error feedback in each key's tilted metric), used when
-  recent tokens are demoted and when a prompt is stored.
-- `decode_attention.py`: split-K decode attention over the BF16 sink, the packed INT2 body and the BF16 recent window,
-  with the query rotated by R_K and the output un-rotated by R_V^T inside the kernels.
+- `oscar_hf.kernels.quantize`: the write path (per-row quantile clip + asymmetric INT2 + planar pack, straight into the
+  layer's body buffers; codes by plain rounding, error feedback, or error feedback in each key's tilted metric), used
+  when recent tokens are demoted and when a prompt is stored.
+- `oscar_hf.kernels.decode_attention`: split-K decode attention over the BF16 sink, the packed INT2 body and the BF16
+  recent window, with the query rotated by R_K and the output un-rotated by R_V^T inside the kernels.
 
 Both are checked against the PyTorch reference in `oscar_hf` (`quantization.quantize_rows`,
 `attention.segment_attention_reference`), which also stays the CPU path. Triton is imported only when a CUDA tensor
@@ -48,7 +49,7 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
     """The `"oscar"` attention function's CUDA path: the kernel output, or None to fall back to the reference."""
     if not (_ENABLED and query.is_cuda and triton_available()):
         return None
-    from .decode_attention import oscar_decode_attention, unsupported_reason
+    from .kernels.decode_attention import oscar_decode_attention, unsupported_reason
 
     if unsupported_reason(query, segments.layer, attention_mask, segments.num_new) is not None:
         return None
@@ -65,7 +66,7 @@ def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=Non
     reference rejects with the reason). `token_pairs_from`: see `quantize_rows_into`."""
     if not (_ENABLED and rows.is_cuda and triton_available()) or (tilt is not None and feedback is None):
         return False
-    from .quantize import can_quantize, quantize_rows_into
+    from .kernels.quantize import can_quantize, quantize_rows_into
 
     if not can_quantize(rows, tilt):
         return False

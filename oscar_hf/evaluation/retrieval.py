@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .cache import cache_keyword
+from ..cache import cache_keyword
 
 # Identifier words for needle keys; three of them give 27,000 distinct keys.
 KEY_WORDS = (

@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluation import cache_kv_bits_per_element, cache_kv_bytes, compare_runs, decode_mode_run, smooth
+from ..cache import OscarQuantizedCache
+from ..rotations import OscarRotations
+from .decode_mode import cache_kv_bits_per_element, cache_kv_bytes, compare_runs, decode_mode_run, smooth
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -204,8 +206,6 @@ class CacheFactory:
             if source is None:
                 raise ValueError(f"Row {spec.name!r} needs fitted rotations: pass --rotations DIR (see oscar-calibrate).")
             if source not in rotations_cache:
-                from .rotations import OscarRotations
-
                 rotations_cache[source] = OscarRotations.from_pretrained(source, config=model.config)
             self.rotations = rotations_cache[source]
             self.source = source
@@ -225,8 +225,6 @@ class CacheFactory:
             from transformers import QuantizedCache
 
             return QuantizedCache(backend="quanto", config=self.model.config, **self.kwargs)
-        from .cache import OscarQuantizedCache
-
         if self.rotations is not None:
             return OscarQuantizedCache(self.model.config, rotations=self.rotations, **self.kwargs)
         return OscarQuantizedCache(self.model.config, method=self.spec.base, **self.kwargs)
@@ -454,9 +452,7 @@ def run(args) -> int:
                  f"tokens [{start:,}, {end:,}), windows {args.sink_tokens}/{args.recent_tokens}")
         plot_kl(args.plot, kl_curves, args.prefix_tokens, args.smooth, title)
     if args.update_card:
-        from .bundle import attach_evaluation
-
-        attach_evaluation(args.rotations, card_evaluation(report))
+        OscarRotations.attach_evaluation(args.rotations, card_evaluation(report))
     print(table)
     for name, why in skipped.items():
         print(f"\n{name}: skipped ({why})")

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .cache import cache_keyword
+from ..cache import cache_keyword
 
 # Attributes under which transformers' cache layers keep their tensors: `keys`/`values` for the exact layers and the
 # residual window of `QuantizedLayer`, `_quantized_keys`/`_quantized_values` for its quantized history.

@@ -1,1 +1,0 @@
-"""Model-card templates for rotation bundles pushed to the Hub (Jinja, rendered by `huggingface_hub.ModelCard`)."""
