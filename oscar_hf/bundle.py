@@ -20,14 +20,11 @@ import os
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .geometry import model_geometry, model_name
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .rotations import OscarRotations
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -54,7 +51,7 @@ def grouping_name(groups: int, num_kv_heads: int) -> str:
     return "layer" if groups == 1 else "head"
 
 
-def bundle_config(rot: "OscarRotations") -> dict[str, Any]:
+def bundle_config(rot: "BundleIO") -> dict[str, Any]:
     """The content of `oscar_config.json` for a bundle."""
     meta = dict(rot.metadata)
     config = {
@@ -77,7 +74,7 @@ def bundle_config(rot: "OscarRotations") -> dict[str, Any]:
     return config
 
 
-def save_bundle(rot: "OscarRotations", save_directory: str | os.PathLike, evaluation: dict | None = None) -> Path:
+def save_bundle(rot: "BundleIO", save_directory: str | os.PathLike, evaluation: dict | None = None) -> Path:
     """Write the three bundle files into `save_directory` (created if needed); returns the directory."""
     from safetensors.torch import save_file
 
@@ -131,7 +128,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def load_bundle(directory: str | os.PathLike, cls: type) -> "OscarRotations":
+def load_bundle(directory: str | os.PathLike, cls: type) -> "BundleIO":
     """Read a bundle directory written by `save_bundle` into `cls` (`OscarRotations`); raises `ValueError` naming the
     file and the problem."""
     root = Path(directory)
@@ -203,7 +200,7 @@ def _card_template() -> str:
     return resources.files("oscar_hf.hub_cards").joinpath("rotation_bundle.md").read_text()
 
 
-def model_card(rot: "OscarRotations", config: dict[str, Any] | None = None):
+def model_card(rot: "BundleIO", config: dict[str, Any] | None = None):
     """A `huggingface_hub.ModelCard` for the bundle: YAML metadata, usage, calibration details and, when the config
     holds an `evaluation` entry, a quality table."""
     from huggingface_hub import ModelCard, ModelCardData
