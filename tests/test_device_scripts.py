@@ -56,24 +56,15 @@ def test_stability_script_dry_run(saved_model, capsys, tmp_path, graph):
     assert rows[-1]["held_bytes_per_token"] < rows[0]["held_bytes_per_token"]
 
 
-def test_sass_loop_reads_the_body_loop_and_the_default_launch_issues_the_fewest_instructions(capsys):
-    """The SASS tool compiles stage 1 for sm_90 without a GPU and finds the tensor-core loop. The launch defaults
-    are chosen on these counts (RESULTS, seventh session), so they must stay below the alternatives: stacked query
-    rows against unstacked, and codes read in pairs against a byte at a time (Triton 3.6: 24.4 warp instructions
-    per key, against 34.7 unstacked, 28.2 with key bytes and 41.9 with value bytes)."""
+def test_sass_loop_finds_the_tensor_core_body_loop(capsys):
+    """The SASS tool compiles stage 1 for sm_90 without a GPU and finds its tensor-core loop. How many instructions
+    each launch configuration issues is a benchmark fact of one Triton version (benchmarks/RESULTS.md), not a test."""
     tool = script("sass_loop")
     missing = tool.tools_missing()
     if missing:
         pytest.skip(f"no SASS tools: {missing}")
-    per_key = {}
-    for name, argv in (("default", []), ("unstacked", ["--block-n", "64", "--stack", "1"]),
-                       ("key bytes", ["--no-key-pairs"]), ("value bytes", ["--no-value-pairs"])):
-        assert tool.main(argv) == 0
-        out = capsys.readouterr().out
-        m = re.search(r"body loop: (\d+) instructions per warp per iteration, ([\d.]+) warp instructions per key", out)
-        assert m, out
-        assert "HMMA" in out and int(m.group(1)) > 100
-        per_key[name] = float(m.group(2))
-    assert per_key["default"] < 0.85 * per_key["unstacked"], per_key
-    assert per_key["default"] < 0.92 * per_key["key bytes"], per_key
-    assert per_key["default"] < 0.85 * per_key["value bytes"], per_key
+    assert tool.main([]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"body loop: (\d+) instructions per warp per iteration, ([\d.]+) warp instructions per key", out)
+    assert m, out
+    assert "HMMA" in out and int(m.group(1)) > 100
