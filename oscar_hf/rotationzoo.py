@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .bundle import replace_file
 from .rotations import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarRotations
 
 ZOO_FORMAT_VERSION = 1
@@ -143,6 +144,6 @@ def export_rotationzoo(rotations: OscarRotations, directory: str | os.PathLike) 
             layers[i] = entry
         state = {"format_version": ZOO_FORMAT_VERSION, "objective": objective, "source_grouping": grouping,
                  "layers": layers}
-        torch.save(state, out / name)
+        replace_file(out / name, lambda tmp: torch.save(state, tmp))  # replaces a link, never writes through it
         paths.append(out / name)
     return paths[0], paths[1]

@@ -314,3 +314,14 @@ def test_a_home_relative_bundle_path_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     _bundle().save_pretrained(tmp_path / "b")
     assert OscarRotations.from_pretrained("~/b").num_layers == 2
+
+
+def test_zoo_export_over_links_leaves_their_targets_alone(tmp_path):
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / K_FILENAME).symlink_to(victim)
+    export_rotationzoo(_bundle(), out)
+    assert victim.read_bytes() == b"precious" and not (out / K_FILENAME).is_symlink()
+    assert torch.load(out / K_FILENAME, weights_only=True)["objective"] == "qqt_r_h_pbr"
