@@ -144,6 +144,7 @@ def export_rotationzoo(rotations: OscarRotations, directory: str | os.PathLike) 
             layers[i] = entry
         state = {"format_version": ZOO_FORMAT_VERSION, "objective": objective, "source_grouping": grouping,
                  "layers": layers}
-        replace_file(out / name, lambda tmp: torch.save(state, tmp))  # replaces a link, never writes through it
+        # replace_file replaces a link at the path instead of writing through it
+        replace_file(out / name, lambda tmp, state=state: torch.save(state, tmp))
         paths.append(out / name)
     return paths[0], paths[1]
