@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 from importlib import resources
@@ -246,7 +245,8 @@ def _read_tensor_header(path: Path) -> dict[str, tuple[str, list[int]]]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle)
+            return {name: (piece.get_dtype(), list(piece.get_shape())) for name, piece in slices.items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise _corrupt(path, err) from err
 

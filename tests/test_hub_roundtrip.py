@@ -108,7 +108,7 @@ def test_updating_the_card_of_a_downloaded_snapshot_leaves_the_hub_cache_blobs_a
 def test_the_advice_for_a_corrupt_cached_bundle_works(hub, tmp_path):
     original = _random_bundle()
     original.push_to_hub("org/rot", token="hf_test", endpoint=hub.endpoint)
-    kwargs = dict(cache_dir=tmp_path, endpoint=hub.endpoint, token="hf_test")
+    kwargs = {"cache_dir": tmp_path, "endpoint": hub.endpoint, "token": "hf_test"}
     OscarRotations.from_pretrained("org/rot", **kwargs)
     blob = next(tmp_path.rglob("rotations.safetensors")).resolve()
     blob.write_bytes(blob.read_bytes()[:100])
