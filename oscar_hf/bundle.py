@@ -298,6 +298,12 @@ def _check_tensor_header(path: Path, header: dict[str, tuple[str, list[int]]], c
                 f"{heads}, head_dim {dim} (expected {' or '.join(show(p) for p in shapes[name])}). The two files come "
                 "from different bundles: re-create or download the bundle again."
             )
+    declared = config.get("groups")
+    if declared and "k_rotations" in header and header["k_rotations"][1][1] != declared:
+        raise ValueError(
+            f"{path}: k_rotations holds {header['k_rotations'][1][1]} rotation(s) per layer, but {CONFIG_FILE} declares "
+            f"groups {declared}. The two files come from different bundles: re-create or download the bundle again."
+        )
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -240,6 +240,13 @@ def test_config_geometry_is_checked_against_the_tensor_shapes_before_loading(tmp
         OscarRotations.from_pretrained(tmp_path)
 
 
+def test_declared_groups_must_match_the_rotations(tmp_path):
+    _bundle(groups=1).save_pretrained(tmp_path)
+    _edit_config(tmp_path, groups=2, grouping="head")
+    with pytest.raises(ValueError, match=r"k_rotations holds 1 rotation\(s\) per layer.*declares groups 2"):
+        OscarRotations.from_pretrained(tmp_path)
+
+
 def test_unknown_tensors_are_refused_rather_than_ignored(tmp_path):
     _bundle().save_pretrained(tmp_path)
     path = tmp_path / "rotations.safetensors"
