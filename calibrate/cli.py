@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
+
+from oscar_hf.cli_args import (
+    check_output_dir,
+    check_token_ids,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_main,
+    vocab_size,
+)
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,20 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local path or Hub id of a transformers causal LM")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
     p.add_argument("--data", required=True, help=".npy token ids, or .txt / .jsonl text (tokenized with the model's)")
-    p.add_argument("--num-tokens", type=int, required=True, help="calibration tokens to use (fit + held back)")
-    p.add_argument("--offset", type=int, default=0, help="first token of --data to use")
+    p.add_argument("--num-tokens", type=positive_int, required=True, help="calibration tokens to use (fit + held back)")
+    p.add_argument("--offset", type=non_negative_int, default=0, help="first token of --data to use")
     p.add_argument("--output", required=True, help="directory to write the bundle into")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the bundle to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--grouping", choices=("layer", "head", "auto"), default="head",
                    help="one rotation and feedback factor per KV head (default), per layer (the reference), or a "
                         "per-layer choice on held-back error")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--heldout-tokens", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=1024, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="calibration sequences per forward")
+    p.add_argument("--heldout-tokens", type=non_negative_int, default=None,
                    help="tokens held back from the fit to measure the bundle's error (and fit clips with "
                         "--clip-fit); default N/16, at most 4096")
-    p.add_argument("--weight-tokens", type=int, default=16384,
+    p.add_argument("--weight-tokens", type=int_at_least(-1, "a non-negative integer, or -1 for all"), default=16384,
                    help="--rotation fitted: tokens of pass 1 (the query covariance that weights the values); -1: all "
                         "fitting tokens (the exact two-pass recipe). Pass 2 always covers all fitting tokens.")
     p.add_argument("--clip-fit", action=argparse.BooleanOptionalAction, default=False,
@@ -43,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-error-feedback: plain rounding, as the reference recipe")
     p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=False,
                    help="store keys minus their calibrated mean per KV head (softmax ignores the shift); off by default")
-    p.add_argument("--key-tilt", type=float, default=None,
+    p.add_argument("--key-tilt", type=non_negative_float, default=None,
                    help="strength of the attention tilt of the key coding: each key is coded in the metric of the "
                         "queries that will attend to it (default 3 with per-head error feedback; 0: off)")
     p.add_argument("--rotation", choices=("fitted", "hadamard"), default="hadamard",
@@ -52,19 +64,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="model dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--device-map", default=None, help='e.g. "auto", "cuda", "cpu" (default: cuda if available)')
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Exit status 0 on success, 2 with a message for bad arguments or input (checked before the model loads)."""
+    return run_main(build_parser(), argv, run)
+
+
+def check_arguments(args) -> None:
+    """What can be checked without the model config: paths and the Hub repo id."""
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such file.")
+    if not args.data.lower().endswith((".npy", ".txt", ".jsonl")):
+        raise ValueError(f"--data {args.data}: use .npy token ids, or .txt / .jsonl text.")
+    check_output_dir(args.output, "--output")
+    if args.push_to_hub:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repository id ({err}).") from None
+
+
+def run(args) -> int:
+    check_arguments(args)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import oscar_hf  # noqa: F401  (registers the attention functions)
 
-    from .core import calibrate
+    from .core import calibrate, plan_calibration
     from .data import load_calibration_tokens
+
+    # Everything the run needs is checked before the model's weights load: the config, the tokens and the settings.
+    config = AutoConfig.from_pretrained(args.model, revision=args.revision)
+    tokenizer = None
+    if not args.data.lower().endswith(".npy"):
+        tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    tokens = load_calibration_tokens(args.data, tokenizer, num_tokens=args.num_tokens, offset=args.offset)
+    check_token_ids(tokens.numpy(), vocab_size(config), f"--data {args.data} (tokens {args.offset:,} onwards)")
+    settings = {
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "grouping": args.grouping,
+        "heldout_tokens": args.heldout_tokens, "weight_tokens": None if args.weight_tokens < 0 else args.weight_tokens,
+        "fit_clip": args.clip_fit, "error_feedback": args.error_feedback, "rotation": args.rotation,
+        "key_tilt": args.key_tilt,
+    }
+    plan_calibration(int(tokens.numel()), **settings)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,30 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(
         args.model, revision=args.revision, dtype=dtype, device_map=device_map, attn_implementation="sdpa"
     )
-    tokenizer = None
-    if not args.data.lower().endswith(".npy"):
-        tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
-    tokens = load_calibration_tokens(args.data, tokenizer, num_tokens=args.num_tokens, offset=args.offset)
     metadata = {
         "model_id": args.model,
         "model_revision": args.revision or getattr(model.config, "_commit_hash", None),
         "calibration": {"data": args.data, "offset": args.offset, "num_tokens": int(tokens.numel())},
     }
     rotations, report = calibrate(
-        model,
-        tokens,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        grouping=args.grouping,
-        heldout_tokens=args.heldout_tokens,
-        weight_tokens=None if args.weight_tokens < 0 else args.weight_tokens,
-        fit_clip=args.clip_fit,
-        error_feedback=args.error_feedback,
-        rotation=args.rotation,
-        center_keys=args.center_keys,
-        key_tilt=args.key_tilt,
-        progress=not args.no_progress,
-        metadata=metadata,
+        model, tokens, **settings, center_keys=args.center_keys, progress=not args.no_progress, metadata=metadata
     )
     rotations.metadata["calibration"]["seconds"] = round(report.seconds, 1)
     rotations.save_pretrained(args.output)

@@ -12,6 +12,7 @@ modules: `core` (this), `data` (`load_calibration_tokens`), `fit` (`rotation_fro
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -88,6 +89,61 @@ def _run(model, tokens, seq_len, batch_size, progress, desc):
         model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
 
 
+def plan_calibration(
+    num_tokens: int,
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    grouping: str = "head",
+    heldout_tokens: int | None = None,
+    weight_tokens: int | None = None,
+    fit_clip: bool = False,
+    error_feedback: bool = True,
+    rotation: str = "hadamard",
+    key_tilt: float | None = None,
+) -> tuple[int, int, float]:
+    """Check the settings of `calibrate` for `num_tokens` tokens without a model; returns the sequence length, the
+    held-back token count (whole sequences) and the key tilt that `calibrate` will use. Raises a `ValueError` naming
+    the setting (and its command-line option), so that `oscar-calibrate` refuses bad settings before loading a model.
+    """
+    for name, option, value, low in (
+        ("num_tokens", "--num-tokens", num_tokens, 1),
+        ("seq_len", "--seq-len", seq_len, 1),
+        ("batch_size", "--batch-size", batch_size, 1),
+        ("heldout_tokens", "--heldout-tokens", 0 if heldout_tokens is None else heldout_tokens, 0),
+        ("weight_tokens", "--weight-tokens", 0 if weight_tokens is None else weight_tokens, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} ({option}) must be an integer >= {low}, got {value!r}.")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
+    if rotation not in ("fitted", "hadamard"):
+        raise ValueError(f"rotation must be 'fitted' or 'hadamard', got {rotation!r}.")
+    if key_tilt is None:
+        key_tilt = DEFAULT_KEY_TILT if grouping == "head" and error_feedback else 0.0
+    if not math.isfinite(key_tilt) or key_tilt < 0 or (key_tilt > 0 and (grouping != "head" or not error_feedback)):
+        raise ValueError(
+            f"key_tilt={key_tilt}: the key tilt is a non-negative strength and refines per-KV-head error feedback "
+            "(grouping='head', error_feedback=True); pass key_tilt=0 (--key-tilt 0) otherwise."
+        )
+    seq_len = min(seq_len, num_tokens)
+    if heldout_tokens is None:
+        # At least one sequence when there is room for a fitting one too (the summary's error needs it).
+        heldout_tokens = max(seq_len, min(4096, num_tokens // 16)) if num_tokens >= 2 * seq_len else 0
+    heldout_tokens = heldout_tokens // seq_len * seq_len
+    if num_tokens - heldout_tokens < seq_len:
+        raise ValueError(
+            f"Need at least {seq_len} fitting tokens (one sequence), got {max(0, num_tokens - heldout_tokens)} "
+            f"({num_tokens} tokens less {heldout_tokens} held back): pass more tokens or fewer held back."
+        )
+    if fit_clip and heldout_tokens == 0:
+        raise ValueError(
+            f"Clip fitting needs held-back tokens: {num_tokens} tokens leave no whole held-back sequence of "
+            f"{seq_len}. Pass more tokens, a shorter seq_len, or fit_clip=False."
+        )
+    return seq_len, heldout_tokens, float(key_tilt)
+
+
 def calibrate(
     model,
     tokens: torch.Tensor,
@@ -130,37 +186,19 @@ def calibrate(
     summary), and with `fit_clip` the clip ratios are chosen per layer and per K/V among `clip_candidates` by that
     error (`ClipSearch`, with the bundle's own coding). Returns the bundle and a report.
     """
-    if grouping not in GROUPINGS:
-        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
-    if rotation not in ("fitted", "hadamard"):
-        raise ValueError(f"rotation must be 'fitted' or 'hadamard', got {rotation!r}.")
-    if key_tilt is None:
-        key_tilt = DEFAULT_KEY_TILT if grouping == "head" and error_feedback else 0.0
-    if key_tilt < 0 or (key_tilt > 0 and (grouping != "head" or not error_feedback)):
-        raise ValueError(
-            f"key_tilt={key_tilt}: the key tilt is a non-negative strength and refines per-KV-head error feedback "
-            "(grouping='head', error_feedback=True); pass key_tilt=0 (--key-tilt 0) otherwise."
-        )
+    seq_len, heldout_tokens, key_tilt = plan_calibration(
+        tokens.numel() if hasattr(tokens, "numel") else len(tokens), seq_len=seq_len, batch_size=batch_size,
+        grouping=grouping, heldout_tokens=heldout_tokens, weight_tokens=weight_tokens, fit_clip=fit_clip,
+        error_feedback=error_feedback, rotation=rotation, key_tilt=key_tilt,
+    )
     start = time.perf_counter()
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     text_config, num_layers, num_kv_heads, head_dim, layer_types, _ = model_geometry(model.config)
     layer_ids = [i for i, t in enumerate(layer_types) if t == "full_attention"]
     if not layer_ids:
         raise ValueError("The model has no full-attention layers: there is nothing for OSCAR to quantize.")
-    seq_len = min(seq_len, tokens.numel())
-    if heldout_tokens is None:
-        # At least one sequence when there is room for a fitting one too (the summary's error needs it).
-        heldout_tokens = max(seq_len, min(4096, tokens.numel() // 16)) if tokens.numel() >= 2 * seq_len else 0
-    heldout_tokens = heldout_tokens // seq_len * seq_len
     fit = tokens[: tokens.numel() - heldout_tokens]
     held = tokens[tokens.numel() - heldout_tokens :]
-    if fit.numel() < seq_len:
-        raise ValueError(f"Need at least {seq_len} fitting tokens (one sequence), got {fit.numel()}.")
-    if fit_clip and held.numel() == 0:
-        raise ValueError(
-            f"Clip fitting needs held-back tokens: {tokens.numel()} tokens leave no whole held-back sequence of "
-            f"{seq_len}. Pass more tokens, a shorter seq_len, or fit_clip=False."
-        )
 
     model.eval()
     collector = StatisticsCollector(layer_ids, num_kv_heads, head_dim, device=model.device)

@@ -37,6 +37,11 @@ def load_calibration_tokens(path, tokenizer=None, num_tokens: int | None = None,
     Text documents are tokenized one by one and joined with the tokenizer's EOS token, so that no document bleeds
     into the next without a separator.
     """
+    # A negative offset would count from the end (Python slicing) and be recorded as if it counted from the start.
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be a non-negative integer (the first token used), got {offset!r}.")
+    if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1):
+        raise ValueError(f"num_tokens must be a positive integer or None, got {num_tokens!r}.")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Calibration data {path} does not exist.")

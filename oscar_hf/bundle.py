@@ -8,18 +8,24 @@ oscar_config.json       format_version, method, grouping, geometry (layers, KV h
 README.md               a model card rendered from `hub_cards/rotation_bundle.md`
 ```
 
-Nothing here unpickles: tensors come from safetensors and everything else from JSON. Downloads go through
+Nothing here unpickles: tensors come from safetensors and everything else from JSON. Loading checks the config against
+`CONFIG_SCHEMA` (types and ranges; JSON `true` is not a number) and the tensor shapes in the safetensors header against
+the config before any tensor is read. Every file is written to a temporary file in the bundle directory and renamed
+over its target, so a link (a Hub snapshot is a folder of links into the cache's shared blobs) is replaced, never
+written through. Downloads go through
 `huggingface_hub.snapshot_download` (revisions, the local cache and `HF_HUB_OFFLINE=1` come with it) and uploads through
 `HfApi.upload_folder`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from importlib import resources
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +39,12 @@ CONFIG_FILE = "oscar_config.json"
 CARD_FILE = "README.md"
 BUNDLE_FILES = (TENSORS_FILE, CONFIG_FILE, CARD_FILE)
 LIBRARY_NAME = "oscar-hf"
+METHODS = ("naive", "hadamard", "oscar")
+# Bounds far above any released model (Llama 3.1 405B: 126 layers, 8 KV heads, head_dim 128) and far below what would
+# allocate gigabytes from a few bytes of JSON.
+MAX_LAYERS = 1024
+MAX_KV_HEADS = 1024
+MAX_HEAD_DIM = 4096
 # Keys of oscar_config.json that describe the tensors; everything else is provenance kept in `metadata`.
 _STRUCTURAL_KEYS = ("format_version", "library", "method", "num_layers", "num_kv_heads", "head_dim", "groups")
 
@@ -74,6 +86,36 @@ def bundle_config(rot: "BundleIO") -> dict[str, Any]:
     return config
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Create or replace `path` with what `write(temporary_path)` writes: a temporary file in the same directory,
+    renamed over `path` once complete. A link at `path` is replaced, never written through: a bundle from
+    `snapshot_download` is a folder of links into the Hub cache's shared blobs, and writing through one would change
+    the cached file of every snapshot (or any other file the link points to). A reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make a shared bundle unreadable to others
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`Path(path).write_text(text)` through `replace_file`: replaces a link at `path` instead of writing through it."""
+    return replace_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_bundle(rot: "BundleIO", save_directory: str | os.PathLike, evaluation: dict | None = None) -> Path:
     """Write the three bundle files into `save_directory` (created if needed); returns the directory."""
     from safetensors.torch import save_file
@@ -90,10 +132,93 @@ def save_bundle(rot: "BundleIO", save_directory: str | os.PathLike, evaluation: 
     config = bundle_config(rot)
     if evaluation is not None:
         config["evaluation"] = evaluation
-    save_file(tensors, str(out / TENSORS_FILE), metadata={"format": LIBRARY_NAME, "format_version": str(FORMAT_VERSION)})
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-    (out / CARD_FILE).write_text(str(model_card(rot, config)))
+    header = {"format": LIBRARY_NAME, "format_version": str(FORMAT_VERSION)}
+    replace_file(out / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata=header))
+    write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=False) + "\n")
+    write_text(out / CARD_FILE, str(model_card(rot, config)))
     return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON `true` is not a count
+
+
+def _int_rule(low: int, high: int | None = None, nullable: bool = False) -> tuple[Callable[[Any], bool], str]:
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+    if high is not None:
+        what += f" (at most {high})"
+
+    def check(v):
+        return (nullable and v is None) or (_is_int(v) and v >= low and (high is None or v <= high))
+
+    return check, what + (" or null" if nullable else "")
+
+
+def _any_int_or_null(v) -> bool:
+    return v is None or _is_int(v)
+
+
+_STRING_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
+_OBJECT_OR_NULL = (lambda v: v is None or isinstance(v, dict), "an object or null")
+# oscar_config.json, key -> (required, check, what the check wants). Keys not listed are free-form provenance.
+CONFIG_SCHEMA: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "format_version": (True, lambda v: _is_int(v) and v in SUPPORTED_FORMAT_VERSIONS,
+                       f"one of {list(SUPPORTED_FORMAT_VERSIONS)}"),
+    "library": (False, *_STRING_OR_NULL),
+    "library_version": (False, *_STRING_OR_NULL),
+    "method": (True, lambda v: isinstance(v, str) and v in METHODS, f"one of {list(METHODS)}"),
+    "grouping": (False, lambda v: v in (None, "layer", "head"), '"layer", "head" or null'),
+    "groups": (False, *_int_rule(0, MAX_KV_HEADS)),
+    "num_layers": (True, *_int_rule(1, MAX_LAYERS)),
+    "num_kv_heads": (True, *_int_rule(1, MAX_KV_HEADS)),
+    "head_dim": (True, *_int_rule(1, MAX_HEAD_DIM)),
+    "model_id": (False, *_STRING_OR_NULL),
+    "model_revision": (False, *_STRING_OR_NULL),
+    "windows": (False, *_OBJECT_OR_NULL),
+    "calibration": (False, *_OBJECT_OR_NULL),
+    "evaluation": (False, *_OBJECT_OR_NULL),
+}
+# Nested objects: what the cache and the calibration-overlap guard of oscar-eval read from them.
+NESTED_SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool], str]]] = {
+    "windows": {"sink_tokens": (True, *_int_rule(0)), "recent_tokens": (True, *_int_rule(0))},
+    "calibration": {
+        "data": (False, *_STRING_OR_NULL),
+        "offset": (False, _any_int_or_null, "an integer or null"),
+        "num_tokens": (False, *_int_rule(0, nullable=True)),
+    },
+}
+
+
+def _check_schema(config: dict, schema: dict, where: str, prefix: str = "") -> None:
+    for key, (required, check, what) in schema.items():
+        if key not in config:
+            if required:
+                raise ValueError(f"{where} lacks the required key {prefix + key!r} ({what}).")
+            continue
+        value = config[key]
+        if not check(value):
+            raise ValueError(
+                f"{where}: `{prefix + key}` is {json.dumps(value)}; expected {what}. The file was edited by hand or "
+                "written by another tool: re-create the bundle with `oscar-calibrate` or `save_pretrained`."
+            )
+
+
+def check_config(config: Any, where: str = CONFIG_FILE) -> dict[str, Any]:
+    """Check the content of an oscar_config.json against `CONFIG_SCHEMA` (types, ranges, nested `windows` and
+    `calibration`); raises a `ValueError` naming `where`, the key and what it should hold. Returns `config`."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(config).__name__}.")
+    version = config.get("format_version")
+    if "format_version" in config and not (_is_int(version) and version in SUPPORTED_FORMAT_VERSIONS):
+        raise ValueError(
+            f"{where} has format_version {json.dumps(version)}, which this oscar-hf ({_library_version()}) does not "
+            f"read (supported: {list(SUPPORTED_FORMAT_VERSIONS)}). Upgrade oscar-hf, or re-create the bundle."
+        )
+    _check_schema(config, CONFIG_SCHEMA, where)
+    for key, schema in NESTED_SCHEMA.items():
+        if isinstance(config.get(key), dict):
+            _check_schema(config[key], schema, where, prefix=f"{key}.")
+    return config
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -101,18 +226,82 @@ def _read_config(path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt or truncated.") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
-    version = config.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    return check_config(config, str(path))
+
+
+def _corrupt(path: Path, err: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable safetensors file ({err}); it is corrupt or truncated. If the bundle came from the "
+        "Hub, download it again with `OscarRotations.from_pretrained(repo_id, force_download=True)`; if it is a local "
+        "directory, re-create it (`oscar-calibrate` or `save_pretrained`)."
+    )
+
+
+def _read_tensor_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """`{name: (dtype, shape)}` from the safetensors header, without reading any tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle)
+            return {name: (piece.get_dtype(), list(piece.get_shape())) for name, piece in slices.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise _corrupt(path, err) from err
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _check_tensor_header(path: Path, header: dict[str, tuple[str, list[int]]], config: dict[str, Any]) -> None:
+    """Every tensor of the file is one this version knows, of a float dtype and of the shape that the config's
+    geometry implies; checked on the header before anything is loaded."""
+    layers, heads, dim = config["num_layers"], config["num_kv_heads"], config["head_dim"]
+    groups = (1, heads)
+    rotation, vector = (layers, groups, dim, dim), (layers, groups, dim)
+    shapes = {
+        "k_clip_ratios": [(layers,), (1,), ()],
+        "v_clip_ratios": [(layers,), (1,), ()],
+        "k_rotations": [rotation], "v_rotations": [rotation], "k_feedback": [rotation], "v_feedback": [rotation],
+        "k_eigenvalues": [vector], "v_eigenvalues": [vector], "k_means": [vector],
+        "k_tilt_means": [(layers, heads, None, dim)], "k_tilt_maps": [(layers, heads, None, dim, dim)],
+    }
+    unknown = sorted(set(header) - set(shapes))
+    if unknown:
         raise ValueError(
-            f"{path} has format_version {version!r}, which this oscar-hf ({_library_version()}) does not read "
-            f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}). Upgrade oscar-hf, or re-create the bundle."
+            f"{path} holds tensors this oscar-hf ({_library_version()}) does not know: {unknown}. Ignoring them could "
+            "quantize differently from what the bundle means: it was written by a newer oscar-hf (upgrade) or by "
+            "another tool."
         )
-    for key in ("method", "num_layers", "num_kv_heads", "head_dim"):
-        if key not in config:
-            raise ValueError(f"{path} lacks the required key {key!r}.")
-    return config
+    missing = [n for n in ("k_clip_ratios", "v_clip_ratios") if n not in header]
+    if config["method"] != "naive":
+        missing += [n for n in ("k_rotations", "v_rotations") if n not in header]
+    if missing:
+        raise ValueError(f"{path} lacks the tensors {missing} (method {config['method']!r}).")
+
+    def fits(shape, pattern):
+        return len(shape) == len(pattern) and all(
+            p is None and s >= 1 or (s in p if isinstance(p, tuple) else s == p) for s, p in zip(shape, pattern)
+        )
+
+    def show(pattern):
+        return "[" + ", ".join("any" if p is None else " or ".join(map(str, p)) if isinstance(p, tuple) else str(p)
+                               for p in pattern) + "]"
+
+    for name, (dtype, shape) in header.items():
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{path}: {name} is {dtype}; bundle tensors are floating point ({', '.join(_FLOAT_DTYPES)}).")
+        if not any(fits(shape, pattern) for pattern in shapes[name]):
+            raise ValueError(
+                f"{path}: {name} has shape {list(shape)}, but {CONFIG_FILE} declares num_layers {layers}, num_kv_heads "
+                f"{heads}, head_dim {dim} (expected {' or '.join(show(p) for p in shapes[name])}). The two files come "
+                "from different bundles: re-create or download the bundle again."
+            )
+    declared = config.get("groups")
+    if declared and "k_rotations" in header and header["k_rotations"][1][1] != declared:
+        raise ValueError(
+            f"{path}: k_rotations holds {header['k_rotations'][1][1]} rotation(s) per layer, but {CONFIG_FILE} declares "
+            f"groups {declared}. The two files come from different bundles: re-create or download the bundle again."
+        )
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -122,15 +311,17 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({err}); it is corrupt or truncated. Delete it and download "
-            "the bundle again (`from_pretrained(..., force_download=True)`)."
-        ) from err
+        raise _corrupt(path, err) from err
 
 
 def load_bundle(directory: str | os.PathLike, cls: type) -> "BundleIO":
     """Read a bundle directory written by `save_bundle` into `cls` (`OscarRotations`); raises `ValueError` naming the
-    file and the problem."""
+    file and the problem.
+
+    Order: the config is checked against `CONFIG_SCHEMA`, then the tensor shapes in the safetensors header against
+    the config's geometry, and only then are tensors loaded (so a few bytes of JSON or header cannot allocate
+    gigabytes) and the values checked (`OscarRotations.validate`).
+    """
     root = Path(directory)
     for name in (TENSORS_FILE, CONFIG_FILE):
         if not (root / name).is_file():
@@ -139,19 +330,15 @@ def load_bundle(directory: str | os.PathLike, cls: type) -> "BundleIO":
                 f"{CONFIG_FILE}; create one with `oscar-calibrate` or `OscarRotations.save_pretrained`)."
             )
     config = _read_config(root / CONFIG_FILE)
+    _check_tensor_header(root / TENSORS_FILE, _read_tensor_header(root / TENSORS_FILE), config)
     tensors = _read_tensors(root / TENSORS_FILE)
-    missing = [n for n in ("k_clip_ratios", "v_clip_ratios") if n not in tensors]
-    if config["method"] != "naive":
-        missing += [n for n in ("k_rotations", "v_rotations") if n not in tensors]
-    if missing:
-        raise ValueError(f"{root / TENSORS_FILE} lacks the tensors {missing}.")
     metadata = {k: v for k, v in config.items() if k not in _STRUCTURAL_KEYS}
     try:
         return cls(
             method=config["method"],
-            num_layers=int(config["num_layers"]),
-            num_kv_heads=int(config["num_kv_heads"]),
-            head_dim=int(config["head_dim"]),
+            num_layers=config["num_layers"],
+            num_kv_heads=config["num_kv_heads"],
+            head_dim=config["head_dim"],
             k_clip_ratios=tensors["k_clip_ratios"],
             v_clip_ratios=tensors["v_clip_ratios"],
             k_rotations=tensors.get("k_rotations"),
@@ -164,9 +351,25 @@ def load_bundle(directory: str | os.PathLike, cls: type) -> "BundleIO":
             k_means=tensors.get("k_means"),
             k_tilt_means=tensors.get("k_tilt_means"),
             k_tilt_maps=tensors.get("k_tilt_maps"),
+            bundle_path=str(root),
         )
     except ValueError as err:
         raise ValueError(f"Invalid rotation bundle {root}: {err}") from err
+
+
+def _looks_local(text: str) -> bool:
+    """Whether `text` is meant as a local path rather than a Hub id `namespace/name`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isabs(text) or text.startswith((".", "~")):
+        return True
+    if os.sep in text or (os.altsep and os.altsep in text):
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            return True
+    return False
 
 
 def resolve_bundle_dir(
@@ -178,9 +381,21 @@ def resolve_bundle_dir(
     token: str | bool | None = None,
     endpoint: str | None = None,
 ) -> Path:
-    """A local directory holding the bundle: `repo_id_or_dir` itself when it is a directory, else a Hub snapshot."""
-    if os.path.isdir(repo_id_or_dir):
-        return Path(repo_id_or_dir)
+    """A local directory holding the bundle: `repo_id_or_dir` itself when it is a directory (`~` expanded), else a Hub
+    snapshot. A path that looks local (absolute, starting with `.` or `~`, or not a valid Hub id) and does not exist
+    raises `FileNotFoundError` instead of being looked up on the Hub; an existing file raises `NotADirectoryError`."""
+    text = os.path.expanduser(os.fspath(repo_id_or_dir))
+    if os.path.isdir(text):
+        return Path(text)
+    if os.path.exists(text):
+        raise NotADirectoryError(
+            f"{text} is a file, not a bundle directory: pass the directory that holds {TENSORS_FILE} and {CONFIG_FILE}."
+        )
+    if not isinstance(repo_id_or_dir, str) or _looks_local(os.fspath(repo_id_or_dir)):
+        raise FileNotFoundError(
+            f"{text}: no such directory. Check the path; a Hub repository id has the form 'namespace/name', with no "
+            "leading '/', '.' or '~'."
+        )
     from huggingface_hub import snapshot_download
 
     path = snapshot_download(
@@ -314,6 +529,6 @@ class BundleIO:
         rot = load_bundle(root, cls)  # validates the bundle before anything is rewritten
         config = _read_config(root / CONFIG_FILE)
         config["evaluation"] = evaluation
-        (root / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        (root / CARD_FILE).write_text(str(model_card(rot, config)))
+        write_text(root / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=False) + "\n")
+        write_text(root / CARD_FILE, str(model_card(rot, config)))
         return root

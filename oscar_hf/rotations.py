@@ -13,14 +13,15 @@ from typing import Any
 
 import torch
 
-from .bundle import BundleIO
+from .bundle import METHODS, NESTED_SCHEMA, BundleIO, _check_schema
 from .quantization import KeyTilt, hadamard_rotation
 
-METHODS = ("naive", "hadamard", "oscar")
 # The reference recipe's clip quantiles: values beyond them are outliers worth sacrificing at 4 levels.
 DEFAULT_K_CLIP = 0.96
 DEFAULT_V_CLIP = 0.92
 ORTHOGONALITY_TOLERANCE = 1e-3
+# Eigenvalues are spectra of covariances (positive semi-definite): below -tolerance x the largest is not rounding.
+EIGENVALUE_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -44,7 +45,8 @@ class OscarRotations(BundleIO):
             `[num_layers, kv_heads, G, head_dim, head_dim]` (G query heads per KV head, rotated space, coding order):
             the attention tilt of the key coding (`quantization.KeyTilt`). With them `k_feedback` is the factor of
             the tilt's base metric and every key is coded in the metric of the queries that will attend to it.
-        metadata: free-form provenance (model id, revision, calibration data, token count, ...).
+        metadata: free-form provenance (model id, revision, calibration data, token count, windows, ...).
+        bundle_path: the directory the bundle was loaded from (`None` when built in memory); errors name it.
 
     Bundle I/O (`save_pretrained`, `from_pretrained`, `push_to_hub`, `model_card`) comes from `bundle.BundleIO`.
     """
@@ -65,8 +67,10 @@ class OscarRotations(BundleIO):
     k_means: torch.Tensor | None = None
     k_tilt_means: torch.Tensor | None = None
     k_tilt_maps: torch.Tensor | None = None
+    bundle_path: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        self._validate_geometry()  # before anything is sized by it
         self.k_clip_ratios = torch.as_tensor(self.k_clip_ratios, dtype=torch.float32).reshape(-1)
         self.v_clip_ratios = torch.as_tensor(self.v_clip_ratios, dtype=torch.float32).reshape(-1)
         if self.k_clip_ratios.numel() == 1:
@@ -107,6 +111,22 @@ class OscarRotations(BundleIO):
         raise ValueError(f"Unknown method {method!r}: expected one of {METHODS}.")
 
     @property
+    def windows(self) -> dict[str, int] | None:
+        """The exact windows recorded with the bundle, `{"sink_tokens": int, "recent_tokens": int}`, or `None` when it
+        records none (checked as `oscar_config.json` is: non-negative integers)."""
+        windows = self.metadata.get("windows")
+        if windows is None:
+            return None
+        where = f"The windows of {self._description()}"
+        if not isinstance(windows, dict):
+            raise ValueError(f"{where}: `windows` is {windows!r}; expected an object {{sink_tokens, recent_tokens}}.")
+        _check_schema(windows, NESTED_SCHEMA["windows"], where, prefix="windows.")
+        return {"sink_tokens": windows["sink_tokens"], "recent_tokens": windows["recent_tokens"]}
+
+    def _description(self) -> str:
+        return f"the rotation bundle {self.bundle_path}" if self.bundle_path else "these rotations"
+
+    @property
     def groups(self) -> int:
         """1 when one rotation serves every KV head of a layer, `num_kv_heads` for one rotation per head."""
         return 1 if self.k_rotations is None else self.k_rotations.shape[1]
@@ -114,8 +134,9 @@ class OscarRotations(BundleIO):
     def validate(self) -> None:
         """Raise a `ValueError` naming the first problem: wrong shapes, non-finite or non-orthogonal rotations, or
         clip ratios outside (0, 1]."""
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}: expected one of {METHODS}.")
+        self._validate_geometry()
         for name in ("k_clip_ratios", "v_clip_ratios"):
             ratios = getattr(self, name)
             if ratios.numel() != self.num_layers:
@@ -124,10 +145,19 @@ class OscarRotations(BundleIO):
                 raise ValueError(f"{name} must lie in (0, 1], got {ratios.tolist()}.")
         if (self.k_rotations is None) != (self.v_rotations is None):
             raise ValueError("K and V rotations must both be given or both be absent.")
+        if self.method == "naive" and self.k_rotations is not None:
+            raise ValueError(
+                "method 'naive' quantizes without rotation, but this bundle carries k_rotations and v_rotations: the "
+                "method and the tensors disagree. Use method 'hadamard' or 'oscar' for rotated bundles, or drop the "
+                "rotations."
+            )
         self._validate_coding_tensors()
         if self.k_rotations is None:
             if self.method != "naive":
                 raise ValueError(f"method={self.method!r} needs rotation matrices; only 'naive' has none.")
+            for name in ("k_eigenvalues", "v_eigenvalues"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} describe fitted rotations, but these rotations carry none.")
             return
         for name in ("k_rotations", "v_rotations"):
             r = getattr(self, name)
@@ -151,6 +181,36 @@ class OscarRotations(BundleIO):
                 raise ValueError(
                     f"{name} of layer {layer} is not orthogonal (max |R^T R - I| = {err.max().item():.3g} > "
                     f"{ORTHOGONALITY_TOLERANCE}); the cache would return wrong attention outputs."
+                )
+        self._validate_eigenvalues()
+
+    def _validate_geometry(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+    def _validate_eigenvalues(self) -> None:
+        """The spectra stored beside fitted rotations: `[num_layers, groups, head_dim]`, finite, non-negative."""
+        for name in ("k_eigenvalues", "v_eigenvalues"):
+            ev = getattr(self, name)
+            if ev is None:
+                continue
+            rotations = self.k_rotations if name == "k_eigenvalues" else self.v_rotations
+            expected = (self.num_layers, rotations.shape[1], self.head_dim)
+            if tuple(ev.shape) != expected:
+                raise ValueError(
+                    f"{name} has shape {tuple(ev.shape)}; expected {expected} (layers, groups of the rotations, "
+                    "head_dim)."
+                )
+            if not torch.isfinite(ev).all():
+                raise ValueError(f"{name} holds NaN or Inf values.")
+            floor = -EIGENVALUE_TOLERANCE * ev.abs().amax(dim=-1, keepdim=True)
+            if (ev < floor).any():
+                layer = int(torch.nonzero(ev < floor)[0, 0])
+                raise ValueError(
+                    f"{name} of layer {layer} holds negative values (min {ev[layer].min().item():.3g}): they are not "
+                    "the spectrum of a covariance. Re-create the bundle with `oscar-calibrate`."
                 )
 
     def _validate_coding_tensors(self) -> None:
@@ -231,9 +291,11 @@ class OscarRotations(BundleIO):
             if ours != theirs
         ]
         if mismatches:
-            source = self.metadata.get("model_id", "another model")
+            # Bundles store `"model_id": null` when the model had no name: never say "made for None".
+            source = self.metadata.get("model_id") or "an unknown model"
+            where = f" (bundle {self.bundle_path})" if self.bundle_path else ""
             raise ValueError(
-                f"These rotations were made for {source} and do not fit {model_name} ("
+                f"These rotations{where} were made for {source} and do not fit {model_name} ("
                 + "; ".join(mismatches)
                 + "). Calibrate rotations for this model with `oscar-calibrate`."
             )

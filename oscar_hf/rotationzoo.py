@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .bundle import replace_file
 from .rotations import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarRotations
 
 ZOO_FORMAT_VERSION = 1
@@ -143,6 +144,7 @@ def export_rotationzoo(rotations: OscarRotations, directory: str | os.PathLike) 
             layers[i] = entry
         state = {"format_version": ZOO_FORMAT_VERSION, "objective": objective, "source_grouping": grouping,
                  "layers": layers}
-        torch.save(state, out / name)
+        # replace_file replaces a link at the path instead of writing through it
+        replace_file(out / name, lambda tmp, state=state: torch.save(state, tmp))
         paths.append(out / name)
     return paths[0], paths[1]

@@ -236,3 +236,68 @@ def test_reference_model_bundle_beats_hadamard_decode_kl_by_a_third(tmp_path):
         "oscar": lambda: OscarQuantizedCache(config=model.config, rotations=rot),
     })
     assert results["oscar"]["kl_mean"] <= 2 / 3 * results["hadamard"]["kl_mean"], results
+
+
+# --- Every argument is checked before the model loads; errors are a message and exit status 2 (issue 21) -----------
+
+
+@pytest.fixture
+def cli_setup(tmp_path, monkeypatch):
+    """A saved tiny model (vocabulary 97), a good token file, and a model loader that fails the test if called."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 4096).astype(np.uint16))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
+    return tmp_path
+
+
+def _bad_tokens(tmp_path, name, array):
+    np.save(tmp_path / name, array)
+    return ["--data", str(tmp_path / name)]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (lambda t: ["--num-tokens", "0"], "--num-tokens: 0 is out of range; expected a positive integer"),
+        (lambda t: ["--seq-len", "0"], "--seq-len: 0 is out of range; expected a positive integer"),
+        (lambda t: ["--batch-size", "0"], "--batch-size: 0 is out of range; expected a positive integer"),
+        (lambda t: ["--offset", "-100"], "--offset: -100 is out of range; expected a non-negative integer"),
+        (lambda t: ["--key-tilt", "nan"], "--key-tilt: nan is out of range"),
+        (lambda t: ["--grouping", "layer", "--key-tilt", "2"], "key_tilt=2.0"),
+        (lambda t: ["--clip-fit", "--num-tokens", "300"], "Clip fitting needs held-back tokens"),
+        (lambda t: ["--num-tokens", "5000"], "holds 4096 tokens from offset 0; 5000 were requested"),
+        (lambda t: _bad_tokens(t, "big.npy", np.arange(4096) % 200), "ids in [0, 199], outside the model's vocabulary [0, 97)"),
+        (lambda t: _bad_tokens(t, "neg.npy", np.arange(4096) - 1), "ids in [-1, 3070]"),
+        (lambda t: _bad_tokens(t, "f.npy", np.zeros(4096, np.float32)), "must hold a 1-D integer array of token ids, got float32"),
+        (lambda t: _bad_tokens(t, "b.npy", np.zeros(4096, bool)), "got bool"),
+        (lambda t: _bad_tokens(t, "2d.npy", np.zeros((2, 2048), np.int32)), "got int32 (2, 2048)"),
+        (lambda t: ["--data", str(t / "missing.npy")], "missing.npy: no such file"),
+        (lambda t: ["--output", str(t / "tokens.npy")], "exists and is not a directory"),
+        (lambda t: ["--output", str(t / "tokens.npy" / "sub")], "is a file, so nothing can be created under it"),
+        (lambda t: ["--push-to-hub", "not//valid"], "is not a Hub repository id"),
+    ],
+    ids=["num-tokens-0", "seq-len-0", "batch-size-0", "negative-offset", "key-tilt-nan", "tilt-without-head",
+         "clip-fit-no-heldout", "too-few-tokens", "ids-above-vocab", "negative-ids", "float-tokens", "bool-tokens",
+         "2d-tokens", "missing-data", "output-is-a-file", "output-under-a-file", "bad-repo-id"],
+)
+def test_cli_refuses_bad_arguments_before_loading_the_model(cli_setup, capsys, extra, message):
+    t = cli_setup
+    base = ["--model", str(t / "model"), "--data", str(t / "tokens.npy"), "--num-tokens", "3072",
+            "--output", str(t / "bundle"), "--seq-len", "256", "--no-progress"]
+    rc = calibrate_main(base + extra(t))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "oscar-calibrate: error:" in err and message in err.replace("\n", " "), err
+    assert not (t / "bundle").exists()
+
+
+def test_negative_offsets_are_refused_rather_than_counted_from_the_end(tmp_path):
+    np.save(tmp_path / "t.npy", np.arange(100, dtype=np.int32))
+    with pytest.raises(ValueError, match="offset must be a non-negative integer"):
+        load_calibration_tokens(tmp_path / "t.npy", num_tokens=10, offset=-10)

@@ -176,3 +176,103 @@ def test_oscar_eval_says_why_a_row_needs_rotations(tiny_setup, tmp_path, capsys)
                "--json", str(tmp_path / "e.json"), "--no-progress"])
     assert rc == 2
     assert "needs fitted rotations: pass --rotations" in capsys.readouterr().err
+
+
+# --- Every argument is checked before the model loads; errors are a message and exit status 2 (issue 21) -----------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def _eval_args(model_dir, tokens, bundle, tmp_path, *extra):
+    return ["--model", str(model_dir), "--rotations", str(bundle), "--tokens", str(tokens), "--start", "400",
+            "--prefix-tokens", "32", "--eval-tokens", "8", "--methods", "bf16,naive,oscar", "--dtype", "float32",
+            "--device", "cpu", "--json", str(tmp_path / "e.json"), "--no-progress", *extra]
+
+
+def _save(tmp_path, name, array):
+    np.save(tmp_path / name, array)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.random.default_rng(0).random(1200), "holds float64 values; token ids are integers"),
+        (np.ones(1200, dtype=bool), "holds bool values"),
+        (np.ones((2, 600), dtype=np.int32), "has shape (2, 600); token ids must be one 1-D sequence"),
+        (np.full(1200, 200, dtype=np.int32), "ids in [200, 200], outside the model's vocabulary [0, 128)"),
+        (np.full(1200, -1, dtype=np.int16), "ids in [-1, -1]"),
+    ],
+    ids=["float", "bool", "2d", "above-vocab", "negative"],
+)
+def test_oscar_eval_refuses_bad_token_files_before_loading_the_model(tiny_setup, tmp_path, capsys, no_model, array,
+                                                                     message):
+    model_dir, _, bundle = tiny_setup
+    tokens = _save(tmp_path, "bad.npy", array)
+    assert main(_eval_args(model_dir, tokens, bundle, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("oscar-eval: error: --tokens") and message in err, err
+    assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--start", "-1000"], "argument --start: -1000 is out of range; expected a non-negative integer"),
+        (["--prefix-tokens", "0"], "argument --prefix-tokens: 0 is out of range; expected a positive integer"),
+        (["--recent-tokens", "x"], "argument --recent-tokens: 'x' is not an integer"),
+        (["--variant", "r=hadamard:recent_tokens=-1"], "Row 'r': `recent_tokens` must be an integer >= 0"),
+        (["--variant", "r=hadamard:k_clip_ratio='a'"], "Row 'r':"),
+        (["--device", "bogus"], "--device 'bogus'"),
+        (["--retrieval", "2", "--retrieval-value", "hexx"], "Unknown value style 'hexx'"),
+        (["--json", "/"], "--json / is a directory"),
+    ],
+)
+def test_oscar_eval_refuses_bad_arguments_before_loading_the_model(tiny_setup, tmp_path, capsys, no_model, extra,
+                                                                   message):
+    model_dir, tokens, bundle = tiny_setup
+    assert main(_eval_args(model_dir, tokens, bundle, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert "oscar-eval: error:" in err and message in err, err
+
+
+def test_the_overlap_guard_covers_variant_bundles(tiny_setup, tmp_path, capsys, no_model):
+    model_dir, tokens, bundle = tiny_setup
+    args = ["--model", str(model_dir), "--tokens", str(tokens), "--start", "100", "--prefix-tokens", "32",
+            "--eval-tokens", "8", "--methods", "bf16", "--variant", f"mine={bundle}", "--dtype", "float32",
+            "--device", "cpu", "--json", str(tmp_path / "e.json"), "--no-progress"]
+    assert main(args) == 2
+    assert f"overlap the calibration tokens [0, 300) recorded in the bundle {bundle}" in capsys.readouterr().err
+
+
+def test_the_overlap_guard_covers_hub_bundles(tiny_setup, tmp_path, capsys, monkeypatch, no_model):
+    import huggingface_hub
+
+    model_dir, tokens, bundle = tiny_setup
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(bundle))
+    args = _eval_args(model_dir, tokens, "org/bundle", tmp_path)
+    args[args.index("--start") + 1] = "100"
+    assert main(args) == 2
+    assert "overlap the calibration tokens [0, 300) recorded in the bundle org/bundle" in capsys.readouterr().err
+
+
+def test_the_overlap_guard_resolves_a_negative_recorded_offset(tmp_path):
+    data = tmp_path / "tokens.npy"
+    np.save(data, np.zeros(10, dtype=np.uint16))
+    config = {"calibration": {"data": str(data), "offset": -1000, "num_tokens": 300}}  # [0, 300) of 1,000 tokens
+    assert "[0, 300)" in calibration_overlap(config, str(data), 100, 200, num_tokens=1000)
+    assert calibration_overlap(config, str(data), 300, 400, num_tokens=1000) is None
+    assert "cannot be checked" in calibration_overlap(config, str(data), 300, 400)
+
+
+def test_oscar_eval_help_exits_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "usage: oscar-eval" in capsys.readouterr().out

@@ -90,3 +90,29 @@ def test_saved_config_records_format_and_grouping(tmp_path):
     config = json.loads((tmp_path / "oscar_config.json").read_text())
     assert config["format_version"] == 1 and config["grouping"] == "head" and config["groups"] == 2
     assert (config["num_layers"], config["num_kv_heads"], config["head_dim"]) == (3, 2, 32)
+
+
+def test_updating_the_card_of_a_downloaded_snapshot_leaves_the_hub_cache_blobs_alone(hub, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    _random_bundle().push_to_hub("org/rot", token="hf_test", endpoint=hub.endpoint)
+    cache_dir = tmp_path / "hf_cache"
+    snapshot = Path(snapshot_download("org/rot", cache_dir=cache_dir, endpoint=hub.endpoint, token="hf_test"))
+    assert (snapshot / "README.md").is_symlink()  # the layout this guards: links into blobs/
+    blobs = {p: p.read_bytes() for p in cache_dir.rglob("blobs/*")}
+    OscarRotations.attach_evaluation(snapshot, {"metrics": ["kl_mean"], "results": {"oscar": {"kl_mean": 0.25}}})
+    assert {p: p.read_bytes() for p in cache_dir.rglob("blobs/*")} == blobs
+    assert "| oscar | 0.25 |" in (snapshot / "README.md").read_text()
+
+
+def test_the_advice_for_a_corrupt_cached_bundle_works(hub, tmp_path):
+    original = _random_bundle()
+    original.push_to_hub("org/rot", token="hf_test", endpoint=hub.endpoint)
+    kwargs = {"cache_dir": tmp_path, "endpoint": hub.endpoint, "token": "hf_test"}
+    OscarRotations.from_pretrained("org/rot", **kwargs)
+    blob = next(tmp_path.rglob("rotations.safetensors")).resolve()
+    blob.write_bytes(blob.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"corrupt or truncated.*OscarRotations.from_pretrained\(repo_id, force_download=True\)"):
+        OscarRotations.from_pretrained("org/rot", **kwargs)
+    again = OscarRotations.from_pretrained("org/rot", force_download=True, **kwargs)
+    assert torch.equal(again.k_rotations, original.k_rotations)

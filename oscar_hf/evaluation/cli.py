@@ -35,6 +35,15 @@ import numpy as np
 import torch
 
 from ..cache import OscarQuantizedCache
+from ..cli_args import (
+    check_token_ids,
+    check_writable_file,
+    load_token_array,
+    non_negative_int,
+    positive_int,
+    run_main,
+    vocab_size,
+)
 from ..rotations import OscarRotations
 from .decode_mode import cache_kv_bits_per_element, cache_kv_bytes, compare_runs, decode_mode_run, smooth
 
@@ -79,26 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="local path or Hub id of a transformers causal LM")
     p.add_argument("--rotations", default=None, help="rotation bundle (directory or Hub id) for the `oscar` row")
-    p.add_argument("--tokens", required=True, help=".npy file of token ids")
+    p.add_argument("--tokens", required=True, help=".npy file of token ids (1-D, an integer dtype)")
     p.add_argument("--methods", default="bf16,naive,hadamard,oscar",
                    help="comma-separated rows: bf16 (exact reference), naive, hadamard, oscar, quanto-int2, quanto-int4")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=BASE[:KEY=VALUE,...]",
                    help="an extra row (repeatable): a method or bundle directory with cache keyword overrides")
-    p.add_argument("--start", type=int, default=None,
+    p.add_argument("--start", type=non_negative_int, default=None,
                    help=f"first token used (default {EVAL_SPLIT_START:,}, the start of the reference evaluation split)")
-    p.add_argument("--prefix-tokens", type=int, default=1024, help="tokens prefilled in one forward (exact attention)")
-    p.add_argument("--eval-tokens", type=int, default=2048, help="tokens then fed one decode step at a time")
-    p.add_argument("--sink-tokens", type=int, default=64, help="exact leading tokens of the 2-bit caches")
-    p.add_argument("--recent-tokens", type=int, default=256, help="exact newest tokens of the 2-bit caches")
+    p.add_argument("--prefix-tokens", type=positive_int, default=1024, help="tokens prefilled in one forward (exact attention)")
+    p.add_argument("--eval-tokens", type=positive_int, default=2048, help="tokens then fed one decode step at a time")
+    p.add_argument("--sink-tokens", type=non_negative_int, default=64, help="exact leading tokens of the 2-bit caches")
+    p.add_argument("--recent-tokens", type=non_negative_int, default=256, help="exact newest tokens of the 2-bit caches")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="model and exact-cache dtype")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--json", required=True, dest="json_out", help="where to write the JSON report")
     p.add_argument("--plot", default=None, help="PNG of KL against position (needs matplotlib)")
-    p.add_argument("--smooth", type=int, default=64, help="moving-average window of the plot, in steps")
-    p.add_argument("--retrieval", type=int, default=0, metavar="N", help="also run N needle-retrieval cases (0: off)")
-    p.add_argument("--retrieval-context", type=int, default=3072, help="tokens per retrieval case")
-    p.add_argument("--retrieval-chunk", type=int, default=512,
+    p.add_argument("--smooth", type=positive_int, default=64, help="moving-average window of the plot, in steps")
+    p.add_argument("--retrieval", type=non_negative_int, default=0, metavar="N", help="also run N needle-retrieval cases (0: off)")
+    p.add_argument("--retrieval-context", type=positive_int, default=3072, help="tokens per retrieval case")
+    p.add_argument("--retrieval-chunk", type=non_negative_int, default=512,
                    help="feed retrieval cases in forwards of this many tokens (0: one forward, which for the 2-bit "
                         "caches is exact attention and tests nothing)")
     p.add_argument("--retrieval-value", default="hex8", help="needle values: hexN (N hex digits) or words")
@@ -176,8 +185,11 @@ def quanto_unavailable_reason() -> str | None:
     return None
 
 
-def calibration_overlap(bundle_config: dict, tokens_path: str, begin: int, end: int) -> str | None:
-    """A message when `[begin, end)` of `tokens_path` overlaps the calibration range recorded in a bundle's config."""
+def calibration_overlap(bundle_config: dict, tokens_path: str, begin: int, end: int, num_tokens: int | None = None,
+                        bundle: str = "the bundle") -> str | None:
+    """A message when `[begin, end)` of `tokens_path` overlaps the calibration range recorded in a bundle's config
+    (or its metadata). `num_tokens`, the length of the token file, resolves a negative recorded offset, which bundles
+    made before oscar-calibrate refused one hold (Python slicing counted it from the end)."""
     calibration = bundle_config.get("calibration") or {}
     data, offset, count = calibration.get("data"), calibration.get("offset"), calibration.get("num_tokens")
     if data is None or offset is None or count is None:
@@ -185,11 +197,19 @@ def calibration_overlap(bundle_config: dict, tokens_path: str, begin: int, end: 
     same_file = os.path.basename(str(data)) == os.path.basename(tokens_path)
     if os.path.exists(str(data)) and os.path.exists(tokens_path):
         same_file = os.path.samefile(str(data), tokens_path)
-    cal_begin, cal_end = int(offset), int(offset) + int(count)
-    if same_file and begin < cal_end and cal_begin < end:
+    if not same_file:
+        return None
+    cal_begin = int(offset)
+    if cal_begin < 0:
+        if num_tokens is None:
+            return (f"{bundle} records a negative calibration offset ({cal_begin}) and the length of {tokens_path} is "
+                    "unknown, so the overlap with the evaluation tokens cannot be checked.")
+        cal_begin += num_tokens
+    cal_end = cal_begin + int(count)
+    if begin < cal_end and cal_begin < end:
         return (
             f"The evaluation tokens [{begin:,}, {end:,}) of {tokens_path} overlap the calibration tokens "
-            f"[{cal_begin:,}, {cal_end:,}) recorded in the bundle: the numbers would flatter the fitted rotations. "
+            f"[{cal_begin:,}, {cal_end:,}) recorded in {bundle}: the numbers would flatter the fitted rotations. "
             f"Pass --start {cal_end} (or later), or --allow-calibration-overlap to measure anyway."
         )
     return None
@@ -198,16 +218,12 @@ def calibration_overlap(bundle_config: dict, tokens_path: str, begin: int, end: 
 class CacheFactory:
     """Builds a fresh cache for one row; `describe()` is what the report records about it."""
 
-    def __init__(self, spec: MethodSpec, model, args, rotations_cache: dict):
+    def __init__(self, spec: MethodSpec, model, args, bundles: dict):
         self.spec, self.model, self.args = spec, model, args
         self.rotations = None
-        if spec.kind == "oscar" and (spec.base == "oscar" or os.path.isdir(spec.base)):
-            source = args.rotations if spec.base == "oscar" else spec.base
-            if source is None:
-                raise ValueError(f"Row {spec.name!r} needs fitted rotations: pass --rotations DIR (see oscar-calibrate).")
-            if source not in rotations_cache:
-                rotations_cache[source] = OscarRotations.from_pretrained(source, config=model.config)
-            self.rotations = rotations_cache[source]
+        source = bundle_source(spec, args)
+        if source is not None:
+            self.rotations = bundles[source]
             self.source = source
         if spec.kind == "oscar":
             self.kwargs = {"sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens, **spec.overrides}
@@ -245,10 +261,15 @@ class CacheFactory:
         return info
 
 
-def _load_tokens(path: str) -> np.ndarray:
-    if not path.lower().endswith(".npy"):
-        raise ValueError(f"--tokens {path}: expected a .npy file of token ids (tokenize text first).")
-    return np.load(path, mmap_mode="r")
+def bundle_source(spec: MethodSpec, args) -> str | None:
+    """The bundle (directory or Hub id) a row quantizes with, or None for the data-free and non-OSCAR rows."""
+    if spec.kind != "oscar" or spec.base in ("naive", "hadamard"):
+        return None
+    if spec.base != "oscar":
+        return spec.base  # a bundle directory given with --variant
+    if args.rotations is None:
+        raise ValueError(f"Row {spec.name!r} needs fitted rotations: pass --rotations DIR (see oscar-calibrate).")
+    return args.rotations
 
 
 def table_rows(results: dict) -> dict[str, dict]:
@@ -336,29 +357,42 @@ def card_evaluation(report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"oscar-eval: error: {err}", file=sys.stderr)
-        return 2
+    """Exit status 0 on success, 2 with a message for bad arguments or input (checked before the model loads)."""
+    return run_main(build_parser(), argv, run)
 
 
-def run(args) -> int:
-    specs = parse_methods(args.methods, args.variant)
-    for spec in specs:  # the exact row is named after the dtype it really runs in
-        if spec.kind == "exact" and spec.name in REFERENCE_ALIASES:
-            spec.name = DTYPE_LABELS[args.dtype]
-    if args.update_card and not (args.rotations and os.path.isdir(args.rotations)):
+def check_arguments(args, specs: list[MethodSpec]):
+    """Everything that can be checked before the model's weights load: paths, the token file and its ids, every
+    bundle (downloaded if a Hub id) against the model config, the calibration-overlap guard for each bundle, and a
+    trial cache for every OSCAR row (its keyword overrides). Returns `(tokens, start, end, bundles)`."""
+    from transformers import AutoConfig
+
+    if args.update_card and not (args.rotations and os.path.isdir(os.path.expanduser(args.rotations))):
         raise ValueError("--update-card writes into the bundle directory: pass --rotations as a local directory.")
-    if args.retrieval_chunk < 0:
-        raise ValueError("--retrieval-chunk must be >= 0.")
-    tokens = _load_tokens(args.tokens)
+    check_writable_file(args.json_out, "--json")
+    if args.plot:
+        check_writable_file(args.plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise RuntimeError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot).")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            raise ValueError(f"--device {args.device!r}: {err}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here; pass --device cpu.")
+    if args.retrieval:
+        import random
+
+        from .retrieval import make_value
+
+        make_value(random.Random(0), args.retrieval_value)
+
+    tokens = load_token_array(args.tokens, "--tokens")
     start = EVAL_SPLIT_START if args.start is None else args.start
     end = start + args.prefix_tokens + args.eval_tokens
-    if args.prefix_tokens < 1 or args.eval_tokens < 1:
-        raise ValueError("--prefix-tokens and --eval-tokens must be >= 1.")
     if end > len(tokens):
         raise ValueError(
             f"{args.tokens} holds {len(tokens):,} tokens; [{start:,}, {end:,}) does not fit. Pass a smaller --start "
@@ -366,16 +400,40 @@ def run(args) -> int:
         )
     # The retrieval cases are drawn from everything after --start.
     checked_end = len(tokens) if args.retrieval else end
-    bundle_config = {}
-    if args.rotations and os.path.isdir(args.rotations):
-        config_path = Path(args.rotations) / "oscar_config.json"
-        if config_path.is_file():
-            bundle_config = json.loads(config_path.read_text())
-    overlap = calibration_overlap(bundle_config, args.tokens, start, checked_end)
-    if overlap and not args.allow_calibration_overlap:
-        raise ValueError(overlap)
-    if overlap:
-        print(f"oscar-eval: WARNING: {overlap}", file=sys.stderr)
+    config = AutoConfig.from_pretrained(args.model)
+    check_token_ids(tokens[start:checked_end], vocab_size(config), f"--tokens {args.tokens} [{start:,}, {checked_end:,})")
+
+    bundles: dict[str, OscarRotations] = {}
+    sources = [bundle_source(spec, args) for spec in specs] + ([args.rotations] if args.update_card else [])
+    for source in dict.fromkeys(s for s in sources if s is not None):
+        rotations = OscarRotations.from_pretrained(source, config=config)  # a Hub id is downloaded here
+        bundles[source] = rotations
+        overlap = calibration_overlap(rotations.metadata, args.tokens, start, checked_end, num_tokens=len(tokens),
+                                      bundle=f"the bundle {source}")
+        if overlap and not args.allow_calibration_overlap:
+            raise ValueError(overlap)
+        if overlap:
+            print(f"oscar-eval: WARNING: {overlap}", file=sys.stderr)
+    for spec in specs:  # the cache checks its own keyword arguments; it allocates nothing before the first update
+        if spec.kind == "oscar":
+            source = bundle_source(spec, args)
+            kwargs = {"sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens, **spec.overrides}
+            try:
+                if source is None:
+                    OscarQuantizedCache(config, method=spec.base, **kwargs)
+                else:
+                    OscarQuantizedCache(config, rotations=bundles[source], **kwargs)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"Row {spec.name!r}: {err}") from None
+    return tokens, start, end, bundles
+
+
+def run(args) -> int:
+    specs = parse_methods(args.methods, args.variant)
+    for spec in specs:  # the exact row is named after the dtype it really runs in
+        if spec.kind == "exact" and spec.name in REFERENCE_ALIASES:
+            spec.name = DTYPE_LABELS[args.dtype]
+    tokens, start, end, bundles = check_arguments(args, specs)
 
     from transformers import AutoModelForCausalLM
 
@@ -391,13 +449,13 @@ def run(args) -> int:
 
     reason = quanto_unavailable_reason()
     skipped = {}
-    factories, rotations_cache = {}, {}
+    factories = {}
     for spec in specs:
         if spec.kind == "quanto" and reason:
             skipped[spec.name] = reason
             print(f"oscar-eval: skipping {spec.name}: {reason}", file=sys.stderr)
             continue
-        factories[spec.name] = CacheFactory(spec, model, args, rotations_cache)
+        factories[spec.name] = CacheFactory(spec, model, args, bundles)
     reference_name = next((s.name for s in specs if s.kind == "exact"), DTYPE_LABELS[args.dtype])
 
     settings = {
@@ -452,7 +510,7 @@ def run(args) -> int:
                  f"tokens [{start:,}, {end:,}), windows {args.sink_tokens}/{args.recent_tokens}")
         plot_kl(args.plot, kl_curves, args.prefix_tokens, args.smooth, title)
     if args.update_card:
-        OscarRotations.attach_evaluation(args.rotations, card_evaluation(report))
+        OscarRotations.attach_evaluation(os.path.expanduser(args.rotations), card_evaluation(report))
     print(table)
     for name, why in skipped.items():
         print(f"\n{name}: skipped ({why})")
