@@ -541,10 +541,12 @@ class OscarQuantizedLayer(CacheLayerMixin):
         return dequantize_segments(self.segment_tensors(), *self._host_lengths(), dtype)
 
     def get_seq_length(self) -> int:
-        """Tokens held (a host read of `lengths`; a compiled decode step never calls it: generate() passes
-        positions)."""
+        """Tokens held: a host read of `lengths`, except while compiling, where it is a 0-dim device tensor (as
+        `StaticLayer`'s count; transformers' mask code asks for it inside the compiled step)."""
         if not self.is_initialized:
             return 0
+        if torch.compiler.is_compiling():
+            return self.lengths[:3].sum()
         return sum(self._host_lengths())
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
