@@ -199,3 +199,35 @@ def test_compileable_only_when_static_with_the_oscar_attention():
     assert not static_cache(sdpa).is_compileable
     gemma = tiny_model("gemma2")  # sliding-window layers grow: eager
     assert not OscarQuantizedCache(gemma.config, **WINDOWS, max_cache_len=64).is_compileable
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 160])
+def test_generate_prefill_chunk_size_feeds_the_prompt_through_the_cache(max_cache_len):
+    """`generate(prefill_chunk_size=...)` (transformers' chunked prefill): later chunks attend over the 2-bit history,
+    as a manual chunk-by-chunk forward does (long chunks take the host-driven path of a static layer too)."""
+    model = tiny_model("qwen3")
+    ids = torch.randint(3, model.config.vocab_size, (1, 100))
+    kw = dict(method="hadamard", sink_tokens=8, recent_tokens=16, demote_block=4, max_cache_len=max_cache_len)
+    cache = OscarQuantizedCache(model.config, **kw)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, prefill_chunk_size=32, disable_compile=True)
+    manual = OscarQuantizedCache(model.config, **kw)
+    with torch.no_grad():
+        for start in range(0, 100, 32):
+            logits = model(ids[:, start : start + 32], **{cache_keyword(model): manual}).logits[0, -1]
+    assert out[0, 100].item() == logits.argmax().item()
+    assert manual.layers[0].body_len > 0  # the prompt's middle was quantized before the last chunks attended to it
+    one_shot = OscarQuantizedCache(model.config, **kw)
+    with torch.no_grad():
+        exact_logits = model(ids, **{cache_keyword(model): one_shot}).logits[0, -1]
+    assert not torch.allclose(logits, exact_logits)  # chunks read the quantized history, not the exact prompt
+
+
+@torch.no_grad()
+def test_a_full_static_cache_raises_instead_of_overwriting():
+    model = tiny_model("qwen3")
+    cache = static_cache(model, max_cache_len=32)
+    ids = torch.randint(3, 128, (1, 20))
+    with pytest.raises(ValueError, match="max_cache_len"):
+        model.generate(ids, past_key_values=cache, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                       disable_compile=True)
