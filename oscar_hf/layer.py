@@ -481,6 +481,11 @@ class OscarQuantizedLayer(CacheLayerMixin):
         """Append driven from the host (any chunk length; the lengths are read and written back once)."""
         sink_len, body_len, recent_len = self._host_lengths()
         n = keys.shape[-2]
+        if self.static and sink_len + body_len + recent_len + n > self.max_cache_len:
+            raise ValueError(
+                f"The cache is full: max_cache_len={self.max_cache_len} leaves no room for {n} more tokens after "
+                f"{sink_len + body_len + recent_len} in layer {self.layer_idx}. Build it with a larger max_cache_len."
+            )
         taken = min(n, self.sink_tokens - sink_len)
         if taken > 0:
             self.sink_keys[:, :, sink_len : sink_len + taken] = keys[:, :, :taken]

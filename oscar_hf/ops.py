@@ -1,7 +1,7 @@
 """The two torch ops a decode step runs, so that `torch.compile` (and `generate()`'s compiled step) sees them:
 
-- `oscar_hf::append(keys, values, lengths, <ten segment buffers>, demote_block, k_clip_ratio, v_clip_ratio,
-  k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to `min(demote_block,
+- `oscar_hf::append(keys, values, lengths, <ten segment buffers>, demote_block, max_tokens, k_clip_ratio,
+  v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to `min(demote_block,
   recent_tokens)` rotated rows: into the sink while it is not full, else into the recent window; when the window would
   overflow it first quantizes its oldest `demote_block` tokens into the 2-bit body at `body_len` and shifts the rest
   left. It mutates the segment buffers and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`).
@@ -31,14 +31,19 @@ SEGMENT_NAMES = (
 
 
 # ---------------------------------------------------------------------------------------------------------- append
-def append_host(keys, values, lengths, segments, demote_block, k_clip_ratio, v_clip_ratio, k_feedback=None,
-                v_feedback=None, k_tilt=None, k_metric=None) -> None:
-    """The reference `append`: the lengths read on the host, the reference (or kernel) coder. Raises when the body
-    is full."""
+def append_host(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+                k_feedback=None, v_feedback=None, k_tilt=None, k_metric=None) -> None:
+    """The reference `append`: the lengths read on the host, the reference (or kernel) coder. Raises when the cache
+    would hold more than `max_tokens` (its `max_cache_len`)."""
     sink_k, sink_v, rec_k, rec_v = segments[:4]
     body = list(segments[4:])
     sink_len, body_len, recent_len = lengths[:3].tolist()
     n, sink_cap, window = keys.shape[2], sink_k.shape[2], rec_k.shape[2]
+    if sink_len + body_len + recent_len + n > max_tokens:
+        raise ValueError(
+            f"The cache is full: max_cache_len={max_tokens} leaves no room for {n} more tokens after "
+            f"{sink_len + body_len + recent_len}. Build it with a larger max_cache_len."
+        )
     taken = max(0, min(n, sink_cap - sink_len))
     if taken:
         sink_k[:, :, sink_len : sink_len + taken] = keys[:, :, :taken]
@@ -64,11 +69,12 @@ def append_host(keys, values, lengths, segments, demote_block, k_clip_ratio, v_c
     lengths[:3].copy_(torch.tensor([sink_len, body_len, recent_len], dtype=torch.int32))
 
 
-def append_device(keys, values, lengths, segments, demote_block, k_clip_ratio, v_clip_ratio, k_feedback=None,
-                  v_feedback=None, k_tilt=None) -> None:
+def append_device(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+                  k_feedback=None, v_feedback=None, k_tilt=None) -> None:
     """`append` without reading anything back: device tensor arithmetic and the Triton write kernel in its
     predicated mode (`kernels.quantize.quantize_rows_into(device_offset=...)`). Runs on CUDA, and on the CPU under
-    `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block, recent_tokens)` and room in the body."""
+    `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block, recent_tokens)`. Past `max_tokens`
+    the window write is sent out of range on purpose: a device-side index error, not a silent overwrite."""
     from .kernels.quantize import quantize_rows_into
 
     sink_k, sink_v, rec_k, rec_v = segments[:4]
@@ -99,7 +105,9 @@ def append_device(keys, values, lengths, segments, demote_block, k_clip_ratio, v
         buf.copy_(torch.where(demote, shifted, buf))
     recent_len = recent_len - demote.to(torch.int32) * demote_block
     # Window tokens go to recent_len + .. ; tokens the sink took write unused slots [m, n) (recent_len is then 0).
-    index = torch.where(i >= to_sink, recent_len + i - to_sink, m + i).long()
+    index = torch.where(i >= to_sink, recent_len + i - to_sink, m + i)
+    full = sink_len + body_len + lengths[2] + n > max_tokens
+    index = torch.where(full, window, index).long()
     rec_k.index_copy_(2, index, keys)
     rec_v.index_copy_(2, index, values)
     lengths[:3].copy_(torch.stack([sink_len + to_sink, body_len + demote.to(torch.int32) * demote_block,
@@ -122,6 +130,7 @@ def _append_op(
     body_value_scale: torch.Tensor,
     body_value_offset: torch.Tensor,
     demote_block: int,
+    max_tokens: int,
     k_clip_ratio: float,
     v_clip_ratio: float,
     k_feedback: torch.Tensor | None,
@@ -135,12 +144,12 @@ def _append_op(
     tilt = None if k_tilt_means is None else KeyTilt(k_tilt_means, k_tilt_maps)
     if keys.is_cuda and k_metric is None and _kernels_on() and _can_write(keys, tilt, k_feedback):
         with torch.cuda.device(keys.device):
-            append_device(keys, values, lengths, segments, demote_block, k_clip_ratio, v_clip_ratio, k_feedback,
-                          v_feedback, tilt)
+            append_device(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+                          k_feedback, v_feedback, tilt)
         return
     _refuse_if_capturing(keys, "the append (the Triton write kernel cannot serve this layer's coder)")
-    append_host(keys, values, lengths, segments, demote_block, k_clip_ratio, v_clip_ratio, k_feedback, v_feedback,
-                tilt, k_metric)
+    append_host(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio, k_feedback,
+                v_feedback, tilt, k_metric)
 
 
 @_append_op.register_fake
@@ -152,7 +161,7 @@ def append(layer: OscarQuantizedLayer, keys: torch.Tensor, values: torch.Tensor)
     """Append rotated rows to a static layer through `oscar_hf::append`."""
     tilt = layer.k_tilt
     torch.ops.oscar_hf.append(
-        keys, values, layer.lengths, *layer.segment_tensors(), layer.demote_block, layer.k_clip_ratio,
+        keys, values, layer.lengths, *layer.segment_tensors(), layer.demote_block, layer.max_cache_len, layer.k_clip_ratio,
         layer.v_clip_ratio, layer.k_feedback, layer.v_feedback, None if tilt is None else tilt.means,
         None if tilt is None else tilt.maps, layer.k_metric,
     )

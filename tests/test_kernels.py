@@ -559,7 +559,8 @@ def test_device_append_equals_host_append(feedback):
         keys, values = _rows((2, 2, n, d), gen), _rows((2, 2, n, d), gen)
         body = layers[0].body_len
         for layer, fn in zip(layers, (ops.append_host, ops.append_device)):
-            fn(keys, values, layer.lengths, layer.segment_tensors(), layer.demote_block, 0.96, 0.92, factor, factor)
+            fn(keys, values, layer.lengths, layer.segment_tensors(), layer.demote_block, 80, 0.96, 0.92, factor,
+               factor)
         demotions += layers[0].body_len > body
         assert layers[0].lengths.tolist() == layers[1].lengths.tolist()
         # The valid rows of every segment (slots past a segment's length may hold different leftovers).
@@ -573,3 +574,11 @@ def test_device_append_equals_host_append(feedback):
                                 ("recent_values", recent)):
                 assert torch.equal(getattr(layer_a, name)[:, :, :count], getattr(layer_b, name)[:, :, :count])
     assert demotions >= 3 and layers[0].sink_len == 5
+    # Past max_cache_len: the reference raises, the device path sends its write out of range (an index error).
+    keys = values = _rows((2, 2, 2, d), gen)
+    with pytest.raises(ValueError, match="full"):
+        ops.append_host(keys, values, layers[0].lengths, layers[0].segment_tensors(), 3, layers[0].get_seq_length() + 1,
+                        0.96, 0.92, factor, factor)
+    with pytest.raises((IndexError, RuntimeError)):
+        ops.append_device(keys, values, layers[1].lengths, layers[1].segment_tensors(), 3,
+                          layers[1].get_seq_length() + 1, 0.96, 0.92, factor, factor)
