@@ -104,7 +104,9 @@ def main(argv=None) -> int:
     position = [args.prompt_tokens]
     step_fn = model.forward
     if args.compile:
-        step_fn = torch.compile(model.forward, **({"mode": "reduce-overhead"} if device.type == "cuda" else {}))
+        # (On the CPU, a dry run: dynamo traces the step, no inductor code generation.)
+        step_fn = torch.compile(model.forward, **({"mode": "reduce-overhead"} if device.type == "cuda"
+                                                   else {"backend": "eager"}))
 
     def forward(ids):
         if args.compile and device.type == "cuda":
