@@ -588,9 +588,16 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.batch_size = self.sink_keys.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            idx = beam_idx.to(self.device)
-            self._map_batch(lambda t: t.index_select(0, idx))
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        if self.static:
+            # In place: the buffers keep the addresses a compiled step was captured with.
+            for name in self._all_tensors():
+                t = getattr(self, name)
+                t.copy_(t.index_select(0, idx))
+            return
+        self._map_batch(lambda t: t.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
