@@ -133,7 +133,6 @@ class OscarSegments:
     each other exactly, so attention reads them from here rather than from the body.
     """
 
-
     layer: "OscarQuantizedLayer"
     num_new: int
     new_keys: torch.Tensor
@@ -165,7 +164,9 @@ class OscarQuantizedLayer(CacheLayerMixin):
         k_clip_ratio, v_clip_ratio: per-row clip quantiles in (0, 1] applied before quantization.
         sink_tokens, recent_tokens: sizes of the two exact windows.
         demote_block: how many recent tokens are quantized together once the window overflows.
-        max_cache_len: if given, the body is allocated once for this many tokens (static shapes, no regrowth).
+        max_cache_len: if given, the layer is static: every buffer is allocated once for this many tokens, the lengths
+            live on the device, and short appends go through `oscar_hf::append` (compileable, see the module
+            docstring).
         check_finite: raise on NaN/Inf keys or values (costs a host sync per update; off by default).
         key_grid_refit: refit each demoted key row's scale and offset in its coding metric
             (`quantization.refit_grid`) after error-feedback coding; without a key feedback factor it does nothing.
