@@ -231,3 +231,58 @@ def test_a_full_static_cache_raises_instead_of_overwriting():
     with pytest.raises(ValueError, match="max_cache_len"):
         model.generate(ids, past_key_values=cache, max_new_tokens=40, min_new_tokens=40, do_sample=False,
                        disable_compile=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton paths of the ops)")
+
+
+@register_backend(name="oscar_test_cudagraphs")
+def _counting_cudagraphs(gm, example_inputs):
+    Counter.frame_count += 1
+    return lookup_backend("cudagraphs")(gm, example_inputs)
+
+
+def cuda_model(family="qwen3"):
+    # head_dim 64: the smallest the Triton decode kernel takes; bf16 as the kernels require.
+    return tiny_model(family, head_dim=64).to("cuda", torch.bfloat16)
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_graph_replay_of_the_ops_equals_eager_generate():
+    """The ops captured in CUDA graphs (dynamo + AOT autograd, no inductor: the model's own ops compute as eagerly) and
+    replayed across demotions give exactly the eager tokens, greedy and with a left-padded batch."""
+    model = cuda_model()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (3, 40), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :9], mask[2, :23] = 0, 0
+    for kwargs in (dict(), dict(attention_mask=mask, pad_token_id=0)):
+        eager = model.generate(ids, past_key_values=static_cache(model, 160), disable_compile=True, **GREEDY, **kwargs)
+        counter = new_counter()
+        torch._dynamo.reset()
+        config = CompileConfig(backend="oscar_test_cudagraphs", mode=None, fullgraph=True)
+        compiled = model.generate(ids, past_key_values=static_cache(model, 160), compile_config=config, **GREEDY,
+                                  **kwargs)
+        assert counter.frame_count == 1
+        assert torch.equal(compiled, eager)
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_generate_compiles_by_default_once_across_demotions():
+    """generate()'s own compilation (inductor, mode="reduce-overhead") of a static cache: one graph for all steps.
+    Inductor recomputes the model's own ops (norms, MLP) with fused kernels, so tokens may drift from eager ones on
+    near-ties; most must agree."""
+    model = cuda_model()
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(6)).cuda()
+    eager = model.generate(ids, past_key_values=static_cache(model, 160), disable_compile=True, **GREEDY)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cache = static_cache(model, 160)
+    assert cache.is_compileable
+    compiled = model.generate(ids, past_key_values=cache, **GREEDY)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert cache.layers[0].body_len > 16
+    assert (compiled == eager).float().mean() > 0.9
