@@ -5,14 +5,19 @@ from the copy bandwidth measured at the start) come from the same run. The model
 shape: speed does not depend on weight values.
 
 Sections (`--sections`, all by default):
-- `decode`: batch-1 decode step at `--contexts` (32K, 128K) for DynamicCache (eager), StaticCache (eager, CUDA graph
-  through `oscar_hf.graphs.GraphDecoder`, and `torch.compile(mode="reduce-overhead")` with `--compile`),
-  OscarQuantizedCache (eager and graph, `attn_implementation="oscar"`) and transformers' `QuantizedCache` (quanto
-  int2, eager, at `--quanto-contexts`) when optimum-quanto imports.
+- `generate`: what users run. `model.generate()` at `--generate-contexts` (8K, 32K, 128K), timed per token from a
+  streamer's timestamps (median gap between tokens after `--warmup` tokens), for DynamicCache (eager), StaticCache
+  and OscarQuantizedCache(max_cache_len=...) each compiled by generate() itself (its default `compile_config`:
+  `torch.compile(mode="reduce-overhead")`, CUDA graphs), and OSCAR with `disable_compile=True`. The context is
+  written through the cache's write path first (below); generate() then feeds one prompt token and decodes.
+- `decode`: batch-1 decode step at `--contexts` (32K, 128K) for DynamicCache (eager), StaticCache (eager, and
+  compiled: the model's forward under `torch.compile(mode="reduce-overhead")`, as generate() compiles it),
+  OscarQuantizedCache (eager and compiled, `attn_implementation="oscar"`, `max_cache_len`) and transformers'
+  `QuantizedCache` (quanto int2, eager, at `--quanto-contexts`) when optimum-quanto imports.
 - `largest`: the largest context DynamicCache reaches (increasing contexts until `OutOfMemoryError`) and OSCAR at
-  `--oscar-largest` (1,000,000) tokens, eager and graph.
+  `--oscar-largest` (1,000,000) tokens, eager and compiled.
 - `batch`: at `--batch-context` (32K), the largest batch each cache fits in `--kv-budget-gib` (40 GiB) of KV storage,
-  decode step under CUDA graphs and aggregate tokens/s.
+  compiled decode step and aggregate tokens/s.
 - `prefill`: chunked prefill through the model (`model(input_ids=chunk, cache=cache, ...)` chunk by chunk)
   at `--prefill-context` for every cache, and the last `--prefill-long-chunks` chunks of a `--prefill-long-context`
   (128K) prompt whose head was written through the cache's write path.
@@ -24,8 +29,8 @@ attention input). A real prefill of 128K-1M tokens through 36 layers does not fi
 the `prefill` section measures the model path separately.
 
     # on the GPU machine, from the repository root (see benchmarks/RESULTS.md for the package copy)
-    python benchmarks/bench_e2e.py --json e2e.json --plot e2e.png [--compile] [--sections decode,largest,batch,prefill]
-    # CPU dry run of every code path at toy scale
+    python benchmarks/bench_e2e.py --json e2e.json --plot e2e.png [--sections generate,decode,largest,batch,prefill]
+    # CPU dry run of every code path at toy scale (compiled rows use the "eager" dynamo backend there)
     python benchmarks/bench_e2e.py --tiny --device cpu
 """
 
@@ -57,22 +62,22 @@ BF16_ROWS = ("dynamic", "static")
 NAMES = {
     ("dynamic", "eager"): "DynamicCache eager",
     ("static", "eager"): "StaticCache eager",
-    ("static", "graph"): "StaticCache CUDA graph",
-    ("static", "compile"): "StaticCache torch.compile",
+    ("static", "compile"): "StaticCache compiled",
     ("oscar", "eager"): "OSCAR eager",
-    ("oscar", "graph"): "OSCAR CUDA graph",
+    ("oscar", "compile"): "OSCAR compiled",
     ("quanto", "eager"): "QuantizedCache quanto int2",
 }
 
 # Scale presets; every value can be overridden by its flag.
 FULL = dict(
-    contexts="32768,131072", quanto_contexts="32768",
+    contexts="32768,131072", quanto_contexts="32768", generate_contexts="8192,32768,131072", generate_tokens=64,
     dynamic_largest="131072,262144,327680,393216,425984,458752,524288",
     oscar_largest=1_000_000, batch_context=32768, kv_budget_gib=40.0, prefill_context=32768, prefill_chunk=4096,
     prefill_long_context=131072, prefill_long_chunks=2, chunk=8192, steps=32, graph_steps=64, warmup=3,
 )
 TINY = dict(
-    contexts="512,1024", quanto_contexts="512", dynamic_largest="1024,2048", oscar_largest=4096, batch_context=1024,
+    contexts="512,1024", quanto_contexts="512", generate_contexts="448", generate_tokens=4,
+    dynamic_largest="1024,2048", oscar_largest=4096, batch_context=1024,
     kv_budget_gib=0.005, prefill_context=1024, prefill_chunk=256, prefill_long_context=2048, prefill_long_chunks=2,
     chunk=256, steps=3, graph_steps=4, warmup=1,
 )
@@ -116,7 +121,7 @@ def set_attention(model, name: str) -> None:
 
 
 class Env:
-    """What every row needs: the model, its geometry, the device, the clock and the graph decoder in use."""
+    """What every row needs: the model, its geometry, the device and the clock."""
 
     def __init__(self, args, model, config, start: float):
         self.args, self.model, self.config = args, model, config
@@ -128,7 +133,10 @@ class Env:
         self.head_dim = config.head_dim
         self.vocab = config.vocab_size
         self.start = start
-        self.graph_decoder, self.graph_note = graph_decoder_class(self.cuda)
+        # Compiled rows: inductor + CUDA graphs on the GPU, as generate() compiles; dynamo alone on the CPU dry run.
+        self.compile_kwargs = dict(mode="reduce-overhead") if self.cuda else dict(backend="eager")
+        self.compile_note = ('torch.compile(mode="reduce-overhead")' if self.cuda
+                             else 'torch.compile(backend="eager") (CPU dry run: traced, no CUDA graph)')
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -159,16 +167,6 @@ class Env:
         total = sum(p.numel() * p.element_size() for p in self.model.parameters())
         emb = self.model.get_input_embeddings().weight
         return total - emb.numel() * emb.element_size() + batch * emb.shape[1] * emb.element_size()
-
-
-def graph_decoder_class(cuda: bool):
-    """`oscar_hf.graphs.GraphDecoder` (which steps eagerly through the same path without CUDA), or the eager stand-in
-    with the same API where that module is missing."""
-    try:
-        from oscar_hf.graphs import GraphDecoder
-    except ImportError as e:
-        return EagerDecoder, f"oscar_hf.graphs not importable ({e}): graph rows step eagerly"
-    return GraphDecoder, "oscar_hf.graphs.GraphDecoder" + ("" if cuda else " (no CUDA: steps eagerly)")
 
 
 def sync(env) -> None:
@@ -333,7 +331,7 @@ def forward_kwargs(model, ids: torch.Tensor, cache, position: int) -> dict:
 
 
 class EagerDecoder:
-    """`GraphDecoder`'s API, stepping eagerly: the eager rows, and the stand-in where CUDA graphs are absent."""
+    """Single-token greedy steps of the model's forward over a filled cache."""
 
     def __init__(self, model, cache):
         self.model, self.cache, self.position = model, cache, None
@@ -353,15 +351,17 @@ class EagerDecoder:
 
 class CompiledDecoder(EagerDecoder):
     """`torch.compile(mode="reduce-overhead")` of the model's forward (inductor kernels replayed as a CUDA graph), the
-    way transformers' generate() compiles StaticCache decoding."""
+    way transformers' generate() compiles decoding with a compileable cache (StaticCache, a static OSCAR cache)."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, **compile_kwargs):
         super().__init__(model, cache)
-        self.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        self.forward = torch.compile(model.forward, fullgraph=False, **compile_kwargs)
+        self.cuda = model.device.type == "cuda"
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        # A new step: the cudagraph trees may reuse the previous step's output buffers (already consumed).
-        torch.compiler.cudagraph_mark_step_begin()
+        if self.cuda:
+            # A new step: the cudagraph trees may reuse the previous step's output buffers (already consumed).
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.forward(**forward_kwargs(self.model, ids, self.cache, self.position))
         self.position += ids.shape[1]
         return out.logits[:, -1]
@@ -370,10 +370,8 @@ class CompiledDecoder(EagerDecoder):
 def make_decoder(env, mode: str, cache):
     if mode == "eager":
         return EagerDecoder(env.model, cache)
-    if mode == "graph":
-        return env.graph_decoder(env.model, cache)
     if mode == "compile":
-        return CompiledDecoder(env.model, cache)
+        return CompiledDecoder(env.model, cache, **env.compile_kwargs)
     raise ValueError(mode)
 
 
@@ -408,13 +406,10 @@ def time_steps(env, decoder, batch: int, warmup: int, steps: int) -> dict:
 
 
 def modes_for(env, kind: str) -> list[str]:
-    """Decode modes timed on one cache, in this order (a graph decoder switches an OSCAR cache to graph mode)."""
+    """Decode modes timed on one cache, in this order."""
     if kind in ("dynamic", "quanto"):
         return ["eager"]
-    modes = ["eager", "graph"]
-    if kind == "static" and env.args.compile and env.cuda:
-        modes.append("compile")
-    return modes
+    return ["eager", "compile"]
 
 
 def decode_rows(env, section: str, kind: str, modes: list[str], context: int, batch: int = 1,
@@ -439,7 +434,7 @@ def decode_rows(env, section: str, kind: str, modes: list[str], context: int, ba
             r["error"] = why
         return rows
     set_attention(env.model, "oscar" if kind == "oscar" else "sdpa")
-    # Room for every mode's steps, and for warm-up or capture steps a graph decoder may run itself.
+    # Room for every mode's steps and warm-up steps.
     max_len = context + sum(args.warmup + max(steps, graph_steps) + 16 for _ in modes) + 256
     cache = decoder = None
     done = 0
@@ -457,16 +452,13 @@ def decode_rows(env, section: str, kind: str, modes: list[str], context: int, ba
             r.update(build)
             reset_peak(env)
             decoder = make_decoder(env, mode, cache)
-            # The cache's own length: a graph decoder may have stepped it during its warm-up or capture.
             decoder.start(next_position=int(cache.get_seq_length()))
-            n = graph_steps if mode in ("graph", "compile") else steps
-            warm = max(args.warmup, 3) if mode in ("graph", "compile") else args.warmup
+            n = graph_steps if mode == "compile" else steps
+            warm = max(args.warmup, 3) if mode == "compile" else args.warmup
             r.update(time_steps(env, decoder, batch, warm, n))
             r["peak_gib"] = None if not env.cuda else max(build["build_peak_gib"], peak_gib(env))
-            if mode == "graph":
-                r["graph_impl"] = env.graph_note
-                if env.graph_decoder is EagerDecoder or not env.cuda:
-                    r["note"] = "no CUDA graph: " + env.graph_note
+            if mode == "compile":
+                r["compile_impl"] = env.compile_note
             decoder = None
             if mode == "compile":
                 reset_compiled()
@@ -527,6 +519,91 @@ def annotate(rows: list[dict], floor: dict, bw: float | None) -> None:
                 r["own_floor_ms"] = own / bw * 1e3  # with OSCAR's BF16 windows counted
 
 
+class StepClock:
+    """A generate() streamer that timestamps every token it is handed (the prompt first). Device work is waited for,
+    so a gap is one whole decode step; generate() synchronises every step anyway (its stopping check)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.stamps = cuda, []
+
+    def put(self, value) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+GENERATE_ROWS = (
+    ("dynamic", "eager", "DynamicCache generate()"),
+    ("static", "compile", "StaticCache generate() compiled"),
+    ("oscar", "compile", "OSCAR generate() compiled"),
+    ("oscar", "eager", "OSCAR generate() eager"),
+)
+
+
+def generate_row(env, kind: str, mode: str, name: str, context: int) -> dict:
+    """One `model.generate()` call over a cache holding `context` tokens (written through its write path), feeding one
+    more prompt token and decoding `--generate-tokens` greedily; ms per token from the streamer's timestamps."""
+    args = env.args
+    new = args.generate_tokens
+    row = dict(section="generate", kind=kind, mode=mode, name=name, context=context, new_tokens=new)
+    if env.over_budget():
+        row["error"] = f"skipped: past --time-limit {args.time_limit:.0f} s"
+        return row
+    set_attention(env.model, "oscar" if kind == "oscar" else "sdpa")
+    cache = None
+    try:
+        free(env)
+        reset_peak(env)
+        cache = make_cache(env, kind, context + new + 64)
+        fill_context(env, cache, kind, 1, context)
+        ids = torch.randint(0, env.vocab, (1, context + 1), device=env.device)
+        clock = StepClock(env.cuda)
+        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock,
+                      attention_mask=torch.ones_like(ids), pad_token_id=0)
+        if mode == "eager":
+            kwargs["disable_compile"] = True
+        elif not env.cuda:
+            from transformers import CompileConfig
+
+            kwargs["compile_config"] = config = CompileConfig(backend="eager", mode=None)
+            config._compile_all_devices = True  # (a class attribute: transformers compiles on CPU only when asked)
+        if mode == "compile" and not cache.is_compileable:
+            raise RuntimeError(f"{type(cache).__name__} is not compileable: generate() would run eagerly")
+        t0 = time.perf_counter()
+        env.model.generate(ids, **{cache_keyword(env.model): cache}, **kwargs)
+        total = time.perf_counter() - t0
+        gaps = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]  # stamps[0]: the prompt
+        steady = gaps[min(args.warmup, len(gaps) - 1):]
+        ms = statistics.median(steady) * 1e3
+        row.update(ms=ms, tokens_per_s=1e3 / ms, first_token_s=clock.stamps[1] - t0, total_s=total,
+                   peak_gib=peak_gib(env), compile_impl=env.compile_note if mode == "compile" else None)
+    except Exception as e:  # noqa: BLE001 - an OOM or a failing path is a result, not the end of the run
+        row["error"] = "out of memory" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        cache = None
+        if mode == "compile":
+            reset_compiled()
+        free(env)
+    print(json.dumps(_printable(row)), flush=True)
+    return row
+
+
+def section_generate(env, bw, out) -> None:
+    rows = []
+    for context in (int(c) for c in env.args.generate_contexts.split(",") if c):
+        block = [generate_row(env, kind, mode, name, context) for kind, mode, name in GENERATE_ROWS]
+        dyn = next((r for r in block if r["kind"] == "dynamic" and r.get("ms")), None)
+        for r in block:
+            if dyn and r.get("ms"):
+                r["speedup_vs_dynamic"] = dyn["ms"] / r["ms"]
+        rows += block
+        out["generate"] = rows
+        write_json(env, out)
+
+
 def section_decode(env, bw, out) -> None:
     args = env.args
     kinds = [k for k in args.kinds.split(",") if k]
@@ -554,7 +631,7 @@ def section_largest(env, bw, out) -> None:
         if rows[0].get("error"):
             break
     fits = [r["context"] for r in dyn if r.get("ms")]
-    oscar = decode_rows(env, "largest", "oscar", ["eager", "graph"], args.oscar_largest,
+    oscar = decode_rows(env, "largest", "oscar", ["eager", "compile"], args.oscar_largest,
                         steps=min(args.steps, 8), graph_steps=min(args.graph_steps, 16))
     floor = floors(env, bw, args.oscar_largest)
     annotate(oscar, floor, bw)
@@ -565,7 +642,7 @@ def section_largest(env, bw, out) -> None:
 
 
 def section_batch(env, bw, out) -> None:
-    """Largest batch within the KV budget for each cache (from its bytes per sequence), then a graph decode step."""
+    """Largest batch within the KV budget for each cache (from its bytes per sequence), then a compiled decode step."""
     args = env.args
     context = args.batch_context
     budget = args.kv_budget_gib * GiB
@@ -580,7 +657,7 @@ def section_batch(env, bw, out) -> None:
         for _ in range(3):  # on OOM, say so and try 3/4 of the batch
             if batch < 1:
                 break
-            row = decode_rows(env, "batch", kind, ["graph"], context, batch=batch)[0]
+            row = decode_rows(env, "batch", kind, ["compile"], context, batch=batch)[0]
             row.update(planned_batch=planned, kv_bytes_per_sequence=per_seq[kind], kv_budget_gib=args.kv_budget_gib)
             rows.append(row)
             if not (row.get("error") and "out of memory" in row["error"]):
@@ -683,7 +760,14 @@ def ctx(n: int) -> str:
 
 def print_tables(env, out) -> None:
     print(f"\n{out['device']}; torch {out['torch']}; transformers {out['transformers']}; {out['date']}; "
-          f"copy bandwidth {fmt(out['copy_bw_tbs'], '.3f')} TB/s; graph rows: {env.graph_note}")
+          f"copy bandwidth {fmt(out['copy_bw_tbs'], '.3f')} TB/s; compiled rows: {env.compile_note}")
+    if out.get("generate"):
+        print("\ngenerate(), batch 1, ms per token (median gap between streamed tokens)")
+        print("| context | row | ms/token | tok/s | vs DynamicCache | first token s | note |")
+        print("|---|---|---|---|---|---|---|")
+        for r in out["generate"]:
+            print(f"| {ctx(r['context'])} | {r['name']} | {fmt(r.get('ms'), '.2f')} | {fmt(r.get('tokens_per_s'))} | "
+                  f"{times(r.get('speedup_vs_dynamic'))} | {fmt(r.get('first_token_s'), '.1f')} | {note(r)} |")
     for block in out.get("decode", []):
         f = block["floors"]
         print(f"\ndecode, batch 1, context {ctx(block['context'])}: "
@@ -751,19 +835,19 @@ def issue_bars(out) -> list[str]:
     weights = out["model"]["weights_gib"]
     for block in out.get("decode", []):
         rows, c = block["rows"], ctx(block["context"])
-        og, dyn = _find(rows, "oscar", "graph"), _find(rows, "dynamic", "eager")
-        static_best = min((r["ms"] for r in rows if r["kind"] == "static" and r["mode"] in ("graph", "compile")
+        og, dyn = _find(rows, "oscar", "compile"), _find(rows, "dynamic", "eager")
+        static_best = min((r["ms"] for r in rows if r["kind"] == "static" and r["mode"] == "compile"
                            and r.get("ms")), default=None)
         qu = _find(rows, "quanto", "eager")
         if og and dyn:
-            lines.append(f"{c}: OSCAR graph vs eager DynamicCache {dyn['ms'] / og['ms']:.2f}x (bar 4x at 128K)")
+            lines.append(f"{c}: OSCAR compiled vs eager DynamicCache {dyn['ms'] / og['ms']:.2f}x (bar 4x at 128K)")
         if og and static_best:
-            lines.append(f"{c}: OSCAR graph vs best graph/compiled StaticCache {static_best / og['ms']:.2f}x "
+            lines.append(f"{c}: OSCAR compiled vs compiled StaticCache {static_best / og['ms']:.2f}x "
                          "(bar 1.6x at 128K)")
         if og and og.get("x_int2_floor"):
-            lines.append(f"{c}: OSCAR graph at {og['x_int2_floor']:.2f}x the INT2 floor (stretch: 2x)")
+            lines.append(f"{c}: OSCAR compiled at {og['x_int2_floor']:.2f}x the INT2 floor (stretch: 2x)")
         if og and qu:
-            lines.append(f"{c}: OSCAR graph vs QuantizedCache quanto int2 {qu['ms'] / og['ms']:.2f}x (bar 3x at 32K)")
+            lines.append(f"{c}: OSCAR compiled vs QuantizedCache quanto int2 {qu['ms'] / og['ms']:.2f}x (bar 3x at 32K)")
         oscar_peak = max((r["peak_gib"] for r in rows if r["kind"] == "oscar" and r.get("peak_gib")), default=None)
         if dyn and dyn.get("peak_gib") and oscar_peak:
             lines.append(f"{c}: {peak_ratio('context build + decode', oscar_peak, dyn['peak_gib'], weights)}")
@@ -826,9 +910,8 @@ def plot(out, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="decode,largest,batch,prefill")
+    p.add_argument("--sections", default="generate,decode,largest,batch,prefill")
     p.add_argument("--kinds", default="dynamic,static,oscar,quanto", help="caches in the decode and prefill sections")
-    p.add_argument("--compile", action="store_true", help="add StaticCache with torch.compile (about 1 min/context)")
     p.add_argument("--quanto-unpack", choices=("torch", "extension"), default="torch",
                    help="how quanto unpacks int2 codes: PyTorch ops, or its compiled extension (built on first use, "
                    "minutes)")
@@ -866,7 +949,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name(env.device) if env.cuda else "cpu",
         torch=torch.__version__, transformers=__import__("transformers").__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(sys.argv), commit=_commit(), args=vars(args), graph_impl=env.graph_note,
+        command=" ".join(sys.argv), commit=_commit(), args=vars(args), compile_impl=env.compile_note,
         model=dict(layers=env.layers, kv_heads=env.kv_heads, head_dim=env.head_dim, vocab=env.vocab,
                    params=sum(p.numel() for p in model.parameters()), build_s=time.perf_counter() - t0,
                    weights_gib=memory_allocated(env) / GiB),
@@ -883,8 +966,8 @@ def main(argv=None):
     print(f"copy bandwidth (read + write): {fmt(out['copy_bw_tbs'], '.3f')} TB/s", flush=True)
     sections = {s for s in args.sections.split(",") if s}
     with torch.no_grad():
-        for name, fn in (("decode", section_decode), ("largest", section_largest), ("batch", section_batch),
-                         ("prefill", section_prefill)):
+        for name, fn in (("generate", section_generate), ("decode", section_decode), ("largest", section_largest),
+                         ("batch", section_batch), ("prefill", section_prefill)):
             if name in sections:
                 t = time.perf_counter()
                 fn(env, bw, out)

@@ -39,6 +39,7 @@ remain for head_dim 64 and sub-blocks under 32 tokens. The PyTorch reference is
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 
 import torch
 import triton
@@ -427,9 +428,9 @@ def _decode_stage1(
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     if DEVICE_LENGTHS:
-        # CUDA-graph replay: the segment lengths live in device memory (the layer's `lengths`), so one captured
-        # launch serves every step; the grid was sized for the buffers' capacity and idle programs write neutral
-        # partials.
+        # Compiled / graph-captured decoding: the segment lengths live in device memory (the layer's `lengths`), so
+        # one captured launch serves every step; the grid was sized for the buffers' capacity and idle programs
+        # write neutral partials.
         sink_len = tl.load(lengths_ptr)
         body_len = tl.load(lengths_ptr + 1)
         recent_len = tl.load(lengths_ptr + 2)
@@ -627,8 +628,51 @@ def _rotation_arg(rotation: torch.Tensor | None, num_kv_heads: int, head_dim: in
     return r, (head_dim * head_dim if r.shape[0] > 1 else 0)
 
 
-def unsupported_reason(query: torch.Tensor, layer, attention_mask: torch.Tensor | None, num_new: int) -> str | None:
-    """Why the kernel cannot serve this call (None when it can). Every case here falls back to the reference."""
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How `decode_attention` launches (benchmarks/bench_kernels.py sweeps these); `None` picks the measured default.
+
+    `block_n` keys per body iteration, `programs_per_sm` and `min_blocks_per_split` the split-K grid, `exact_chunk`
+    tokens of the exact windows per program, `stack` copies of the query rows in the score tile (default: as many as
+    fit), `key_pairs` / `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the
+    shapes allow), `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on
+    an SM, `dependent_launch` launches stage 2 as a programmatic dependent of stage 1 (sm_90+; off by default until
+    timed, see benchmarks/RESULTS.md).
+    """
+
+    block_n: int | None = None
+    programs_per_sm: int | None = None
+    min_blocks_per_split: int = 4
+    exact_chunk: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    stack: int | None = None
+    key_pairs: bool | None = None
+    value_pairs: bool | None = None
+    max_registers: int | None = None
+    dependent_launch: bool = False
+
+    def to_ints(self) -> list[int]:
+        """The options as a list of ints (-1 for None), the form a `torch.library` op signature can carry."""
+        return [-1 if getattr(self, f.name) is None else int(getattr(self, f.name)) for f in fields(self)]
+
+    @classmethod
+    def from_ints(cls, values) -> "DecodeOptions":
+        kw = {}
+        for f, v in zip(fields(cls), values):
+            v = None if v == -1 else int(v)
+            if v is not None and f.name in ("key_pairs", "value_pairs", "dependent_launch"):
+                v = bool(v)
+            kw[f.name] = v
+        return cls(**kw)
+
+
+def unsupported_reason(query: torch.Tensor, layer, attention_mask: torch.Tensor | None, num_new: int,
+                       device_lengths: bool = False) -> str | None:
+    """Why the kernel cannot serve this call over `layer`'s buffers (None when it can). Reads shapes, dtypes and
+    devices only; with `device_lengths` (a static layer appended through `oscar_hf.ops.append`: its new tokens are
+    never demoted in the forward that brings them, and its mask spans `max_cache_len` columns) nothing on the host
+    depends on the segment lengths."""
     if not (query.is_cuda or _interpreting()):
         return "query is not on a CUDA device"
     if not getattr(layer, "is_initialized", False):
@@ -650,7 +694,7 @@ def unsupported_reason(query: torch.Tensor, layer, attention_mask: torch.Tensor 
     if query.stride(-1) != 1:
         return "query is not contiguous in head_dim"
     # The kernel reads the new tokens from the cache's exact windows: they must not have been demoted already.
-    if layer.body_len > 0 and layer.recent_len < num_new:
+    if not device_lengths and layer.body_len > 0 and layer.recent_len < num_new:
         return "new tokens were demoted to the 2-bit body in this forward"
     for a, b_ in (("sink_keys", "sink_values"), ("recent_keys", "recent_values")):
         ta, tb = getattr(layer, a), getattr(layer, b_)
@@ -663,13 +707,12 @@ def unsupported_reason(query: torch.Tensor, layer, attention_mask: torch.Tensor 
     if any(t.stride() != params[0].stride() or t.stride(-1) != 1 for t in params):
         return "body scale/offset layouts differ"
     if attention_mask is not None:
-        kv_len = layer.get_seq_length()
         m = attention_mask
         if m.dtype != torch.bool:
             return f"attention mask of dtype {m.dtype} (only boolean masks are read by the kernel)"
         if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != q_len or m.shape[0] not in (1, bsz):
             return f"attention mask of shape {tuple(m.shape)} (needs [batch or 1, 1, q_len, kv_len])"
-        if m.shape[-1] < kv_len:
+        if m.shape[-1] < (layer.max_cache_len if device_lengths else layer.get_seq_length()):
             return "attention mask shorter than the cache"
         if m.device != query.device:
             return "attention mask on another device"
@@ -683,50 +726,63 @@ def oscar_decode_attention(
     scaling: float | None = None,
     num_new: int | None = None,
     *,
-    block_n: int | None = None,
-    programs_per_sm: int | None = None,
-    min_blocks_per_split: int = 4,
-    exact_chunk: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    stack: int | None = None,
-    key_pairs: bool | None = None,
-    value_pairs: bool | None = None,
-    max_registers: int | None = None,
-    dependent_launch: bool = False,
+    device_lengths: bool = False,
     _checked: bool = False,
+    **launch,
 ) -> torch.Tensor:
-    """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over every token `layer` holds; the last `q_len`
-    tokens of the layer are the query's own positions. Returns `[B, Hq, q_len, D]` un-rotated, in the query dtype.
+    """`decode_attention` over the buffers of an `OscarQuantizedLayer` (a convenience for tests and benchmarks).
 
-    `attention_mask`: None (causal among the new tokens) or a boolean `[B or 1, 1, q_len, >= kv_len]` mask whose last
-    `kv_len` columns are read (True = attend), as `segment_attention_reference` reads it.
-    Raises `ValueError` for what the kernel does not support; `unsupported_reason` says which beforehand.
-    The keyword arguments tune the launch (benchmarks/bench_kernels.py sweeps them): `block_n` keys per body
-    iteration, `programs_per_sm` and `min_blocks_per_split` the split-K grid, `exact_chunk` tokens of the exact
-    windows per program, `stack` copies of the query rows in the score tile (default: as many as fit), `key_pairs` /
-    `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the shapes allow),
-    `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on an SM,
-    `dependent_launch` launches stage 2 as a programmatic dependent of stage 1 (sm_90+; off by default until timed,
-    see benchmarks/RESULTS.md).
+    With `device_lengths` the kernel reads the lengths from `layer.lengths` and sizes its grid from the buffers'
+    capacity (what a compiled, graph-captured step does); otherwise the lengths are read on the host. The keyword
+    arguments `launch` are the fields of `DecodeOptions`.
     """
     num_new = query.shape[2] if num_new is None else num_new
-    reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new)
+    reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new, device_lengths)
     if reason is not None:
         raise ValueError(f"The Triton decode kernel does not support this call: {reason}. Use the reference path.")
+    lengths = layer.lengths if device_lengths else tuple(layer.lengths[:3].tolist())
+    return decode_attention(
+        query, layer.segment_tensors(), lengths, layer.k_rotation, layer.v_rotation, attention_mask, scaling,
+        DecodeOptions(**launch),
+    )
+
+
+def decode_attention(
+    query: torch.Tensor,
+    segments,
+    lengths,
+    k_rotation: torch.Tensor | None,
+    v_rotation: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    options: DecodeOptions = DecodeOptions(),
+) -> torch.Tensor:
+    """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over a mixed-precision cache; the last `q_len` tokens
+    held are the query's own positions. Returns `[B, Hq, q_len, D]` un-rotated, in the query dtype (a view of
+    `[B, q_len, Hq, D]` memory).
+
+    `segments`: the ten buffers `(sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale,
+    body_key_offset, body_value_codes, body_value_scale, body_value_offset)` (`OscarQuantizedLayer.segment_tensors`).
+    `lengths`: `(sink_len, body_len, recent_len)` as host ints, or an int32 tensor on the query's device whose first
+    three entries the kernel reads at run time; the grid is then sized for the buffers' capacity, so one launch (one
+    captured graph) serves every step.
+    `attention_mask`: None (causal among the new tokens) or a boolean `[B or 1, 1, q_len, >= kv_len]` mask whose column
+    p is cache position p (sink, then body, then recent, in token order), True = attend.
+    """
+    (sink_k, sink_v, rec_k, rec_v, kc, ks, ko, vc, vs, vo) = segments
+    o = options
     bsz, num_heads, q_len, head_dim = query.shape
-    kvh = layer.num_heads
+    kvh = sink_k.shape[1]
     group = num_heads // kvh
     dev = query.device
-    device_lengths = getattr(layer, "graph_mode", False)
+    device_lengths = isinstance(lengths, torch.Tensor)
     if device_lengths:
-        if attention_mask is not None:
-            raise ValueError("CUDA-graph decoding reads no attention mask: pass attention_mask=None (unpadded batch).")
-        # Sized for the buffers' capacity: the grid must not change between replays.
-        sink_len, body_len, recent_len = layer.sink_tokens, layer.body_capacity, layer.recent_capacity
+        if lengths.device != dev or lengths.dtype != torch.int32:
+            raise ValueError(f"Device lengths must be int32 on {dev}; got {lengths.dtype} on {lengths.device}.")
+        # Sized for the buffers' capacity: the grid must not change between steps.
+        sink_len, body_len, recent_len = sink_k.shape[2], kc.shape[2], rec_k.shape[2]
     else:
-        sink_len, body_len, recent_len = layer.sink_len, layer.body_len, layer.recent_len
-    kv_len = sink_len + body_len + recent_len
+        sink_len, body_len, recent_len = (int(x) for x in lengths)
     rows_pow2 = triton.next_power_of_2(group * q_len)
     block_m = max(16, rows_pow2)
 
@@ -736,13 +792,16 @@ def oscar_decode_attention(
     # stacked keys issue the fewest instructions per key (unstacked, 64-token blocks were best for many rows). On H200
     # with two-byte code reads (2026-12-01): few (batch x KV head) rows want ~3 programs per SM; many rows want many
     # short splits (16 per SM: the programs finish unevenly, and 4 fit on an SM at once); 2 pipeline stages.
+    block_n = o.block_n
     if block_n is None:
         block_n = 128 if n_bh < 32 or rows_pow2 <= 4 else 64
+    stack = o.stack
     if stack is None:
         stack = min(4, block_m // rows_pow2, max(1, block_n // 16))
     if block_m % stack or (block_m // stack) < rows_pow2 or block_n % stack or block_n // stack < 16:
         raise ValueError(f"stack={stack} does not fit {group * q_len} query rows and block_n={block_n}.")
     # Codes read two bytes at a time where the products allow it (each parity's half is a product's K, >= 16).
+    key_pairs, value_pairs = o.key_pairs, o.value_pairs
     if key_pairs is None:
         key_pairs = head_dim >= 128
     elif key_pairs and head_dim < 128:
@@ -751,12 +810,14 @@ def oscar_decode_attention(
         value_pairs = block_n // stack >= 32
     elif value_pairs and block_n // stack < 32:
         raise ValueError(f"value_pairs needs sub-blocks of >= 32 tokens (block_n={block_n}, stack={stack}).")
+    exact_chunk = o.exact_chunk
     body_blocks = triton.cdiv(body_len, block_n)
     if body_blocks:
+        programs_per_sm = o.programs_per_sm
         if programs_per_sm is None:
             programs_per_sm = 3 if n_bh < 32 else 16
         want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
-        splits = max(1, min(want, body_blocks // max(1, min_blocks_per_split)))
+        splits = max(1, min(want, body_blocks // max(1, o.min_blocks_per_split)))
         chunk = triton.cdiv(body_blocks, splits) * block_n
         splits = triton.cdiv(body_len, chunk)
     else:
@@ -765,10 +826,12 @@ def oscar_decode_attention(
     recent_splits = max(1, triton.cdiv(recent_len, exact_chunk))  # at least one program, even with nothing to do
     num_splits = splits + sink_splits + recent_splits
 
-    rk, srk = _rotation_arg(layer.k_rotation, kvh, head_dim, dev)
-    rv, srv = _rotation_arg(layer.v_rotation, kvh, head_dim, dev)
+    rk, srk = _rotation_arg(k_rotation, kvh, head_dim, dev)
+    rv, srv = _rotation_arg(v_rotation, kvh, head_dim, dev)
     if attention_mask is not None:
-        mask = attention_mask[..., -kv_len:]
+        # Column p is cache position p: the kernel reads columns from 0, so a static cache's mask (max_cache_len
+        # columns) and a dynamic one's (kv_len columns) are read alike.
+        mask = attention_mask
         mask_u8 = mask.view(torch.uint8) if mask.element_size() == 1 else mask.to(torch.uint8)
         sm_b = mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0
         sm_q, sm_t = mask_u8.stride(2), mask_u8.stride(3)
@@ -786,14 +849,13 @@ def oscar_decode_attention(
 
     scale = scaling if scaling is not None else head_dim**-0.5
     dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
-    body = layer._body_tensors()
     q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
-    pdl = bool(dependent_launch)
+    pdl = bool(o.dependent_launch)
     if pdl and not _pdl_supported(dev):
         raise ValueError("dependent_launch needs an sm_90 or newer GPU (and not the Triton interpreter).")
     _rotate_query[(n_bh, 4)](
         query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
-        D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=layer.k_rotation is not None, FP32_DOT=_interpreting(),
+        D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=k_rotation is not None, FP32_DOT=_interpreting(),
         num_warps=4,
     )
     # Stage 1 is launched normally: launched as a dependent of stage 0 it was 18% slower at 128K batch 1 (H200,
@@ -801,20 +863,20 @@ def oscar_decode_attention(
     # overlaps stage 1's last stores.
     _decode_stage1[(n_bh, num_splits)](
         q_rot,
-        layer.sink_keys, layer.sink_values, *layer.sink_keys.stride()[:3],
-        layer.recent_keys, layer.recent_values, *layer.recent_keys.stride()[:3],
-        body[0], body[3], *body[0].stride()[:2],
-        body[1], body[2], body[4], body[5], *body[1].stride()[:2],
+        sink_k, sink_v, *sink_k.stride()[:3],
+        rec_k, rec_v, *rec_k.stride()[:3],
+        kc, vc, *kc.stride()[:2],
+        ks, ko, vs, vo, *ks.stride()[:2],
         mask_u8, sm_b, sm_q, sm_t,
         part_o, part_m, part_l,
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
-        float(scale * _LOG2E), layer.lengths if device_lengths else mask_u8,
+        float(scale * _LOG2E), lengths if device_lengths else mask_u8,
         D=head_dim, BLOCK_M=block_m, RP=block_m // stack, BLOCK_N=block_n // stack, BLOCK_E=min(block_n, 32, exact_chunk),
         EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
-        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-        **({} if max_registers is None else {"maxnreg": max_registers}),
+        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, PDL=pdl, num_warps=o.num_warps, num_stages=o.num_stages,
+        **({} if o.max_registers is None else {"maxnreg": o.max_registers}),
     )
     block_e = 32
     _decode_stage2[(n_bh, group * q_len, head_dim // block_e)](
@@ -823,7 +885,7 @@ def oscar_decode_attention(
         out, out.stride(0), out.stride(1), out.stride(2),
         num_splits, q_len, kvh, group,
         D=head_dim, BLOCK_M=block_m, BLOCK_S=min(64, max(16, triton.next_power_of_2(num_splits))), BLOCK_E=block_e,
-        HAS_RV=layer.v_rotation is not None,
+        HAS_RV=v_rotation is not None,
         FP32_DOT=_interpreting(), PDL=pdl, num_warps=4,
         **({"launch_pdl": True} if pdl else {}),  # (a launch option Triton < 3.4 does not know)
     )

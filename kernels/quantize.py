@@ -191,6 +191,7 @@ def _quantize_rows_kernel(
     s_means_h,
     s_maps_h,
     t0,
+    ctrl_ptr,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_FEEDBACK: tl.constexpr,
@@ -199,7 +200,15 @@ def _quantize_rows_kernel(
     GP: tl.constexpr,
     EXACT_PRODUCTS: tl.constexpr,
     PAIRS: tl.constexpr = False,
+    DEVICE_OFFSET: tl.constexpr = False,
 ):
+    if DEVICE_OFFSET:
+        # A predicated write (a compiled decode step's demotion): `ctrl` = (go, first token). It launches every step
+        # and returns at once unless a block is waiting, so the step never asks the host.
+        go = tl.load(ctrl_ptr)
+        t0 = tl.load(ctrl_ptr + 1).to(tl.int64)
+        if go == 0:
+            return
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -290,10 +299,17 @@ def _quantize_rows_kernel(
         tt = t0 + t
         code_at = (tt // 2)[:, None] * (2 * sc_t) + 2 * tl.arange(0, QD)[None, :] + (tt % 2)[:, None]
     else:
-        code_at = t[:, None] * sc_t + tl.arange(0, QD)[None, :]
+        if DEVICE_OFFSET:
+            code_at = (t0 + t)[:, None] * sc_t + tl.arange(0, QD)[None, :]
+        else:
+            code_at = t[:, None] * sc_t + tl.arange(0, QD)[None, :]
+    if DEVICE_OFFSET:  # scale and offset are the whole buffers too, written from token t0
+        t_out = t0 + t
+    else:
+        t_out = t
     tl.store(codes_ptr + b * sc_b + h * sc_h + code_at, packed.to(tl.uint8), mask=row_ok[:, None])
-    tl.store(scale_ptr + b * ss_b + h * ss_h + t * ss_t, scale.to(tl.float16), mask=row_ok)
-    tl.store(offset_ptr + b * so_b + h * so_h + t * so_t, lo.to(tl.float16), mask=row_ok)
+    tl.store(scale_ptr + b * ss_b + h * ss_h + t_out * ss_t, scale.to(tl.float16), mask=row_ok)
+    tl.store(offset_ptr + b * so_b + h * so_h + t_out * so_t, lo.to(tl.float16), mask=row_ok)
 
 
 def _tilt_launch(padded_groups: int, rows: int) -> tuple[int, int]:
@@ -346,6 +362,7 @@ def quantize_rows_into(
     block_rows: int | None = None,
     num_warps: int | None = None,
     token_pairs_from: int | None = None,
+    device_offset: torch.Tensor | None = None,
 ) -> None:
     """Quantize `rows` `[..., T, D]` (already rotated) into `codes` `[..., T, D/4]` uint8 and `scale`/`offset`
     `[..., T]` float16, which may be strided views of a larger buffer (the layer's body at `body_len`).
@@ -354,7 +371,20 @@ def quantize_rows_into(
     its base metric) to code each row in its own metric `S + W W^T`. `block_rows` / `num_warps`: rows and warps per
     program; by default 16 rows on 4 warps, and with a tilt one warp (`_tilt_launch`).
     `token_pairs_from`: when given, `codes` is a whole token-pair interleaved plane `[..., capacity, D/4]`
-    (`quantization.write_token_pairs`, contiguous) and the rows are its tokens `token_pairs_from ..`."""
+    (`quantization.write_token_pairs`, contiguous) and the rows are its tokens `token_pairs_from ..`.
+    `device_offset`: an int32 tensor `(go, first)` on the rows' device, read by the kernel: `codes`, `scale` and
+    `offset` are then whole buffers `[..., capacity, ...]` written from token `first`, and nothing is written unless
+    `go` is non-zero (with `token_pairs_from` given too, `codes` is the token-pair plane). The launch never depends
+    on these values, so a captured graph replays it at every step; the caller guarantees `first + T <= capacity`."""
+    if device_offset is not None:
+        if device_offset.dtype != torch.int32 or device_offset.numel() < 2 or device_offset.device != rows.device:
+            raise ValueError("device_offset must be an int32 tensor (go, first) on the rows' device.")
+        cap = scale.shape[-1] if scale.dim() else 0
+        if rows.shape[-2] > cap:
+            raise ValueError(f"{rows.shape[-2]} rows do not fit buffers of {cap} tokens.")
+        lead_rows = tuple(rows.shape[:-2])
+        if tuple(scale.shape[:-1]) != lead_rows or tuple(offset.shape) != tuple(scale.shape):
+            raise ValueError(f"scale/offset {tuple(scale.shape)} do not match rows {tuple(rows.shape)}.")
     if tilt is not None and feedback is None:
         raise ValueError("A key tilt refines error feedback: pass the factor of its base metric as `feedback`.")
     if not can_quantize(rows, tilt):
@@ -367,11 +397,14 @@ def quantize_rows_into(
         )
     d = rows.shape[-1]
     lead = tuple(rows.shape[:-1])
+    if device_offset is not None:
+        lead = lead[:-1] + (scale.shape[-1],)
     code_lead = lead
     if token_pairs_from is not None:
-        n_rows = lead[-1] if lead else 0
+        n_rows = rows.shape[-2] if rows.dim() >= 2 else 0
         cap = codes.shape[-2] if codes.dim() >= 2 else 0
-        if not codes.is_contiguous() or cap % 2 or token_pairs_from < 0 or token_pairs_from + n_rows > cap:
+        first = 0 if device_offset is not None else token_pairs_from
+        if not codes.is_contiguous() or cap % 2 or first < 0 or first + n_rows > cap:
             raise ValueError(
                 f"A token-pair interleaved code plane must be contiguous with an even capacity holding tokens "
                 f"{token_pairs_from}..{token_pairs_from + n_rows}; got shape {tuple(codes.shape)}."
@@ -443,6 +476,7 @@ def quantize_rows_into(
         s_means_h,
         s_maps_h,
         token_pairs_from or 0,
+        device_offset if device_offset is not None else fb,
         D=d,
         BLOCK_R=block_rows,
         HAS_FEEDBACK=feedback is not None,
@@ -451,6 +485,7 @@ def quantize_rows_into(
         GP=padded_groups,
         EXACT_PRODUCTS=not _interpreting(),  # the interpreter computes in NumPy, which never fuses
         PAIRS=token_pairs_from is not None,
+        DEVICE_OFFSET=device_offset is not None,
         num_warps=num_warps,
     )
 

@@ -4,6 +4,7 @@ from . import attention as _attention
 from .attention import OSCAR_ATTENTION
 from .cache import OscarQuantizedCache, cache_keyword
 from .layer import OscarQuantizedLayer, OscarSegments
+from . import ops as _ops  # noqa: F401  (registers the oscar_hf::append and oscar_hf::decode_attention torch ops)
 from .rotations import OscarRotations
 
 __version__ = "0.1.0"

@@ -5,9 +5,11 @@ Load a model with `attn_implementation="oscar"` (after `import oscar_hf`) and ev
 over sink + 2-bit body + recent window, and the output is un-rotated by R_V^T. With any other cache, or on the
 first (prefill) forward, it is PyTorch SDPA (scores written out when the model soft-caps them, as Gemma 2).
 
-`segment_attention_reference` is the PyTorch reference: it dequantizes the body into a temporary and calls SDPA. On
-CUDA, the Triton kernels in `oscar_hf.kernels` replace it on the decode hot path (up to 8 new tokens, boolean or no
-mask) and are tested against it; whatever they decline runs the reference.
+`segment_attention_reference` (over `attend_rotated`) is the PyTorch reference: it dequantizes the body into a
+temporary and calls SDPA. On CUDA, the Triton kernels in `oscar_hf.kernels` replace it on the decode hot path (up to 8
+new tokens, boolean or no mask) and are tested against it. A static cache's decode step goes through the
+`oscar_hf::decode_attention` op (`oscar_hf.ops`), which compiles; elsewhere whatever the kernels decline runs the
+reference.
 """
 
 from __future__ import annotations
@@ -101,13 +103,28 @@ def segment_attention_reference(
     `softmax(.) (V R) R^T = softmax(.) V`. Soft-capping acts on the scores, which the rotation leaves unchanged.
     """
     layer = segments.layer
-    q_len, num_heads = query.shape[-2], query.shape[1]
     keys, values = segments.rotated_keys_values(query.dtype)
-    q = query if layer.k_rotation is None else rotate(query, expand_rotation(layer.k_rotation, num_heads))
+    return attend_rotated(query, keys, values, layer.k_rotation, layer.v_rotation, attention_mask, scaling, softcap)
+
+
+def attend_rotated(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_rotation: torch.Tensor | None,
+    v_rotation: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of `query` (not rotated) over rotated `keys`/`values` `[B, Hkv, kv_len, D]` (every held token, in
+    order); the mask's column p is cache position p (its first `kv_len` columns are read)."""
+    q_len, num_heads = query.shape[-2], query.shape[1]
+    q = query if k_rotation is None else rotate(query, expand_rotation(k_rotation, num_heads))
     q = q.to(keys.dtype)
     kv_len = keys.shape[-2]
     if attention_mask is not None:
-        attention_mask = attention_mask[..., -kv_len:]
+        attention_mask = attention_mask[..., :kv_len]
     if softcap is not None:
         out = explicit_attention(q, keys, values, attention_mask, scaling, softcap)
     else:
@@ -123,8 +140,8 @@ def segment_attention_reference(
         out = torch.nn.functional.scaled_dot_product_attention(
             q, keys, values, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa
         )
-    if layer.v_rotation is not None:
-        out = unrotate(out, expand_rotation(layer.v_rotation, num_heads))
+    if v_rotation is not None:
+        out = unrotate(out, expand_rotation(v_rotation, num_heads))
     return out.to(query.dtype)
 
 
@@ -138,33 +155,50 @@ def oscar_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention signature; returns `([batch, q_len, heads, head_dim], None)`."""
+    """transformers attention signature; returns `([batch, q_len, heads, head_dim], None)`.
+
+    Segments appended through `oscar_hf::append` (a static layer's decode step) are read by `oscar_hf::decode_attention`
+    (the Triton kernel on CUDA, the reference on the CPU), eagerly and compiled alike; other segments (a long chunk,
+    a dynamic layer) by the kernel where it can serve them, else the reference.
+    """
     softcap = kwargs.pop("softcap", None)
     if not isinstance(key, OscarSegments):
+        if attention_mask is not None:
+            # Column p is cache position p: a static cache's mask spans max_cache_len columns, a prefill's keys fewer.
+            attention_mask = attention_mask[..., : key.shape[-2]]
         if softcap is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
-        if attention_mask is not None:
-            attention_mask = attention_mask[..., : key.shape[-2]]
         out = explicit_attention(query, key, value, attention_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
+    layer = key.layer
+    if key.device_lengths and softcap is None:
+        from . import ops
+
+        if query.is_cuda:
+            from .kernel_dispatch import enabled
+
+            reason = "the Triton kernels are off (OSCAR_HF_KERNELS=0 or no Triton)" if not enabled() else None
+            if reason is None:
+                from .kernels.decode_attention import unsupported_reason
+
+                reason = unsupported_reason(query, layer, attention_mask, key.num_new, device_lengths=True)
+            if reason is not None:
+                if torch.compiler.is_compiling():
+                    raise RuntimeError(
+                        f"Compiled OSCAR decoding needs the Triton decode kernel, which cannot serve this call: {reason}."
+                        " Pass disable_compile=True to generate(), or build the cache without max_cache_len."
+                    )
+                out = segment_attention_reference(query, key, attention_mask, scaling)
+                return out.transpose(1, 2).contiguous(), None
+        out = ops.decode_attention(query, layer, attention_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
     out = None
-    graph_mode = key.layer.graph_mode
-    if graph_mode:
-        # GraphDecoder feeds one token of an unpadded batch: its causal mask allows the whole history, and a mask
-        # tensor sized for this step's length would go stale in the captured graph.
-        attention_mask = None
     # The kernels compute plain softmax attention; soft-capped scores go through the reference.
     fast = _fast_path() if query.is_cuda and softcap is None else None
     if fast is not None:
         out = fast(query, key, attention_mask, scaling)
-    if out is None and graph_mode and query.is_cuda:
-        raise RuntimeError(
-            "Graph decoding needs the Triton decode kernel (the PyTorch reference reads host-side lengths that a "
-            "captured graph would freeze); it declined this call. Check oscar_hf.kernel_dispatch.enabled() and "
-            "oscar_hf.kernels.decode_attention.unsupported_reason."
-        )
     if out is None:
         out = segment_attention_reference(query, key, attention_mask, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None

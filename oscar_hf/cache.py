@@ -7,12 +7,15 @@ import inspect
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+from transformers.utils import logging
 
 from .attention import OSCAR_ATTENTION
 from .geometry import model_geometry, model_name as name_of
 from .layer import OscarQuantizedLayer
 from .quantization import CODES_PER_BYTE
 from .rotations import OscarRotations
+
+logger = logging.get_logger(__name__)
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -36,7 +39,10 @@ class OscarQuantizedCache(Cache):
         recent_tokens: newest tokens kept exact (default 256).
         k_clip_ratio, v_clip_ratio: override the bundle's clip quantiles (defaults 0.96 / 0.92; naive: 1.0).
         demote_block: recent tokens quantized together when the window overflows (default 64).
-        max_cache_len: allocate the 2-bit body once for this many tokens instead of growing it.
+        max_cache_len: allocate every buffer once for this many tokens (prompt + new tokens). The cache is then static:
+            its decode step reads nothing back to the host, and `generate()` compiles it (on CUDA by default, with
+            `compile_config` elsewhere) and replays it across demotions. Without it the body grows and decoding is
+            eager.
         check_finite: raise a `ValueError` on NaN/Inf keys or values (one host sync per layer and step).
         key_grid_refit: after the key codes of an error-feedback bundle are chosen, refit each key row's scale and
             offset by least squares in its coding metric (`quantization.refit_grid`; same format). Experimental, off by
@@ -172,6 +178,24 @@ class OscarQuantizedCache(Cache):
             reads_segments = getattr(self.config, "_attn_implementation", None) == OSCAR_ATTENTION
             return layer.update(key_states, value_states, return_segments=reads_segments)
         return layer.update(key_states, value_states, *args, **kwargs)
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether `generate()` may compile the decode step: every layer static (`max_cache_len`), none checking
+        finiteness or refitting grids, no sliding-window layer (they grow), and the `"oscar"` attention function (any
+        other gets a dequantized copy of the history, read on the host)."""
+        layers = self.quantized_layers()
+        if not layers or len(layers) != len(self.layers):
+            return False
+        if any(layer.max_cache_len is None for layer in layers):
+            logger.warning_once(
+                "OscarQuantizedCache: compiled decoding (generate() on CUDA, or a compile_config) needs a static cache; "
+                "build it with max_cache_len=<prompt + new tokens>. This cache decodes eagerly."
+            )
+            return False
+        return all(layer.is_compileable for layer in layers) and (
+            getattr(self.config, "_attn_implementation", None) == OSCAR_ATTENTION
+        )
 
     def quantized_layers(self) -> list[OscarQuantizedLayer]:
         return [layer for layer in self.layers if isinstance(layer, OscarQuantizedLayer)]

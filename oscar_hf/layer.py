@@ -13,8 +13,12 @@ A layer keeps three segments, in token order:
 Every segment is stored *rotated* (keys by R_K, values by R_V), so attention runs in the rotated space: the query is
 rotated by R_K once and the output un-rotated by R_V^T once.
 
-The body is preallocated and grows geometrically (or is sized once by `max_cache_len`), so a decode step never copies
-the history; the recent window is a fixed buffer written in place.
+The segment lengths live in one int32 tensor, `lengths` = (sink_len, body_len, recent_len, reserved): the only
+record of how many tokens each segment holds. A *static* layer (`max_cache_len` given) allocates every buffer once,
+keeps `lengths` on its device and appends short chunks (decode steps) through the `oscar_hf::append` op, which
+demotes behind a device-side predicate: such a step reads nothing back to the host, so `generate()` compiles it once
+and replays it (CUDA graphs) across demotions. A *dynamic* layer keeps `lengths` on the CPU and grows its body
+geometrically; it runs eagerly.
 """
 
 from __future__ import annotations
@@ -48,6 +52,78 @@ _QUANTIZE_SLICE_ROWS = 1 << 20
 _TILT_SLICE_TOKENS = 2048
 
 
+def quantize_into_body(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    at: int,
+    body: list[torch.Tensor],
+    k_clip_ratio: float,
+    v_clip_ratio: float,
+    k_feedback: torch.Tensor | None = None,
+    v_feedback: torch.Tensor | None = None,
+    k_tilt: KeyTilt | None = None,
+    k_metric: torch.Tensor | None = None,
+) -> None:
+    """Quantize rotated rows `[B, H, n, D]` and write them into the six body buffers (`body`: key codes, scale,
+    offset, value codes, scale, offset) from token `at`: the Triton write kernel on CUDA, the reference
+    `quantize_rows` otherwise (and wherever the kernel declines). With `k_metric` each key row's grid is then refitted
+    in its coding metric (`refit_grid`)."""
+    n = keys.shape[-2]
+    kernel = None
+    if keys.is_cuda:
+        from .kernel_dispatch import quantize_into_fast_path as kernel
+    at_slice = slice(at, at + n)
+    for rows, ratio, feedback, tilt, codes, scale, offset, pairs in (
+        (keys, k_clip_ratio, k_feedback, k_tilt, body[0], body[1], body[2], False),
+        (values, v_clip_ratio, v_feedback, None, body[3], body[4], body[5], True),
+    ):
+        # Value codes go to their token-pair interleaved places (`quantization.write_token_pairs`).
+        out_codes = codes if pairs else codes[:, :, at_slice]
+        # The tilted coder keeps two [D, G] matrices per row: slice long prompts to bound its memory.
+        step = _QUANTIZE_SLICE_ROWS if tilt is None else _TILT_SLICE_TOKENS
+        if kernel is None or not kernel(
+            rows, ratio, out_codes, scale[:, :, at_slice], offset[:, :, at_slice], feedback, tilt=tilt,
+            token_pairs_from=at if pairs else None,
+        ):
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                q = quantize_rows(rows[:, :, start:stop], ratio, feedback, tilt)
+                dst = slice(at + start, at + stop)
+                scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
+                if pairs:
+                    write_token_pairs(codes, q.codes, at + start)
+                else:
+                    codes[:, :, dst] = q.codes
+        if k_metric is not None and not pairs:
+            # After either coder: the codes stay, each key row's grid is refitted in its metric (`refit_grid`).
+            for start in range(0, n, _TILT_SLICE_TOKENS):
+                dst = slice(at + start, at + min(n, start + _TILT_SLICE_TOKENS))
+                q = refit_grid(rows[:, :, start : start + _TILT_SLICE_TOKENS],
+                               QuantizedRows(codes[:, :, dst], scale[:, :, dst], offset[:, :, dst]),
+                               k_metric, tilt)
+                scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
+
+
+def dequantize_segments(
+    segments: tuple[torch.Tensor, ...], sink_len: int, body_len: int, recent_len: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All held tokens in order (sink, body, recent), rotated, the body dequantized; `segments` are the ten buffers
+    of `OscarQuantizedLayer.segment_tensors`. A new tensor each call."""
+    sink_k, sink_v, rec_k, rec_v, kc, ks, ko, vc, vs, vo = segments
+    n = body_len
+    body_keys = QuantizedRows(kc[:, :, :n], ks[:, :, :n], ko[:, :, :n])
+    body_values = QuantizedRows(read_token_pairs(vc, n), vs[:, :, :n], vo[:, :, :n])
+    keys = torch.cat(
+        [sink_k[:, :, :sink_len].to(dtype), dequantize_rows(body_keys, dtype), rec_k[:, :, :recent_len].to(dtype)],
+        dim=-2,
+    )
+    values = torch.cat(
+        [sink_v[:, :, :sink_len].to(dtype), dequantize_rows(body_values, dtype), rec_v[:, :, :recent_len].to(dtype)],
+        dim=-2,
+    )
+    return keys, values
+
+
 @dataclass
 class OscarSegments:
     """What an `OscarQuantizedLayer.update` hands the `"oscar"` attention function instead of key/value tensors.
@@ -61,6 +137,9 @@ class OscarSegments:
     num_new: int
     new_keys: torch.Tensor
     new_values: torch.Tensor
+    # Appended through `oscar_hf::append`: the new tokens sit in the exact windows and attention reads the lengths on
+    # the device (the `"oscar"` attention function then calls `oscar_hf::decode_attention`, compiled or not).
+    device_lengths: bool = False
 
     @property
     def shape(self) -> torch.Size:
@@ -85,13 +164,14 @@ class OscarQuantizedLayer(CacheLayerMixin):
         k_clip_ratio, v_clip_ratio: per-row clip quantiles in (0, 1] applied before quantization.
         sink_tokens, recent_tokens: sizes of the two exact windows.
         demote_block: how many recent tokens are quantized together once the window overflows.
-        max_cache_len: if given, the body is allocated once for this many tokens (static shapes, no regrowth).
+        max_cache_len: if given, the layer is static: every buffer is allocated once for this many tokens, the lengths
+            live on the device, and short appends go through `oscar_hf::append` (compileable, see the module
+            docstring).
         check_finite: raise on NaN/Inf keys or values (costs a host sync per update; off by default).
         key_grid_refit: refit each demoted key row's scale and offset in its coding metric
             (`quantization.refit_grid`) after error-feedback coding; without a key feedback factor it does nothing.
     """
 
-    is_compileable = False
     is_sliding = False
     is_croppable = True
 
@@ -128,10 +208,55 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.k_mean_init = k_mean
         self.k_tilt_init = k_tilt
         self.key_grid_refit = bool(key_grid_refit)
-        self.sink_len = self.body_len = self.recent_len = 0
-        # CUDA-graph decoding (`oscar_hf.graphs`): single-token appends go to a device-side index and the kernels read
-        # the segment lengths from `self.lengths`, so one captured step replays for every position.
-        self.graph_mode = False
+        # (sink_len, body_len, recent_len, reserved): on the CPU until a static layer moves it to its device.
+        self.lengths = torch.zeros(4, dtype=torch.int32)
+        # A compiled decode step appends through `oscar_hf::append`, which needs buffers that never move, no host
+        # check, and the plain or error-feedback coder (the grid refit runs in PyTorch after the write).
+        self.is_compileable = (
+            max_cache_len is not None and not check_finite and not key_grid_refit and self.max_append >= 1
+        )
+
+    @property
+    def static(self) -> bool:
+        """Buffers allocated once for `max_cache_len` tokens, lengths on the device (see the module docstring)."""
+        return self.max_cache_len is not None
+
+    @property
+    def max_append(self) -> int:
+        """The longest chunk a static layer appends through `oscar_hf::append` (longer ones take the eager path): at
+        most one block is demoted, and only tokens that were already in the window."""
+        return min(self.demote_block, self.recent_tokens)
+
+    def _host_lengths(self) -> list[int]:
+        """`[sink_len, body_len, recent_len]` on the host (a device sync for a static layer on CUDA)."""
+        return self.lengths[:3].tolist()
+
+    def _set_lengths(self, sink: int, body: int, recent: int) -> None:
+        self.lengths[:3].copy_(torch.tensor([sink, body, recent], dtype=torch.int32), non_blocking=False)
+
+    @property
+    def sink_len(self) -> int:
+        return int(self.lengths[0])
+
+    @sink_len.setter
+    def sink_len(self, value: int) -> None:
+        self.lengths[0] = value
+
+    @property
+    def body_len(self) -> int:
+        return int(self.lengths[1])
+
+    @body_len.setter
+    def body_len(self, value: int) -> None:
+        self.lengths[1] = value
+
+    @property
+    def recent_len(self) -> int:
+        return int(self.lengths[2])
+
+    @recent_len.setter
+    def recent_len(self, value: int) -> None:
+        self.lengths[2] = value
 
     def __repr__(self):
         return (
@@ -195,7 +320,15 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if self.max_cache_len is not None:
             initial = max(0, self.max_cache_len - self.sink_tokens - self.recent_tokens)
         self._allocate_body(initial)
-        self.sink_len = self.body_len = self.recent_len = 0
+        self.lengths = torch.zeros(4, dtype=torch.int32, device=self.device if self.static else "cpu")
+        if self.static and not torch.compiler.is_compiling():
+            # Fixed addresses: a compiled step neither guards on them nor copies them into a CUDA graph's pool.
+            constants = [self.k_rotation, self.v_rotation, self.k_feedback, self.v_feedback, self.k_mean_rotated]
+            if self.k_tilt is not None:
+                constants += [self.k_tilt.means, self.k_tilt.maps]
+            for t in [getattr(self, name) for name in self._all_tensors()] + constants + [self.lengths]:
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def _allocate_body(self, capacity: int) -> None:
@@ -215,14 +348,14 @@ class OscarQuantizedLayer(CacheLayerMixin):
     def body_capacity(self) -> int:
         return self.body_key_codes.shape[2]
 
-    def _reserve_body(self, needed: int) -> None:
+    def _reserve_body(self, needed: int, body_len: int) -> None:
         if needed <= self.body_capacity:
             return
         capacity = max(needed, int(self.body_capacity * _BODY_GROWTH))
         capacity = -(-capacity // _BODY_PAGE) * _BODY_PAGE
         old = self._body_tensors()
         self._allocate_body(capacity)
-        kept = self.body_len + self.body_len % 2  # whole token pairs of the value codes
+        kept = body_len + body_len % 2  # whole token pairs of the value codes
         for new, previous in zip(self._body_tensors(), old):
             new[:, :, :kept] = previous[:, :, :kept]
 
@@ -250,6 +383,13 @@ class OscarQuantizedLayer(CacheLayerMixin):
             "body_value_offset",
         ]
 
+    def segment_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The ten buffers in the order the ops and kernels take them: sink K/V, recent K/V, body key codes, scale,
+        offset, body value codes, scale, offset."""
+        return (
+            self.sink_keys, self.sink_values, self.recent_keys, self.recent_values, *self._body_tensors(),
+        )
+
     # ------------------------------------------------------------------ writes
     def rotate_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values in the layer's rotated space, in the model dtype."""
@@ -271,10 +411,12 @@ class OscarQuantizedLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[OscarSegments, OscarSegments]:
         """Append new states and return what attention needs for this forward.
 
-        The first forward (empty layer) gets its own key and value states back untouched: prefill attention is
-        exact. Later forwards get either `OscarSegments` (when the `"oscar"` attention function will read the mixed
-        storage) or the whole history dequantized and un-rotated, followed by the new states (any other attention
-        function).
+        A static layer appends a chunk of up to `max_append` tokens through the `oscar_hf::append` op (no host read:
+        this is what a compiled decode step runs) and hands back `OscarSegments`. Otherwise the append is driven from
+        the host, and the first forward (empty layer) gets its own key and value states back untouched: prefill
+        attention is exact. Later forwards get either `OscarSegments` (when the `"oscar"` attention function will read
+        the mixed storage) or the whole history dequantized and un-rotated, followed by the new states (any other
+        attention function; a static layer pads it with zeros to `max_cache_len`, the width of its mask).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -291,90 +433,41 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if self.check_finite:
             self._raise_if_not_finite(key_states, "keys")
             self._raise_if_not_finite(value_states, "values")
-        had_history = self.get_seq_length() > 0
-        rot_keys, rot_values = self.rotate_states(key_states, value_states)
-        if self.graph_mode:
-            self._graph_append(rot_keys, rot_values)
-            segments = OscarSegments(self, key_states.shape[-2], rot_keys, rot_values)
-            return segments, segments
-        self._append(rot_keys, rot_values)
-        if not had_history:
-            return key_states, value_states
         num_new = key_states.shape[-2]
+        rot_keys, rot_values = self.rotate_states(key_states, value_states)
+        if self.static and 1 <= num_new <= self.max_append:
+            from .ops import append
+
+            append(self, rot_keys, rot_values)
+            if return_segments:
+                segments = OscarSegments(self, num_new, rot_keys, rot_values, device_lengths=True)
+                return segments, segments
+            return self._dense_history(key_states, value_states, num_new)
+        had_history = self.get_seq_length() > 0
+        self._append(rot_keys, rot_values)
+        if not had_history and (return_segments or not self.static):
+            return key_states, value_states
         if return_segments:
             segments = OscarSegments(self, num_new, rot_keys, rot_values)
             return segments, segments
+        return self._dense_history(key_states, value_states, num_new)
+
+    def _dense_history(self, key_states, value_states, num_new):
+        """Every held token dequantized and un-rotated, the newest `num_new` replaced by the exact states given."""
         keys, values = self.dequantized_rotated(key_states.dtype)
         keys, values = keys[..., : keys.shape[-2] - num_new, :], values[..., : values.shape[-2] - num_new, :]
         if self.k_rotation is not None:
             keys = unrotate(keys, self.k_rotation).to(key_states.dtype)
         if self.v_rotation is not None:
             values = unrotate(values, self.v_rotation).to(value_states.dtype)
-        return torch.cat([keys, self.centered_keys(key_states)], dim=-2), torch.cat([values, value_states], dim=-2)
-
-    # ------------------------------------------------------------------ CUDA-graph decoding
-    def enter_graph_mode(self) -> None:
-        """Switch single-token decode steps to device-indexed writes (see `oscar_hf.graphs.GraphDecoder`).
-
-        Needs a full sink and a body allocated once (`max_cache_len`): a captured graph holds buffer addresses, so
-        nothing may be reallocated while it replays.
-        """
-        if not self.is_initialized or self.sink_len < self.sink_tokens:
-            raise ValueError(
-                f"Graph decoding starts after a prompt of at least sink_tokens={self.sink_tokens} tokens; layer "
-                f"{self.layer_idx} holds {self.get_seq_length()}."
-            )
-        if self.max_cache_len is None:
-            raise ValueError(
-                "Graph decoding needs buffers that never move: build the cache with max_cache_len=<prompt + new tokens>."
-            )
-        if self.check_finite:
-            raise ValueError("check_finite synchronises with the host every step and cannot run inside a CUDA graph.")
-        self.lengths = torch.zeros(3, dtype=torch.int32, device=self.device)
-        self.sync_lengths()
-        self.graph_mode = True
-
-    def sync_lengths(self) -> None:
-        """Copy the host-side segment lengths to `self.lengths` (after an eager demotion or a restore)."""
-        host = torch.tensor([self.sink_len, self.body_len, self.recent_len], dtype=torch.int32)
-        self.lengths.copy_(host)
-
-    def make_room(self, num_tokens: int = 1) -> None:
-        """Demote (eagerly, outside any graph) when the recent window cannot take `num_tokens` more tokens: the
-        captured step only ever appends."""
-        if self.recent_len + num_tokens <= self.recent_capacity:
-            return
-        keys, values = self.recent_keys[:, :, : self.recent_len], self.recent_values[:, :, : self.recent_len]
-        # The tokens `_append` would demote when these tokens arrive (the window then keeps `recent_tokens`), taken
-        # before they arrive: only ones already in the window.
-        demoted = min(self._tokens_to_demote(num_tokens), self.recent_len)
-        if self.body_len + demoted > self.body_capacity:
-            raise ValueError(
-                f"The cache is full: max_cache_len={self.max_cache_len} leaves no room for more tokens in layer "
-                f"{self.layer_idx}."
-            )
-        self._demote(keys[:, :, :demoted], values[:, :, :demoted])
-        kept = self.recent_len - demoted
-        self.recent_keys[:, :, :kept] = keys[:, :, demoted:].clone()
-        self.recent_values[:, :, :kept] = values[:, :, demoted:].clone()
-        self.recent_len = kept
-        self.sync_lengths()
-
-    def _graph_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write at the device-side recent length and advance it on the device."""
-        n = keys.shape[-2]
-        if self.recent_len + n > self.recent_capacity:
-            raise RuntimeError("The recent window is full; call make_room() before the graph step.")
-        index = self.lengths[2:3].long() + torch.arange(n, device=self.device)
-        self.recent_keys.index_copy_(2, index, keys)
-        self.recent_values.index_copy_(2, index, values)
-        self.lengths[2:3] += n
-        if not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self.recent_len += n  # run eagerly (CPU, warm-up): the host count moves now; a replay's moves in advance()
-
-    def advance(self, num_tokens: int = 1) -> None:
-        """Host-side bookkeeping of a replayed step's append."""
-        self.recent_len += num_tokens
+        keys = torch.cat([keys, self.centered_keys(key_states)], dim=-2)
+        values = torch.cat([values, value_states], dim=-2)
+        if self.static and keys.shape[-2] < self.max_cache_len:
+            # The mask of a static cache spans max_cache_len columns; the padding is masked (causal).
+            pad = self.max_cache_len - keys.shape[-2]
+            keys = torch.nn.functional.pad(keys, (0, 0, 0, pad))
+            values = torch.nn.functional.pad(values, (0, 0, 0, pad))
+        return keys, values
 
     def _raise_if_not_finite(self, states: torch.Tensor, name: str) -> None:
         bad = ~torch.isfinite(states)
@@ -386,82 +479,56 @@ class OscarQuantizedLayer(CacheLayerMixin):
             )
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append driven from the host (any chunk length; the lengths are read and written back once)."""
+        sink_len, body_len, recent_len = self._host_lengths()
         n = keys.shape[-2]
-        taken = min(n, self.sink_tokens - self.sink_len)
+        if self.static and sink_len + body_len + recent_len + n > self.max_cache_len:
+            raise ValueError(
+                f"The cache is full: max_cache_len={self.max_cache_len} leaves no room for {n} more tokens after "
+                f"{sink_len + body_len + recent_len} in layer {self.layer_idx}. Build it with a larger max_cache_len."
+            )
+        taken = min(n, self.sink_tokens - sink_len)
         if taken > 0:
-            self.sink_keys[:, :, self.sink_len : self.sink_len + taken] = keys[:, :, :taken]
-            self.sink_values[:, :, self.sink_len : self.sink_len + taken] = values[:, :, :taken]
-            self.sink_len += taken
-        keys, values = keys[:, :, taken:], values[:, :, taken:]
+            self.sink_keys[:, :, sink_len : sink_len + taken] = keys[:, :, :taken]
+            self.sink_values[:, :, sink_len : sink_len + taken] = values[:, :, :taken]
+            sink_len += taken
+        keys, values = keys[:, :, max(taken, 0):], values[:, :, max(taken, 0):]
         m = keys.shape[-2]
-        if m == 0:
-            return
-        if self.recent_len + m <= self.recent_capacity:
-            # The decode hot path: an in-place write, no demotion.
-            self.recent_keys[:, :, self.recent_len : self.recent_len + m] = keys
-            self.recent_values[:, :, self.recent_len : self.recent_len + m] = values
-            self.recent_len += m
-            return
-        pending_keys = torch.cat([self.recent_keys[:, :, : self.recent_len], keys], dim=-2)
-        pending_values = torch.cat([self.recent_values[:, :, : self.recent_len], values], dim=-2)
-        total = pending_keys.shape[-2]
-        demoted = self._tokens_to_demote(m)
-        self._demote(pending_keys[:, :, :demoted], pending_values[:, :, :demoted])
-        kept = total - demoted
-        self.recent_keys[:, :, :kept] = pending_keys[:, :, demoted:]
-        self.recent_values[:, :, :kept] = pending_values[:, :, demoted:]
-        self.recent_len = kept
+        if m and recent_len + m <= self.recent_capacity:
+            self.recent_keys[:, :, recent_len : recent_len + m] = keys
+            self.recent_values[:, :, recent_len : recent_len + m] = values
+            recent_len += m
+        elif m:
+            pending_keys = torch.cat([self.recent_keys[:, :, :recent_len], keys], dim=-2)
+            pending_values = torch.cat([self.recent_values[:, :, :recent_len], values], dim=-2)
+            total = pending_keys.shape[-2]
+            demoted = self._tokens_to_demote(recent_len, m)
+            self._demote(pending_keys[:, :, :demoted], pending_values[:, :, :demoted], body_len)
+            body_len += demoted
+            kept = total - demoted
+            self.recent_keys[:, :, :kept] = pending_keys[:, :, demoted:]
+            self.recent_values[:, :, :kept] = pending_values[:, :, demoted:]
+            recent_len = kept
+        self._set_lengths(sink_len, body_len, recent_len)
 
-    def _tokens_to_demote(self, incoming: int) -> int:
+    def _tokens_to_demote(self, recent_len: int, incoming: int) -> int:
         """How many of the oldest window tokens leave for the 2-bit body when `incoming` tokens arrive in a full
         window: whole `demote_block`s, leaving `recent_tokens` to `recent_tokens + demote_block - 1` exact."""
-        return (self.recent_len + incoming - self.recent_tokens) // self.demote_block * self.demote_block
+        return (recent_len + incoming - self.recent_tokens) // self.demote_block * self.demote_block
 
-    def _demote(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize rotated rows and append them to the 2-bit body (the Triton write kernel on CUDA, straight into
-        the body buffers; the reference `quantize_rows` otherwise)."""
+    def _demote(self, keys: torch.Tensor, values: torch.Tensor, at: int) -> None:
+        """Quantize rotated rows and write them to the 2-bit body from token `at` (growing a dynamic body)."""
         n = keys.shape[-2]
-        self._reserve_body(self.body_len + n)
-        kernel = None
-        if keys.is_cuda:
-            from .kernel_dispatch import quantize_into_fast_path as kernel
-        at = slice(self.body_len, self.body_len + n)
-        for rows, ratio, feedback, tilt, codes, scale, offset, pairs in (
-            (
-                keys, self.k_clip_ratio, self.k_feedback, self.k_tilt,
-                self.body_key_codes, self.body_key_scale, self.body_key_offset, False,
-            ),
-            (
-                values, self.v_clip_ratio, self.v_feedback, None,
-                self.body_value_codes, self.body_value_scale, self.body_value_offset, True,
-            ),
-        ):
-            # Value codes go to their token-pair interleaved places (`quantization.write_token_pairs`).
-            out_codes = codes if pairs else codes[:, :, at]
-            # The tilted coder keeps two [D, G] matrices per row: slice long prompts to bound its memory.
-            step = _QUANTIZE_SLICE_ROWS if tilt is None else _TILT_SLICE_TOKENS
-            if kernel is None or not kernel(
-                rows, ratio, out_codes, scale[:, :, at], offset[:, :, at], feedback, tilt=tilt,
-                token_pairs_from=self.body_len if pairs else None,
-            ):
-                for start in range(0, n, step):
-                    stop = min(n, start + step)
-                    q = quantize_rows(rows[:, :, start:stop], ratio, feedback, tilt)
-                    dst = slice(self.body_len + start, self.body_len + stop)
-                    scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
-                    if pairs:
-                        write_token_pairs(codes, q.codes, self.body_len + start)
-                    else:
-                        codes[:, :, dst] = q.codes
-            if self.k_metric is not None and not pairs:
-                # After either coder: the codes stay, each key row's grid is refitted in its metric (`refit_grid`).
-                for start in range(0, n, _TILT_SLICE_TOKENS):
-                    dst = slice(self.body_len + start, self.body_len + min(n, start + _TILT_SLICE_TOKENS))
-                    q = refit_grid(rows[:, :, start : start + _TILT_SLICE_TOKENS],
-                                   QuantizedRows(codes[:, :, dst], scale[:, :, dst], offset[:, :, dst]),
-                                   self.k_metric, tilt)
-                    scale[:, :, dst], offset[:, :, dst] = q.scale, q.offset
-        self.body_len += n
+        if self.static and at + n > self.body_capacity:
+            raise ValueError(
+                f"The cache is full: max_cache_len={self.max_cache_len} leaves no room for more tokens in layer "
+                f"{self.layer_idx}. Build the cache with a larger max_cache_len."
+            )
+        self._reserve_body(at + n, at)
+        quantize_into_body(
+            keys, values, at, self._body_tensors(), self.k_clip_ratio, self.v_clip_ratio, self.k_feedback,
+            self.v_feedback, self.k_tilt, self.k_metric,
+        )
 
     # ------------------------------------------------------------------ reads
     def body_rows(self) -> tuple[QuantizedRows, QuantizedRows]:
@@ -477,33 +544,24 @@ class OscarQuantizedLayer(CacheLayerMixin):
 
     def dequantized_rotated(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """All held tokens in order (sink, body, recent), rotated, the body dequantized; a new tensor each call."""
-        body_keys, body_values = self.body_rows()
-        keys = torch.cat(
-            [
-                self.sink_keys[:, :, : self.sink_len].to(dtype),
-                dequantize_rows(body_keys, dtype),
-                self.recent_keys[:, :, : self.recent_len].to(dtype),
-            ],
-            dim=-2,
-        )
-        values = torch.cat(
-            [
-                self.sink_values[:, :, : self.sink_len].to(dtype),
-                dequantize_rows(body_values, dtype),
-                self.recent_values[:, :, : self.recent_len].to(dtype),
-            ],
-            dim=-2,
-        )
-        return keys, values
+        return dequantize_segments(self.segment_tensors(), *self._host_lengths(), dtype)
 
     def get_seq_length(self) -> int:
-        return self.sink_len + self.body_len + self.recent_len
+        """Tokens held: a host read of `lengths`, except while compiling, where it is a 0-dim device tensor (as
+        `StaticLayer`'s count; transformers' mask code asks for it inside the compiled step)."""
+        if not self.is_initialized:
+            return 0
+        if torch.compiler.is_compiling():
+            return self.lengths[:3].sum()
+        return sum(self._host_lengths())
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:
+            return self.max_cache_len, 0  # constant: mask column p is cache position p
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return self.max_cache_len if self.static else -1
 
     def held_bytes(self) -> int:
         """Bytes of the valid (token-holding) part of every segment, scales and offsets included."""
@@ -512,7 +570,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
         exact_row = self.head_dim * self.sink_keys.element_size()
         quant_row = self.head_dim // CODES_PER_BYTE + 2 * torch.tensor([], dtype=PARAM_DTYPE).element_size()
         rows = self.batch_size * self.num_heads
-        return 2 * rows * ((self.sink_len + self.recent_len) * exact_row + self.body_len * quant_row)
+        sink_len, body_len, recent_len = self._host_lengths()
+        return 2 * rows * ((sink_len + recent_len) * exact_row + body_len * quant_row)
 
     def allocated_bytes(self) -> int:
         """Bytes of every buffer the layer owns, spare capacity included."""
@@ -522,14 +581,24 @@ class OscarQuantizedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ generate() plumbing
     def _map_batch(self, fn) -> None:
+        # New buffers (beam search, batch expansion): eager only; a static layer re-marks them as static.
         for name in self._all_tensors():
             setattr(self, name, fn(getattr(self, name)))
+            if self.static and not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(getattr(self, name))
         self.batch_size = self.sink_keys.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            idx = beam_idx.to(self.device)
-            self._map_batch(lambda t: t.index_select(0, idx))
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        if self.static:
+            # In place: the buffers keep the addresses a compiled step was captured with.
+            for name in self._all_tensors():
+                t = getattr(self, name)
+                t.copy_(t.index_select(0, idx))
+            return
+        self._map_batch(lambda t: t.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -547,15 +616,21 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if keep == length:
             return
         # The newest tokens leave first: recent, then body, then sink. What stays keeps its precision.
-        self.recent_len = max(0, keep - self.sink_len - self.body_len)
-        self.body_len = max(0, min(self.body_len, keep - self.sink_len))
-        self.sink_len = min(self.sink_len, keep)
+        sink_len, body_len, _ = self._host_lengths()
+        recent_len = max(0, keep - sink_len - body_len)
+        body_len = max(0, min(body_len, keep - sink_len))
+        self._set_lengths(min(sink_len, keep), body_len, recent_len)
 
     def reset(self) -> None:
-        # Buffers are dropped, not zeroed: the next update may bring another batch size or device.
-        self.sink_len = self.body_len = self.recent_len = 0
+        """Empty the layer. A static layer zeroes its lengths and buffers in place (the addresses a compiled step
+        captured stay valid); a dynamic one drops its buffers (the next update may bring another batch or device)."""
+        if self.static and self.is_initialized:
+            for name in self._all_tensors():
+                getattr(self, name).zero_()
+            self.lengths.zero_()
+            return
+        self.lengths = torch.zeros(4, dtype=torch.int32)
         self.is_initialized = False
-        self.graph_mode = False  # the device-side lengths go with the buffers
         for name in self._all_tensors():
             if hasattr(self, name):
                 delattr(self, name)

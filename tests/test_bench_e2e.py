@@ -20,18 +20,22 @@ def test_bench_e2e_dry_run_runs_every_section_without_errors(tmp_path, capsys):
             "--dynamic-largest", "448", "--oscar-largest", "512", "--batch-context", "448", "--kv-budget-gib", "0.002",
             "--prefill-context", "448", "--prefill-chunk", "224", "--prefill-long-context", "896",
             "--prefill-long-chunks", "1", "--steps", "2", "--graph-steps", "2", "--warmup", "1",
+            "--generate-contexts", "448", "--generate-tokens", "4",
             "--json", str(tmp_path / "e2e.json")]
     bench.main(argv)
     out = json.loads((tmp_path / "e2e.json").read_text())
     rows = [r for block in out["decode"] for r in block["rows"]]
     rows += out["largest"]["dynamic"] + out["largest"]["oscar"] + out["batch"]["rows"] + out["prefill"]
+    rows += out["generate"]
     quanto_missing = bench.quanto_unavailable("torch")
     failed = [(r["name"], r["error"]) for r in rows
               if r.get("error") and not (r["kind"] == "quanto" and quanto_missing)]
     assert not failed
     decode = {(r["kind"], r["mode"]) for r in out["decode"][0]["rows"] if r.get("ms")}
-    expected = {("dynamic", "eager"), ("static", "eager"), ("static", "graph"), ("oscar", "eager"), ("oscar", "graph")}
+    expected = {("dynamic", "eager"), ("static", "eager"), ("static", "compile"), ("oscar", "eager"), ("oscar", "compile")}
     assert expected <= decode
+    generated = {(r["kind"], r["mode"]) for r in out["generate"] if r.get("ms")}
+    assert generated == {("dynamic", "eager"), ("static", "compile"), ("oscar", "compile"), ("oscar", "eager")}
     assert all(r["logits_finite"] for r in rows if "logits_finite" in r)
     oscar = next(r for r in out["decode"][0]["rows"] if r["kind"] == "oscar")
     # 448 tokens (64 sink, a 2-bit body, the recent window) hold fewer bytes than 448 exact float32 tokens of the tiny

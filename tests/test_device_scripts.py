@@ -42,10 +42,10 @@ def test_multi_gpu_split_map_puts_half_the_layers_on_each_device(saved_model):
     assert device_map["model.layers.0"] == "cuda:0" and device_map["model.layers.1"] == "cuda:1"
 
 
-@pytest.mark.parametrize("graph", [False, True], ids=["generate-steps", "graph-decoder"])
-def test_stability_script_dry_run(saved_model, capsys, tmp_path, graph):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-steps", "compiled-static-cache"])
+def test_stability_script_dry_run(saved_model, capsys, tmp_path, compiled):
     argv = [saved_model, "--steps", "80", "--every", "40", "--device", "cpu", "--dtype", "float32",
-            "--prompt-tokens", "400", "--json", str(tmp_path / "s.json")] + (["--graph"] if graph else [])
+            "--prompt-tokens", "400", "--json", str(tmp_path / "s.json")] + (["--compile"] if compiled else [])
     assert script("stability").main(argv) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith("stable")

@@ -18,6 +18,10 @@ COVERING = dict(sink_tokens=8, recent_tokens=128)
 SMALL = dict(sink_tokens=4, recent_tokens=8, demote_block=4)
 # A recent window shorter than the candidate runs, so that rejected candidates are cropped out of the 2-bit body.
 TINY_RECENT = dict(sink_tokens=4, recent_tokens=2, demote_block=2)
+# The same windows in a static cache (`max_cache_len`): short chunks take the `oscar_hf::append` op, beams reorder in
+# place, crops move the device-side lengths.
+TINY_RECENT_STATIC = dict(TINY_RECENT, max_cache_len=128)
+SMALL_STATIC = dict(SMALL, max_cache_len=128)
 
 
 def models(family="llama"):
@@ -31,7 +35,8 @@ def caches(model, reference, windows):
     cache = OscarQuantizedCache(model.config, rotations=rotations, **windows)
     if windows["recent_tokens"] >= 128:
         return cache, DynamicCache(config=reference.config)
-    return cache, FakeQuantCache(reference.config, rotations, **windows)
+    oracle_windows = {k: v for k, v in windows.items() if k != "max_cache_len"}
+    return cache, FakeQuantCache(reference.config, rotations, **oracle_windows)
 
 
 def quantized(cache):
@@ -41,7 +46,8 @@ def quantized(cache):
 GREEDY = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
 
 
-@pytest.mark.parametrize("windows", [COVERING, TINY_RECENT], ids=["covering", "quantized"])
+@pytest.mark.parametrize("windows", [COVERING, TINY_RECENT, TINY_RECENT_STATIC],
+                         ids=["covering", "quantized", "quantized-static"])
 @pytest.mark.parametrize("mode", ["assistant", "prompt_lookup", "beam"])
 @torch.no_grad()
 def test_speculative_and_beam_decoding_give_the_reference_tokens(windows, mode):
@@ -66,7 +72,7 @@ def test_speculative_and_beam_decoding_give_the_reference_tokens(windows, mode):
     expected = reference.generate(ids, past_key_values=ref_cache, **{**GREEDY, **length}, **kwargs)
     got = model.generate(ids, past_key_values=cache, **{**GREEDY, **length}, **kwargs)
     assert torch.equal(got, expected)
-    assert quantized(cache) == (windows is TINY_RECENT)
+    assert quantized(cache) == (windows is not COVERING)
     assert cache.get_seq_length() == ref_cache.get_seq_length()
 
 
@@ -136,14 +142,15 @@ def test_left_padded_batch_matches_single_sequences_with_covering_windows():
         assert torch.equal(batch[row : row + 1], alone)
 
 
+@pytest.mark.parametrize("windows", [SMALL, SMALL_STATIC], ids=["dynamic", "static"])
 @torch.no_grad()
-def test_left_padded_batch_with_quantization_follows_the_position_oracle():
+def test_left_padded_batch_with_quantization_follows_the_position_oracle(windows):
     """Windows count cache positions, pads included (see the README's known limits): a padded sequence keeps fewer of
     its own first tokens in the sink than it would alone. The oracle states exactly that; the tokens must match it."""
     model, reference = models("qwen3")
     prompts = [torch.randint(3, 128, (n,)) for n in (30, 22, 12)]
     ids, mask = left_padded(prompts)
-    cache, oracle = caches(model, reference, SMALL)
+    cache, oracle = caches(model, reference, windows)
     expected = reference.generate(ids, attention_mask=mask, past_key_values=oracle, **GREEDY)
     got = model.generate(ids, attention_mask=mask, past_key_values=cache, **GREEDY)
     assert torch.equal(got, expected) and quantized(cache)

@@ -275,7 +275,7 @@ def _truth(query, seg: OscarSegments, mask, scaling=None):
     kv_len, q_len = keys.shape[-2], query.shape[-2]
     if mask is None:
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
-    scores = scores.masked_fill(~mask[..., -kv_len:], float("-inf"))
+    scores = scores.masked_fill(~mask[..., :kv_len], float("-inf"))  # column p is cache position p
     out = scores.softmax(-1) @ values
     if layer.v_rotation is not None:
         rv = layer.v_rotation.double().repeat_interleave(group if layer.v_rotation.shape[0] > 1 else 1, 0)
@@ -414,11 +414,12 @@ def test_decode_kernel_left_padded_batch_with_mask(poisoned_allocations):
     layer = _filled_layer(gen, batch=3, kv_heads=1, head_dim=128, prompt=101, rotation="per_head")
     seg, query = _step(layer, gen, q_len, group)
     kv_len = layer.get_seq_length()
-    # transformers' mask is [batch, 1, q_len, kv_len (+ spare)]: causal, plus each sequence's left padding.
-    mask = torch.ones(3, 1, q_len, kv_len + 3, dtype=torch.bool, device=DEVICE).tril(kv_len + 3 - q_len)
+    # transformers' mask is [batch, 1, q_len, kv_len (+ spare: a static cache's)], column p = cache position p:
+    # causal, plus each sequence's left padding.
+    mask = torch.ones(3, 1, q_len, kv_len + 3, dtype=torch.bool, device=DEVICE).tril(kv_len - q_len)
     starts = [0, 9, 77]  # the third sequence's padding reaches into the 2-bit body
     for i, s in enumerate(starts):
-        mask[i, :, :, 3 : 3 + s] = False
+        mask[i, :, :, :s] = False
     out = dk.oscar_decode_attention(query, layer, mask, 0.1, q_len, block_n=16, min_blocks_per_split=1)
     _check_against_reference(out, query, seg, mask, 0.1)
 
@@ -466,27 +467,118 @@ def test_decode_kernel_declines_when_new_tokens_were_demoted():
 
 
 @in_process
-@pytest.mark.parametrize("block_n", [16, 64])
-def test_decode_kernel_reads_device_lengths_in_graph_mode(poisoned_allocations, block_n):
-    """Graph mode: the grid is sized for the buffers' capacity and the lengths come from `layer.lengths`, so the
-    same launch must give the same attention at every step, demotions included."""
+@pytest.mark.parametrize("block_n,padded", [(16, False), (64, True)])
+def test_decode_kernel_reads_device_lengths_and_a_static_mask(poisoned_allocations, block_n, padded):
+    """A static layer's decode step: the grid is sized for the buffers' capacity and the lengths come from
+    `layer.lengths`, so the same launch must give the same attention at every step, demotions included; the mask is a
+    static cache's (`max_cache_len` columns, column p = cache position p), with left padding reaching the body."""
     gen = torch.Generator().manual_seed(21)
+    max_len = 400
     layer = OscarQuantizedLayer(
         _random_rotation(2, 64, gen), _random_rotation(2, 64, gen), 0.96, 0.92,
-        sink_tokens=8, recent_tokens=16, demote_block=8, max_cache_len=400,
+        sink_tokens=8, recent_tokens=16, demote_block=8, max_cache_len=max_len,
     )
-    layer.update(_rows((1, 2, 57, 64), gen), _rows((1, 2, 57, 64), gen))
-    layer.enter_graph_mode()
+    layer.update(_rows((2, 2, 57, 64), gen), _rows((2, 2, 57, 64), gen))
     assert layer.body_capacity > 3 * layer.body_len  # most programs find nothing to do
-    for _ in range(10):  # crosses a demotion (make_room)
-        layer.make_room(1)
+    bodies = set()
+    for _ in range(10):  # crosses a demotion
         seg, query = _step(layer, gen, 1, 4)
-        assert layer.lengths.tolist() == [layer.sink_len, layer.body_len, layer.recent_len]
-        out = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=block_n, exact_chunk=16)
+        assert seg.device_lengths
+        kv_len = layer.get_seq_length()
+        mask = None
+        if padded:
+            mask = torch.zeros(2, 1, 1, max_len, dtype=torch.bool, device=DEVICE)
+            mask[..., :kv_len] = True
+            mask[1, ..., :30] = False
+        out = dk.oscar_decode_attention(query, layer, mask, None, 1, device_lengths=True, block_n=block_n,
+                                        exact_chunk=16)
         assert torch.isfinite(out).all(), "an output element was never written (poisoned NaN survived)"
         # The host-length launch splits the body differently; only the merge order of the partials may differ.
-        layer.graph_mode = False
-        expected = dk.oscar_decode_attention(query, layer, None, None, 1, block_n=block_n, exact_chunk=16)
-        layer.graph_mode = True
+        expected = dk.oscar_decode_attention(query, layer, mask, None, 1, block_n=block_n, exact_chunk=16)
         assert _rel(out, expected) < 1e-2
-        assert _rel(out, segment_attention_reference(query, seg, None, None)) < 0.1
+        _check_against_reference(out, query, seg, mask)
+        bodies.add(layer.body_len)
+    assert len(bodies) > 1
+
+
+@in_process
+@pytest.mark.parametrize("feedback,pairs", [(False, False), (False, True), (True, False)])
+def test_predicated_write_is_a_noop_without_a_block_and_exact_with_one(feedback, pairs):
+    """The write kernel's device-offset mode (a compiled step's demotion): `(go, first)` read on the device; with
+    go = 0 nothing is written, with go = 1 the rows land at `first` bit for bit as the reference codes them."""
+    gen = torch.Generator().manual_seed(8 + 2 * feedback + pairs)
+    b, h, n, d, cap = 1, 2, 8, 64, 40
+    rows = _rows((b, h, n, d), gen)
+    factor = None
+    if feedback:
+        x = torch.randn(4 * d, d, generator=gen, dtype=torch.float64)
+        factor = error_feedback_factor((x.T @ x / (4 * d)).float()[None]).to(DEVICE)
+    codes = torch.full((b, h, cap, d // 4), 0xAB, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((b, h, cap), 7.0, dtype=torch.float16, device=DEVICE)
+    offset = scale.clone()
+    before = [t.clone() for t in (codes, scale, offset)]
+    first = 13  # odd: a value write that starts inside a token pair
+    for go in (0, 1):
+        ctrl = torch.tensor([go, first], dtype=torch.int32, device=DEVICE)
+        qk.quantize_rows_into(rows, 0.92, codes, scale, offset, factor, token_pairs_from=0 if pairs else None,
+                              device_offset=ctrl)
+        if go == 0:
+            assert all(torch.equal(t, u) for t, u in zip((codes, scale, offset), before))
+    ref = quantize_rows(rows, 0.92, factor)
+    at = slice(first, first + n)
+    assert torch.equal(scale[:, :, at], ref.scale) and torch.equal(offset[:, :, at], ref.offset)
+    got_codes = read_token_pairs(codes, first + n)[:, :, at] if pairs else codes[:, :, at]
+    assert torch.equal(got_codes, ref.codes)
+    outside = torch.ones(cap, dtype=torch.bool)
+    outside[at] = False
+    assert torch.equal(scale[:, :, outside], before[1][:, :, outside])
+
+
+@in_process
+@pytest.mark.parametrize("feedback", [False, True])
+def test_device_append_equals_host_append(feedback):
+    """`oscar_hf::append`'s CUDA path (device arithmetic + predicated write, no host read) against its reference path:
+    every buffer and length equal after each append, from an empty layer (new tokens straddling the sink) through
+    several demotions."""
+    from oscar_hf import ops
+
+    gen = torch.Generator().manual_seed(40 + feedback)
+    d = 64
+    factor = None
+    if feedback:
+        x = torch.randn(4 * d, d, generator=gen, dtype=torch.float64)
+        factor = error_feedback_factor((x.T @ x / (4 * d)).float()[None]).to(DEVICE)
+    layers = []
+    for _ in range(2):
+        layer = OscarQuantizedLayer(None, None, 0.96, 0.92, sink_tokens=5, recent_tokens=6, demote_block=3,
+                                    max_cache_len=80, k_feedback=factor, v_feedback=factor)
+        layer.lazy_initialization(*(2 * [torch.zeros(2, 2, 0, d, dtype=torch.bfloat16, device=DEVICE)]))
+        layers.append(layer)
+    demotions = 0
+    for n in [3, 3, 1, 2, 1, 1, 3, 1, 1, 1, 2, 3, 1, 1, 1, 1, 2, 3, 1]:
+        keys, values = _rows((2, 2, n, d), gen), _rows((2, 2, n, d), gen)
+        body = layers[0].body_len
+        for layer, fn in zip(layers, (ops.append_host, ops.append_device)):
+            fn(keys, values, layer.lengths, layer.segment_tensors(), layer.demote_block, 80, 0.96, 0.92, factor,
+               factor)
+        demotions += layers[0].body_len > body
+        assert layers[0].lengths.tolist() == layers[1].lengths.tolist()
+        # The valid rows of every segment (slots past a segment's length may hold different leftovers).
+        sink, body, recent = layers[0].lengths.tolist()[:3]
+        for layer_a, layer_b in [layers]:
+            (ka, va), (kb, vb) = layer_a.body_rows(), layer_b.body_rows()
+            for a, b in [(ka.codes, kb.codes), (ka.scale, kb.scale), (ka.offset, kb.offset), (va.codes, vb.codes),
+                         (va.scale, vb.scale), (va.offset, vb.offset)]:
+                assert a.shape[2] == body and torch.equal(a, b)
+            for name, count in (("sink_keys", sink), ("sink_values", sink), ("recent_keys", recent),
+                                ("recent_values", recent)):
+                assert torch.equal(getattr(layer_a, name)[:, :, :count], getattr(layer_b, name)[:, :, :count])
+    assert demotions >= 3 and layers[0].sink_len == 5
+    # Past max_cache_len: the reference raises, the device path sends its write out of range (an index error).
+    keys = values = _rows((2, 2, 2, d), gen)
+    with pytest.raises(ValueError, match="full"):
+        ops.append_host(keys, values, layers[0].lengths, layers[0].segment_tensors(), 3, layers[0].get_seq_length() + 1,
+                        0.96, 0.92, factor, factor)
+    with pytest.raises((IndexError, RuntimeError)):
+        ops.append_device(keys, values, layers[1].lengths, layers[1].segment_tensors(), 3,
+                          layers[1].get_seq_length() + 1, 0.96, 0.92, factor, factor)

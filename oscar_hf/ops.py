@@ -1,0 +1,252 @@
+"""The two torch ops a decode step runs, so that `torch.compile` (and `generate()`'s compiled step) sees them:
+
+- `oscar_hf::append(keys, values, lengths, <ten segment buffers>, demote_block, max_tokens, k_clip_ratio,
+  v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to `min(demote_block,
+  recent_tokens)` rotated rows: into the sink while it is not full, else into the recent window; when the window would
+  overflow it first quantizes its oldest `demote_block` tokens into the 2-bit body at `body_len` and shifts the rest
+  left. It mutates the segment buffers and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`).
+- `oscar_hf::decode_attention(query, <ten segment buffers>, lengths, k_rotation?, v_rotation?, attention_mask?,
+  scaling?, launch) -> Tensor` attends over the segments and returns the un-rotated output `[B, Hq, q_len, D]`
+  (a view of `[B, q_len, Hq, D]` memory). `launch` is `kernels.decode_attention.DecodeOptions.to_ints()`.
+
+The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off)
+they read the lengths on the host and call the PyTorch reference (`layer.quantize_into_body`,
+`attention.attend_rotated`). On CUDA they read nothing back: `append` is device-side tensor arithmetic plus the Triton
+write kernel in its predicated mode (it launches every step and returns at once unless a block is waiting), and
+`decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the
+buffers' capacity. Call them through `append(layer, ...)` and `decode_attention(query, layer, ...)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import OscarQuantizedLayer, dequantize_segments, quantize_into_body
+from .quantization import KeyTilt
+
+SEGMENT_NAMES = (
+    "sink_keys", "sink_values", "recent_keys", "recent_values",
+    "body_key_codes", "body_key_scale", "body_key_offset", "body_value_codes", "body_value_scale", "body_value_offset",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------- append
+def append_host(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+                k_feedback=None, v_feedback=None, k_tilt=None, k_metric=None) -> None:
+    """The reference `append`: the lengths read on the host, the reference (or kernel) coder. Raises when the cache
+    would hold more than `max_tokens` (its `max_cache_len`)."""
+    sink_k, sink_v, rec_k, rec_v = segments[:4]
+    body = list(segments[4:])
+    sink_len, body_len, recent_len = lengths[:3].tolist()
+    n, sink_cap, window = keys.shape[2], sink_k.shape[2], rec_k.shape[2]
+    if sink_len + body_len + recent_len + n > max_tokens:
+        raise ValueError(
+            f"The cache is full: max_cache_len={max_tokens} leaves no room for {n} more tokens after "
+            f"{sink_len + body_len + recent_len}. Build it with a larger max_cache_len."
+        )
+    taken = max(0, min(n, sink_cap - sink_len))
+    if taken:
+        sink_k[:, :, sink_len : sink_len + taken] = keys[:, :, :taken]
+        sink_v[:, :, sink_len : sink_len + taken] = values[:, :, :taken]
+        sink_len += taken
+    m = n - taken
+    if m and recent_len + m > window:
+        if recent_len < demote_block or body_len + demote_block > body[0].shape[2]:
+            raise ValueError(
+                f"The cache is full ({body_len} tokens in a 2-bit body of {body[0].shape[2]}): build it with a larger "
+                "max_cache_len."
+            )
+        quantize_into_body(rec_k[:, :, :demote_block], rec_v[:, :, :demote_block], body_len, body, k_clip_ratio,
+                           v_clip_ratio, k_feedback, v_feedback, k_tilt, k_metric)
+        kept = recent_len - demote_block
+        rec_k[:, :, :kept] = rec_k[:, :, demote_block:recent_len].clone()
+        rec_v[:, :, :kept] = rec_v[:, :, demote_block:recent_len].clone()
+        body_len, recent_len = body_len + demote_block, kept
+    if m:
+        rec_k[:, :, recent_len : recent_len + m] = keys[:, :, taken:]
+        rec_v[:, :, recent_len : recent_len + m] = values[:, :, taken:]
+        recent_len += m
+    lengths[:3].copy_(torch.tensor([sink_len, body_len, recent_len], dtype=torch.int32))
+
+
+def append_device(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+                  k_feedback=None, v_feedback=None, k_tilt=None) -> None:
+    """`append` without reading anything back: device tensor arithmetic and the Triton write kernel in its
+    predicated mode (`kernels.quantize.quantize_rows_into(device_offset=...)`). Runs on CUDA, and on the CPU under
+    `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block, recent_tokens)`. Past `max_tokens`
+    the window write is sent out of range on purpose: a device-side index error, not a silent overwrite."""
+    from .kernels.quantize import quantize_rows_into
+
+    sink_k, sink_v, rec_k, rec_v = segments[:4]
+    kc, ks, ko, vc, vs, vo = segments[4:]
+    n, sink_cap, window = keys.shape[2], sink_k.shape[2], rec_k.shape[2]
+    dev = keys.device
+    sink_len, body_len, recent_len = lengths[0], lengths[1], lengths[2]
+    i = torch.arange(n, device=dev, dtype=torch.int32)
+    to_sink = torch.clamp(sink_cap - sink_len, 0, n)  # how many of the new tokens the sink takes
+    m = n - to_sink
+    if sink_cap:
+        # The sink is small: rewrite it whole, its rows [sink_len, sink_len + to_sink) taking the new tokens.
+        j = torch.arange(sink_cap, device=dev, dtype=torch.int32)
+        take = ((j >= sink_len) & (j < sink_len + to_sink))[:, None]
+        src = torch.clamp(j - sink_len, 0, n - 1).long()
+        sink_k.copy_(torch.where(take, keys.index_select(2, src), sink_k))
+        sink_v.copy_(torch.where(take, values.index_select(2, src), sink_v))
+    # A full window demotes its oldest block first (only tokens already there: n <= recent_tokens).
+    # (A body without room for the block skips the write; the window write below then fails loudly, out of range.)
+    demote = (recent_len + m > window) & (body_len + demote_block <= kc.shape[2])
+    ctrl = torch.stack([demote.to(torch.int32), body_len.to(torch.int32)])
+    quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt, device_offset=ctrl)
+    quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,
+                       device_offset=ctrl)
+    # The shift goes through a temporary (no overlapping copy) and is selected on the device.
+    for buf in (rec_k, rec_v):
+        shifted = torch.cat([buf[:, :, demote_block:], buf[:, :, :demote_block]], dim=2)
+        buf.copy_(torch.where(demote, shifted, buf))
+    recent_len = recent_len - demote.to(torch.int32) * demote_block
+    # Window tokens go to recent_len + .. ; tokens the sink took write unused slots [m, n) (recent_len is then 0).
+    index = torch.where(i >= to_sink, recent_len + i - to_sink, m + i)
+    full = sink_len + body_len + lengths[2] + n > max_tokens
+    index = torch.where(full, window, index).long()
+    rec_k.index_copy_(2, index, keys)
+    rec_v.index_copy_(2, index, values)
+    lengths[:3].copy_(torch.stack([sink_len + to_sink, body_len + demote.to(torch.int32) * demote_block,
+                                   recent_len + m]).to(torch.int32))
+
+
+@torch.library.custom_op("oscar_hf::append", mutates_args=("lengths",) + SEGMENT_NAMES)
+def _append_op(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    sink_keys: torch.Tensor,
+    sink_values: torch.Tensor,
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    body_key_codes: torch.Tensor,
+    body_key_scale: torch.Tensor,
+    body_key_offset: torch.Tensor,
+    body_value_codes: torch.Tensor,
+    body_value_scale: torch.Tensor,
+    body_value_offset: torch.Tensor,
+    demote_block: int,
+    max_tokens: int,
+    k_clip_ratio: float,
+    v_clip_ratio: float,
+    k_feedback: torch.Tensor | None,
+    v_feedback: torch.Tensor | None,
+    k_tilt_means: torch.Tensor | None,
+    k_tilt_maps: torch.Tensor | None,
+    k_metric: torch.Tensor | None,
+) -> None:
+    segments = (sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale, body_key_offset,
+                body_value_codes, body_value_scale, body_value_offset)
+    tilt = None if k_tilt_means is None else KeyTilt(k_tilt_means, k_tilt_maps)
+    if keys.is_cuda and k_metric is None and _kernels_on() and _can_write(keys, tilt, k_feedback):
+        with torch.cuda.device(keys.device):
+            append_device(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+                          k_feedback, v_feedback, tilt)
+        return
+    _refuse_if_capturing(keys, "the append (the Triton write kernel cannot serve this layer's coder)")
+    append_host(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio, k_feedback,
+                v_feedback, tilt, k_metric)
+
+
+@_append_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+def append(layer: OscarQuantizedLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Append rotated rows to a static layer through `oscar_hf::append`."""
+    tilt = layer.k_tilt
+    torch.ops.oscar_hf.append(
+        keys, values, layer.lengths, *layer.segment_tensors(), layer.demote_block, layer.max_cache_len, layer.k_clip_ratio,
+        layer.v_clip_ratio, layer.k_feedback, layer.v_feedback, None if tilt is None else tilt.means,
+        None if tilt is None else tilt.maps, layer.k_metric,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- attention
+@torch.library.custom_op("oscar_hf::decode_attention", mutates_args=())
+def _decode_attention_op(
+    query: torch.Tensor,
+    sink_keys: torch.Tensor,
+    sink_values: torch.Tensor,
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    body_key_codes: torch.Tensor,
+    body_key_scale: torch.Tensor,
+    body_key_offset: torch.Tensor,
+    body_value_codes: torch.Tensor,
+    body_value_scale: torch.Tensor,
+    body_value_offset: torch.Tensor,
+    lengths: torch.Tensor,
+    k_rotation: torch.Tensor | None,
+    v_rotation: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    launch: list[int],
+) -> torch.Tensor:
+    segments = (sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale, body_key_offset,
+                body_value_codes, body_value_scale, body_value_offset)
+    if query.is_cuda and _kernels_on():
+        from .kernels.decode_attention import DecodeOptions, decode_attention as kernel
+
+        # Lengths on the query's device: read there (grid from capacities); on the CPU (a dynamic layer): host ints.
+        lens = lengths if lengths.device == query.device else tuple(lengths[:3].tolist())
+        with torch.cuda.device(query.device):
+            return kernel(query, segments, lens, k_rotation, v_rotation, attention_mask, scaling,
+                          DecodeOptions.from_ints(launch))
+    _refuse_if_capturing(query, "decode attention (the Triton kernels are off)")
+    return decode_attention_reference(query, segments, lengths, k_rotation, v_rotation, attention_mask, scaling)
+
+
+@_decode_attention_op.register_fake
+def _(query, *args, **kwargs):
+    b, h, q, d = query.shape
+    return query.new_empty(b, q, h, d).transpose(1, 2)
+
+
+def decode_attention_reference(query, segments, lengths, k_rotation, v_rotation, attention_mask, scaling):
+    """The reference behind `oscar_hf::decode_attention`, in the op's output layout."""
+    from .attention import attend_rotated
+
+    keys, values = dequantize_segments(segments, *lengths[:3].tolist(), query.dtype)
+    out = attend_rotated(query, keys, values, k_rotation, v_rotation, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def decode_attention(query: torch.Tensor, layer: OscarQuantizedLayer, attention_mask: torch.Tensor | None,
+                     scaling: float | None, options=None) -> torch.Tensor:
+    """`oscar_hf::decode_attention` over `layer`'s buffers; `options` a `DecodeOptions` (None: defaults)."""
+    launch = _DEFAULT_LAUNCH if options is None else options.to_ints()
+    return torch.ops.oscar_hf.decode_attention(
+        query, *layer.segment_tensors(), layer.lengths, layer.k_rotation, layer.v_rotation, attention_mask, scaling,
+        launch,
+    )
+
+
+# DecodeOptions() as ints, spelled out so that importing this module does not import Triton.
+_DEFAULT_LAUNCH = [-1, -1, 4, 64, 4, 2, -1, -1, -1, -1, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _kernels_on() -> bool:
+    from .kernel_dispatch import enabled
+
+    return enabled()
+
+
+def _can_write(keys: torch.Tensor, tilt, feedback) -> bool:
+    from .kernels.quantize import can_quantize
+
+    return can_quantize(keys, tilt) and (tilt is None or feedback is not None)
+
+
+def _refuse_if_capturing(t: torch.Tensor, what: str) -> None:
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"A CUDA graph is being captured but {what} would read the segment lengths on the host. Enable the "
+            "kernels (OSCAR_HF_KERNELS=1, Triton installed) or decode without compilation (disable_compile=True)."
+        )
