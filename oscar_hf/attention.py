@@ -82,7 +82,8 @@ def explicit_attention(
     if attention_mask is None:
         attention_mask = causal_mask(q_len, kv_len, query.device)
     if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+        # The dtype's finite minimum, as transformers' eager attention: a fully masked (pad) row must not be NaN.
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask
     return torch.softmax(scores, dim=-1).to(values.dtype) @ values
