@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .attention_checks import check_attention_call
 from .layer import OscarSegments
 from .quantization import rotate, unrotate
 
@@ -140,6 +141,7 @@ def oscar_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention signature; returns `([batch, q_len, heads, head_dim], None)`."""
+    check_attention_call(module, key, dropout, kwargs)
     softcap = kwargs.pop("softcap", None)
     if not isinstance(key, OscarSegments):
         if softcap is None:
