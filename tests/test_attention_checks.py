@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from oscar_hf.attention import oscar_attention_forward
 
 

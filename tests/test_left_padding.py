@@ -6,9 +6,9 @@ OSCAR cache stores every token exactly, so the two differ only by the order of f
 
 import pytest
 import torch
+from conftest import FAMILY_OVERRIDES, tiny_model
 from transformers import DynamicCache
 
-from conftest import FAMILY_OVERRIDES, tiny_model
 from oscar_hf import OscarQuantizedCache
 
 
