@@ -30,6 +30,9 @@ def _layer_types_and_windows(config: PretrainedConfig, num_layers: int) -> tuple
         get_layer_types_and_kwargs = None
     if get_layer_types_and_kwargs is not None and hasattr(config, "per_layer_config"):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        if isinstance(layer_kwargs, dict):  # transformers 5.17: one set of keywords, the sliding layers' window
+            window = layer_kwargs.get("sliding_window")
+            return list(layer_types), [window if t == "sliding_attention" else None for t in layer_types]
         return list(layer_types), [kwargs.get("sliding_window") for kwargs in layer_kwargs]
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
