@@ -92,3 +92,13 @@ def check_attention_call(module: torch.nn.Module, key, dropout: float, kwargs: d
             'attn_implementation="eager" for them.'
         )
     setattr(module, _VERDICT, verdict_key)
+
+
+def segments_misused(what: str) -> str:
+    """The message for another attention function handed an `OscarSegments` (the cache's config says "oscar")."""
+    return (
+        f"An attention function other than \"oscar\" tried `{what}` on OscarSegments, the handle an "
+        "OscarQuantizedCache gives the \"oscar\" attention instead of key/value tensors. The cache reads the attention "
+        "implementation from the config it was built with, which says \"oscar\", but the model using it runs another "
+        "one. Build the cache from the config of the model that uses it: OscarQuantizedCache(model.config, ...)."
+    )
