@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.utils import logging
 
@@ -76,3 +78,27 @@ def refuse_dtype_change(layer, key_states: torch.Tensor, value_states: torch.Ten
                 "casting would silently round or overflow (1e6 in float16 is inf). Run the model in one dtype, or "
                 "call `cache.reset()` before changing it."
             )
+
+
+@functools.cache
+def _positive_crop_is_a_length() -> bool:
+    """Whether this transformers' `DynamicLayer.crop(n > 0)` keeps `n` tokens (5.17, deprecated) or raises (later)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    states = torch.zeros(1, 1, 2, 1)
+    layer.update(states, states)
+    try:
+        layer.crop(1)
+    except ValueError:
+        return False
+    return True
+
+
+def check_positive_crop(tokens_to_remove: int) -> None:
+    """`crop(n > 0)` as transformers' own layers take it: the length to keep where they allow it, an error where not."""
+    if tokens_to_remove > 0 and not _positive_crop_is_a_length():
+        raise ValueError(
+            f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported by this transformers "
+            "release. Use a negative integer to remove that number of tokens from the cache instead."
+        )

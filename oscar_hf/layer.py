@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .attention_checks import segments_misused
-from .cache_checks import refuse_dtype_change
+from .cache_checks import check_positive_crop, refuse_dtype_change
 from .quantization import (
     CODES_PER_BYTE,
     PARAM_DTYPE,
@@ -556,6 +556,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens: `crop(-n)` removes `n`; a positive value is the length to keep (legacy)."""
+        check_positive_crop(tokens_to_remove)  # refused where transformers' own layers refuse it
         length = self.get_seq_length()
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
         keep = max(0, min(keep, length))

@@ -122,3 +122,28 @@ def test_a_declined_kernel_call_is_reported_with_its_reason(monkeypatch):
     with CaptureLogger(oscar_hf.kernel_dispatch.logger) as captured:
         assert oscar_hf.kernel_dispatch.decode_attention_fast_path(query, None, None, None) is None
     assert "declined a call (Triton is not installed)" in captured.out
+
+
+@torch.no_grad()
+def test_positive_crop_follows_transformers_own_layers():
+    """transformers 5.17 takes `crop(n > 0)` as the length to keep (deprecated); later releases raise. So does the
+    cache, whichever is installed."""
+    from transformers import DynamicCache
+
+    config = tiny_config("llama")
+    states = torch.randn(1, 2, 6, 32)
+    exact, cache = DynamicCache(config=config), OscarQuantizedCache(config, method="hadamard", **COVERING)
+    for c in (exact, cache):
+        for idx in range(2):
+            c.update(states, states, idx)
+    try:
+        exact.crop(4)
+    except ValueError:
+        with pytest.raises(ValueError, match="positive value"):
+            cache.crop(4)
+        assert cache.get_seq_length() == 6
+    else:
+        cache.crop(4)
+        assert cache.get_seq_length() == exact.get_seq_length() == 4
+    cache.crop(-1)
+    assert cache.get_seq_length() == exact.get_seq_length() - 1
