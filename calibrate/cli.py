@@ -102,6 +102,12 @@ def run(args) -> int:
 
     # Everything the run needs is checked before the model's weights load: the config, the tokens and the settings.
     config = AutoConfig.from_pretrained(args.model, revision=args.revision)
+    if args.center_keys:
+        from oscar_hf.cache_checks import refuse_key_centering_under_softcap
+        from oscar_hf.geometry import model_name
+
+        text_config = config.get_text_config()
+        refuse_key_centering_under_softcap(text_config, True, model_name(text_config), where="--center-keys")
     tokenizer = None
     if not args.data.lower().endswith(".npy"):
         tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)

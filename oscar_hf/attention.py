@@ -18,6 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .attention_checks import check_attention_call
 from .layer import OscarSegments
 from .quantization import rotate, unrotate
 
@@ -84,7 +85,8 @@ def explicit_attention(
     if attention_mask is None:
         attention_mask = causal_mask(q_len, kv_len, query.device)
     if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+        # The dtype's finite minimum, as transformers' eager attention: a fully masked (pad) row must not be NaN.
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask
     return torch.softmax(scores, dim=-1).to(values.dtype) @ values
@@ -161,6 +163,7 @@ def oscar_attention_forward(
     (the Triton kernel on CUDA, the reference on the CPU), eagerly and compiled alike; other segments (a long chunk,
     a dynamic layer) by the kernel where it can serve them, else the reference.
     """
+    check_attention_call(module, key, dropout, kwargs)
     softcap = kwargs.pop("softcap", None)
     if not isinstance(key, OscarSegments):
         if attention_mask is not None:

@@ -10,6 +10,13 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from transformers.utils import logging
 
 from .attention import OSCAR_ATTENTION
+from .cache_checks import (
+    layer_allocated_bytes,
+    layer_held_bytes,
+    layer_held_elements,
+    refuse_key_centering_under_softcap,
+    warn_if_nothing_quantized,
+)
 from .geometry import model_geometry, model_name as name_of
 from .layer import OscarQuantizedLayer
 from .quantization import CODES_PER_BYTE
@@ -109,6 +116,8 @@ class OscarQuantizedCache(Cache):
                 f"head_dim, which must be a multiple of {CODES_PER_BYTE}. Use transformers' caches for this model."
             )
 
+        refuse_key_centering_under_softcap(text_config, rotations.k_means is not None, model_name)
+        warn_if_nothing_quantized(layer_types, model_name)
         layers = []
         for idx, layer_type in enumerate(layer_types):
             if layer_type == "sliding_attention":
@@ -201,21 +210,17 @@ class OscarQuantizedCache(Cache):
         return [layer for layer in self.layers if isinstance(layer, OscarQuantizedLayer)]
 
     def kv_bits_per_element(self) -> float:
-        """Bits per cached K/V element, from the bytes the quantized layers actually hold (sink, body with scales
-        and offsets, recent window); spare capacity is not counted (see `allocated_bytes`)."""
-        elements = sum(
-            2 * layer.batch_size * layer.num_heads * layer.head_dim * layer.get_seq_length()
-            for layer in self.quantized_layers()
-            if layer.is_initialized
-        )
+        """Bits per cached K/V element, from the bytes every layer actually holds (sink, body with scales and offsets,
+        recent window; exact sliding-window layers too); spare capacity is not counted (see `allocated_bytes`)."""
+        elements = sum(layer_held_elements(layer) for layer in self.layers)
         if elements == 0:
             raise ValueError("The cache holds no tokens yet: run a forward pass first.")
         return 8 * self.held_bytes() / elements
 
     def held_bytes(self) -> int:
-        """Bytes of K/V data held by the quantized layers (valid tokens only)."""
-        return sum(layer.held_bytes() for layer in self.quantized_layers())
+        """Bytes of K/V data held by every layer (valid tokens only), exact sliding-window layers included."""
+        return sum(layer_held_bytes(layer) for layer in self.layers)
 
     def allocated_bytes(self) -> int:
-        """Bytes of every buffer of the quantized layers, spare capacity included."""
-        return sum(layer.allocated_bytes() for layer in self.quantized_layers())
+        """Bytes of every buffer of the quantized layers, spare capacity included, and of the exact layers' states."""
+        return sum(layer_allocated_bytes(layer) for layer in self.layers)

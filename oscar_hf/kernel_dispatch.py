@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 
 import torch
+from transformers.utils import logging
 
+logger = logging.get_logger(__name__)
 _ENABLED = os.environ.get("OSCAR_HF_KERNELS", "1") != "0"
 _TRITON_OK: bool | None = None
 
@@ -45,13 +47,26 @@ def enabled() -> bool:
     return _ENABLED and triton_available()
 
 
+def _declined(reason: str) -> None:
+    """Say once per reason that a CUDA call runs the PyTorch reference instead of the decode kernel."""
+    logger.warning_once(
+        f"The OSCAR decode kernel declined a call ({reason}); the PyTorch reference attends instead, over a "
+        "dequantized copy of the history (slower)."
+    )
+
+
 def decode_attention_fast_path(query, segments, attention_mask, scaling):
     """The `"oscar"` attention function's CUDA path: the kernel output, or None to fall back to the reference."""
-    if not (_ENABLED and query.is_cuda and triton_available()):
+    if not (_ENABLED and query.is_cuda):
+        return None
+    if not triton_available():
+        _declined("Triton is not installed")
         return None
     from .kernels.decode_attention import oscar_decode_attention, unsupported_reason
 
-    if unsupported_reason(query, segments.layer, attention_mask, segments.num_new) is not None:
+    reason = unsupported_reason(query, segments.layer, attention_mask, segments.num_new)
+    if reason is not None:
+        _declined(reason)
         return None
     # Triton launches on the current CUDA device; with a model split over GPUs (device_map) a layer's tensors may sit
     # on another one.

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .attention_checks import segments_misused
+from .cache_checks import check_positive_crop, refuse_dtype_change
 from .quantization import (
     CODES_PER_BYTE,
     PARAM_DTYPE,
@@ -154,6 +156,17 @@ class OscarSegments:
             keys[..., -self.num_new :, :] = self.new_keys.to(keys.dtype)
             values[..., -self.num_new :, :] = self.new_values.to(values.dtype)
         return keys, values
+
+    # Another attention function handed these by a cache built for "oscar" fails with the reason, not a bare TypeError.
+    def __getattr__(self, name):
+        raise AttributeError(name if name.startswith("__") else segments_misused(name))
+
+    def __getitem__(self, index):
+        raise TypeError(segments_misused("[...]"))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise TypeError(segments_misused(getattr(func, "__name__", str(func))))
 
 
 class OscarQuantizedLayer(CacheLayerMixin):
@@ -430,6 +443,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
                 f"{tuple(value_states.shape)}: is this cache being reused with another model or batch? "
                 "Call `cache.reset()` first."
             )
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            refuse_dtype_change(self, key_states, value_states)
         if self.check_finite:
             self._raise_if_not_finite(key_states, "keys")
             self._raise_if_not_finite(value_states, "values")
@@ -610,6 +625,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens: `crop(-n)` removes `n`; a positive value is the length to keep (legacy)."""
+        check_positive_crop(tokens_to_remove)  # refused where transformers' own layers refuse it
         length = self.get_seq_length()
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
         keep = max(0, min(keep, length))
