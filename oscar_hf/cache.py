@@ -17,7 +17,8 @@ from .cache_checks import (
     refuse_key_centering_under_softcap,
     warn_if_nothing_quantized,
 )
-from .geometry import model_geometry, model_name as name_of
+from .geometry import model_geometry
+from .geometry import model_name as name_of
 from .layer import OscarQuantizedLayer
 from .quantization import CODES_PER_BYTE
 from .rotations import OscarRotations

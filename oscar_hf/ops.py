@@ -10,8 +10,8 @@
   (a view of `[B, q_len, Hq, D]` memory). `launch` is `kernels.decode_attention.DecodeOptions.to_ints()`.
 
 The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off)
-they read the lengths on the host and call the PyTorch reference (`layer.quantize_into_body`,
-`attention.attend_rotated`). On CUDA they read nothing back: `append` is device-side tensor arithmetic plus the Triton
+they read the lengths on the host and call the PyTorch reference (`storage.quantize_into_body`,
+`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is device-side tensor arithmetic plus the Triton
 write kernel in its predicated mode (it launches every step and returns at once unless a block is waiting), and
 `decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the
 buffers' capacity. Call them through `append(layer, ...)` and `decode_attention(query, layer, ...)`.
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .layer import OscarQuantizedLayer, dequantize_segments, quantize_into_body
 from .quantization import KeyTilt
+from .reference_attention import attend_rotated
+from .storage import dequantize_segments, quantize_into_body
 
 SEGMENT_NAMES = (
     "sink_keys", "sink_values", "recent_keys", "recent_values",
@@ -157,7 +158,7 @@ def _(*args, **kwargs) -> None:
     return None
 
 
-def append(layer: OscarQuantizedLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+def append(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Append rotated rows to a static layer through `oscar_hf::append`."""
     tilt = layer.k_tilt
     torch.ops.oscar_hf.append(
@@ -191,7 +192,8 @@ def _decode_attention_op(
     segments = (sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale, body_key_offset,
                 body_value_codes, body_value_scale, body_value_offset)
     if query.is_cuda and _kernels_on():
-        from .kernels.decode_attention import DecodeOptions, decode_attention as kernel
+        from .kernels.decode_attention import DecodeOptions
+        from .kernels.decode_attention import decode_attention as kernel
 
         # Lengths on the query's device: read there (grid from capacities); on the CPU (a dynamic layer): host ints.
         lens = lengths if lengths.device == query.device else tuple(lengths[:3].tolist())
@@ -210,14 +212,13 @@ def _(query, *args, **kwargs):
 
 def decode_attention_reference(query, segments, lengths, k_rotation, v_rotation, attention_mask, scaling):
     """The reference behind `oscar_hf::decode_attention`, in the op's output layout."""
-    from .attention import attend_rotated
 
     keys, values = dequantize_segments(segments, *lengths[:3].tolist(), query.dtype)
     out = attend_rotated(query, keys, values, k_rotation, v_rotation, attention_mask, scaling)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def decode_attention(query: torch.Tensor, layer: OscarQuantizedLayer, attention_mask: torch.Tensor | None,
+def decode_attention(query: torch.Tensor, layer, attention_mask: torch.Tensor | None,
                      scaling: float | None, options=None) -> torch.Tensor:
     """`oscar_hf::decode_attention` over `layer`'s buffers; `options` a `DecodeOptions` (None: defaults)."""
     launch = _DEFAULT_LAUNCH if options is None else options.to_ints()
