@@ -158,8 +158,10 @@ class OscarQuantizedCache(Cache):
         revision: str | None = None,
         *,
         cache_dir=None,
+        force_download: bool = False,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        endpoint: str | None = None,
         **cache_kwargs,
     ) -> "OscarQuantizedCache":
         """Build the cache from a rotation bundle on the Hub or in a directory.
@@ -171,8 +173,10 @@ class OscarQuantizedCache(Cache):
             repo_id_or_dir,
             revision=revision,
             cache_dir=cache_dir,
+            force_download=force_download,
             local_files_only=local_files_only,
             token=token,
+            endpoint=endpoint,
             config=config,
         )
         return cls(config, rotations=rotations, **cache_kwargs)

@@ -116,3 +116,19 @@ def test_the_advice_for_a_corrupt_cached_bundle_works(hub, tmp_path):
         OscarRotations.from_pretrained("org/rot", **kwargs)
     again = OscarRotations.from_pretrained("org/rot", force_download=True, **kwargs)
     assert torch.equal(again.k_rotations, original.k_rotations)
+
+
+def test_the_cache_forwards_force_download_and_endpoint_to_the_hub(hub, tmp_path):
+    from transformers import Qwen3Config
+
+    from oscar_hf import OscarQuantizedCache
+
+    original = _random_bundle()
+    original.push_to_hub("org/rot", token="hf_test", endpoint=hub.endpoint)
+    config = Qwen3Config(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=64)
+    kwargs = {"cache_dir": tmp_path, "endpoint": hub.endpoint, "token": "hf_test"}
+    OscarQuantizedCache.from_pretrained("org/rot", config, **kwargs)
+    blob = next(tmp_path.rglob("rotations.safetensors")).resolve()
+    blob.write_bytes(blob.read_bytes()[:100])
+    cache = OscarQuantizedCache.from_pretrained("org/rot", config, force_download=True, **kwargs)
+    assert torch.equal(cache.rotations.k_rotations, original.k_rotations)
