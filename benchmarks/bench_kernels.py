@@ -18,7 +18,6 @@ import argparse
 import datetime
 import itertools
 import json
-import math
 import re
 import time
 
@@ -30,7 +29,7 @@ from oscar_hf.attention import segment_attention_reference
 from oscar_hf.kernels.decode_attention import oscar_decode_attention
 from oscar_hf.kernels.quantize import quantize_rows_into
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments
-from oscar_hf.quantization import KeyTilt, dequantize_rows, error_feedback_factor, hadamard_matrix, quantize_rows
+from oscar_hf.quantization import KeyTilt, dequantize_rows, error_feedback_factor, quantize_rows
 
 HQ, HKV, D = 32, 8, 128
 SINK, RECENT = 64, 256
@@ -53,7 +52,7 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    del src, dst
+    src = dst = None  # (frees the memory for the next shape)
     return bw
 
 
@@ -122,7 +121,7 @@ def run_attention(shapes, copy_bw, configs, gen):
 
             sdpa_eager_ms = bench(sdpa)
             sdpa_ms = bench_graph(sdpa)
-            del k, v
+            k = v = None  # (frees the memory for the next shape)
             nbytes = kernel_bytes(batch, context, q_len)
             floor_ms = nbytes / copy_bw * 1e3
             best = min(results, key=lambda c: results[c][0])
@@ -133,8 +132,8 @@ def run_attention(shapes, copy_bw, configs, gen):
                        max_err=max(r_[1] for r_ in results.values()), all={c: r for c, r in results.items()})
             print(json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "all"}), flush=True)
             rows.append(row)
-            del ref
-        del layer
+            ref = None  # (frees the memory for the next shape)
+        layer = None  # (frees the memory for the next shape)
         torch.cuda.empty_cache()
     return rows
 
@@ -205,7 +204,7 @@ def run_write(copy_bw, gen):
                    floor_ms=nbytes / copy_bw * 1e3)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del ref
+        ref = None  # (frees the memory for the next shape)
         torch.cuda.empty_cache()
     return rows
 

@@ -242,7 +242,7 @@ def calibrate(
             if gram is None:  # no o_proj to weigh value errors with: plain rounding for V (identity factor)
                 gram = torch.eye(d, dtype=torch.float64).expand(num_kv_heads, d, d)
             grams.append(gram)
-        for name, (rk, rv, ek, ev) in candidates.items():
+        for name, (rk, rv, _ek, _ev) in candidates.items():
             k_fb, v_fb = torch.empty_like(rk), torch.empty_like(rv)
             for i in range(slots):
                 q_metric = q_cov[i] if name == "head" else q_cov[i].mean(0, keepdim=True)

@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 CALIBRATION_ATTENTION = "oscar_calibrate"
 
-_ACTIVE: "StatisticsCollector | None" = None
+_ACTIVE: StatisticsCollector | None = None
 
 
 class StatisticsCollector:

@@ -50,7 +50,7 @@ try:  # programmatic dependent launch (Triton >= 3.3); the kernels reference the
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
-from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
+from oscar_hf.quantization import CODES_PER_BYTE
 
 MAX_QUERY_LEN = 8
 MAX_BLOCK_M = 64
@@ -657,7 +657,7 @@ class DecodeOptions:
         return [-1 if getattr(self, f.name) is None else int(getattr(self, f.name)) for f in fields(self)]
 
     @classmethod
-    def from_ints(cls, values) -> "DecodeOptions":
+    def from_ints(cls, values) -> DecodeOptions:
         kw = {}
         for f, v in zip(fields(cls), values):
             v = None if v == -1 else int(v)

@@ -63,7 +63,7 @@ def grouping_name(groups: int, num_kv_heads: int) -> str:
     return "layer" if groups == 1 else "head"
 
 
-def bundle_config(rot: "BundleIO") -> dict[str, Any]:
+def bundle_config(rot: BundleIO) -> dict[str, Any]:
     """The content of `oscar_config.json` for a bundle."""
     meta = dict(rot.metadata)
     config = {
@@ -116,7 +116,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return replace_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def save_bundle(rot: "BundleIO", save_directory: str | os.PathLike, evaluation: dict | None = None) -> Path:
+def save_bundle(rot: BundleIO, save_directory: str | os.PathLike, evaluation: dict | None = None) -> Path:
     """Write the three bundle files into `save_directory` (created if needed); returns the directory."""
     from safetensors.torch import save_file
 
@@ -314,7 +314,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise _corrupt(path, err) from err
 
 
-def load_bundle(directory: str | os.PathLike, cls: type) -> "BundleIO":
+def load_bundle(directory: str | os.PathLike, cls: type) -> BundleIO:
     """Read a bundle directory written by `save_bundle` into `cls` (`OscarRotations`); raises `ValueError` naming the
     file and the problem.
 
@@ -415,7 +415,7 @@ def _card_template() -> str:
     return resources.files("oscar_hf.hub_cards").joinpath("rotation_bundle.md").read_text()
 
 
-def model_card(rot: "BundleIO", config: dict[str, Any] | None = None):
+def model_card(rot: BundleIO, config: dict[str, Any] | None = None):
     """A `huggingface_hub.ModelCard` for the bundle: YAML metadata, usage, calibration details and, when the config
     holds an `evaluation` entry, a quality table."""
     from huggingface_hub import ModelCard, ModelCardData

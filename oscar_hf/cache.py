@@ -163,7 +163,7 @@ class OscarQuantizedCache(Cache):
         token: str | bool | None = None,
         endpoint: str | None = None,
         **cache_kwargs,
-    ) -> "OscarQuantizedCache":
+    ) -> OscarQuantizedCache:
         """Build the cache from a rotation bundle on the Hub or in a directory.
 
         `cache_kwargs` are the keyword arguments of `__init__` (`sink_tokens`, `recent_tokens`, `k_clip_ratio`, ...).

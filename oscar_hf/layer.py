@@ -55,7 +55,7 @@ class OscarSegments:
     each other exactly, so attention reads them from here rather than from the body.
     """
 
-    layer: "OscarQuantizedLayer"
+    layer: OscarQuantizedLayer
     num_new: int
     new_keys: torch.Tensor
     new_values: torch.Tensor

@@ -88,7 +88,7 @@ class OscarRotations(BundleIO):
         head_dim: int,
         k_clip_ratio: float | None = None,
         v_clip_ratio: float | None = None,
-    ) -> "OscarRotations":
+    ) -> OscarRotations:
         """The calibration-free baselines: `naive` (no rotation, no clip) or `hadamard` (QuaRot-style rotation,
         clipped at the reference quantiles unless told otherwise, so that only the rotation differs from oscar)."""
         if method == "naive":
@@ -268,7 +268,7 @@ class OscarRotations(BundleIO):
         """The mean key `[groups, head_dim]` the cache subtracts in this layer, or `None`."""
         return None if self.k_means is None else self.k_means[layer_idx]
 
-    def layer_key_tilt(self, layer_idx: int) -> "KeyTilt | None":
+    def layer_key_tilt(self, layer_idx: int) -> KeyTilt | None:
         """The attention tilt of this layer's key coding (`quantization.KeyTilt`), or `None`."""
         if self.k_tilt_means is None:
             return None

@@ -65,7 +65,7 @@ class FakeQuantCache(DynamicCache):
     def crop(self, max_length: int):
         super().crop(max_length)
         # The newest tokens leave first (recent, then body, then sink); what stays keeps its precision.
-        for idx, (sink_len, body_len, recent_len) in self.windows.items():
+        for idx, (sink_len, body_len, _recent_len) in self.windows.items():
             keep = self.layers[idx].get_seq_length()
             self.windows[idx] = [min(sink_len, keep), max(0, min(body_len, keep - sink_len)),
                                  max(0, keep - sink_len - body_len)]

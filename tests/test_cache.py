@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import DynamicCache
 
-from conftest import tiny_model
 from oscar_hf import OscarQuantizedCache, OscarRotations, cache_keyword
-from oscar_hf.evaluation import decode_mode_run
 from oscar_hf.attention import segment_attention_reference
+from oscar_hf.evaluation import decode_mode_run
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments
 from oscar_hf.quantization import dequantize_rows, hadamard_matrix
 

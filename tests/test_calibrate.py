@@ -15,10 +15,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import oscar_hf  # noqa: F401
 from oscar_hf import OscarQuantizedCache, OscarRotations
+from oscar_hf.calibrate.cli import main as calibrate_main
 from oscar_hf.calibrate.core import calibrate
 from oscar_hf.calibrate.data import load_calibration_tokens
 from oscar_hf.calibrate.fit import rotation_from_covariance
-from oscar_hf.calibrate.cli import main as calibrate_main
 from oscar_hf.calibrate.statistics import StatisticsCollector, capturing
 from oscar_hf.quantization import bit_reversal_permutation, hadamard_matrix
 

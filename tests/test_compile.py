@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._dynamo.testing import CompileCounter
 from transformers import CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
-from conftest import tiny_model
 from oscar_hf import OscarQuantizedCache, cache_keyword
 
 WINDOWS = dict(method="hadamard", sink_tokens=4, recent_tokens=8, demote_block=4)

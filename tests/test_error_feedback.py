@@ -3,10 +3,10 @@ in a metric; carried by bundles and used by the cache when it demotes tokens."""
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from oscar_hf import OscarQuantizedCache, OscarRotations
-from oscar_hf.quantization import dequantize_rows, error_feedback_factor, hadamard_matrix, quantize_rows
+from oscar_hf.quantization import dequantize_rows, error_feedback_factor, quantize_rows
 
 
 def _metric(heads, d, seed):

@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import DynamicCache
 
-from conftest import tiny_model
 from oscar_hf import OscarQuantizedCache, OscarRotations
-from oscar_hf.evaluation.cli import calibration_overlap, main, markdown_table, parse_methods, quanto_unavailable_reason
 from oscar_hf.evaluation import cache_kv_bits_per_element, cache_kv_bytes, smooth
+from oscar_hf.evaluation.cli import calibration_overlap, main, markdown_table, parse_methods, quanto_unavailable_reason
 
 
 def test_parse_methods_reads_rows_variants_and_overrides(tmp_path):

@@ -6,11 +6,11 @@ cache's storage nor the `"oscar"` attention path takes part in it.
 
 import pytest
 import torch
+from conftest import FAMILY_OVERRIDES, tiny_model
+from fake_quant import FakeQuantCache
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from conftest import FAMILY_OVERRIDES, tiny_model
-from fake_quant import FakeQuantCache
 from oscar_hf import OscarQuantizedCache, OscarRotations
 from oscar_hf.layer import OscarQuantizedLayer
 

@@ -8,10 +8,10 @@ eager attention; see `fake_quant.py`).
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from conftest import tiny_model
 from fake_quant import FakeQuantCache
+from transformers import DynamicCache
+
 from oscar_hf import OscarQuantizedCache, OscarRotations
 
 COVERING = dict(sink_tokens=8, recent_tokens=128)

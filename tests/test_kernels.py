@@ -36,8 +36,8 @@ def test_kernels_under_interpreter():
     assert " passed" in run.stdout and "failed" not in run.stdout.splitlines()[-1], run.stdout[-3000:]
 
 from oscar_hf.attention import segment_attention_reference  # noqa: E402
-from oscar_hf.kernels import decode_attention as dk  # noqa: E402
 from oscar_hf.kernel_dispatch import decode_attention_fast_path  # noqa: E402
+from oscar_hf.kernels import decode_attention as dk  # noqa: E402
 from oscar_hf.kernels import quantize as qk  # noqa: E402
 from oscar_hf.layer import OscarQuantizedLayer, OscarSegments  # noqa: E402
 from oscar_hf.quantization import (  # noqa: E402

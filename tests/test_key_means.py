@@ -3,8 +3,8 @@ score shift shared by all keys of a query, so attention must not change; the 2-b
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from oscar_hf import OscarQuantizedCache, OscarRotations
 from oscar_hf.layer import OscarQuantizedLayer
 from oscar_hf.quantization import hadamard_matrix

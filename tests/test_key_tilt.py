@@ -5,11 +5,10 @@ the bundle and the cache."""
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from oscar_hf import OscarQuantizedCache, OscarRotations
-from oscar_hf.calibrate.core import calibrate
-from oscar_hf.calibrate.core import DEFAULT_KEY_TILT
+from oscar_hf.calibrate.core import DEFAULT_KEY_TILT, calibrate
 from oscar_hf.layer import OscarQuantizedLayer
 from oscar_hf.quantization import KeyTilt, dequantize_rows, hadamard_matrix, quantize_rows, unpack_codes
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import CALIBRATION_SPLIT
+
 from oscar_hf import OscarQuantizedCache
 from oscar_hf.evaluation import evaluate_caches
 

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import CALIBRATION_SPLIT, tiny_model
 from transformers import DynamicCache
 
-from conftest import CALIBRATION_SPLIT, tiny_model
 from oscar_hf import OscarQuantizedCache
 from oscar_hf.evaluation.retrieval import build_cases, feed_chunks, is_exact_match, run_retrieval
 

@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
 from transformers import AutoConfig
 
-from conftest import tiny_config, tiny_model
 from oscar_hf import OscarQuantizedCache, OscarRotations
 
 

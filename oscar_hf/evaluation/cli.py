@@ -374,8 +374,10 @@ def check_arguments(args, specs: list[MethodSpec]):
         check_writable_file(args.plot, "--plot")
         try:
             import matplotlib  # noqa: F401
-        except ImportError:
-            raise RuntimeError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot).")
+        except ImportError as err:
+            raise RuntimeError(
+                "--plot needs matplotlib, which is not installed: pip install 'oscar-hf[eval]' (or drop --plot)."
+            ) from err
     if args.device is not None:
         try:
             device = torch.device(args.device)
