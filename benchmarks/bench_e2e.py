@@ -847,7 +847,9 @@ def issue_bars(out) -> list[str]:
         if og and og.get("x_int2_floor"):
             lines.append(f"{c}: OSCAR compiled at {og['x_int2_floor']:.2f}x the INT2 floor (stretch: 2x)")
         if og and qu:
-            lines.append(f"{c}: OSCAR compiled vs QuantizedCache quanto int2 {qu['ms'] / og['ms']:.2f}x (bar 3x at 32K)")
+            lines.append(
+                f"{c}: OSCAR compiled vs QuantizedCache quanto int2 {qu['ms'] / og['ms']:.2f}x (bar 3x at 32K)"
+            )
         oscar_peak = max((r["peak_gib"] for r in rows if r["kind"] == "oscar" and r.get("peak_gib")), default=None)
         if dyn and dyn.get("peak_gib") and oscar_peak:
             lines.append(f"{c}: {peak_ratio('context build + decode', oscar_peak, dyn['peak_gib'], weights)}")

@@ -9,7 +9,8 @@ Then the write (demotion) kernel -- plain rounding, error feedback, and error fe
 greedy generate() with the Triton path against the PyTorch path on the reference model. A short table is printed
 last; `--json` keeps every number.
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --json out.json [--sweep] [--generate .assets/oscar-ref-code-qwen3]
+    PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --json out.json [--sweep] \\
+        [--generate .assets/oscar-ref-code-qwen3]
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ def run_generate(path: str, prompt_len: int = 2048, new_tokens: int = 256):
             t0 = time.perf_counter()
             with torch.no_grad():
                 res = model.generate(input_ids=ids, attention_mask=mask, **{cache_keyword(model): cache},
-                                     do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                                     do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     pad_token_id=0,
                                      return_dict_in_generate=True, output_scores=True)
             torch.cuda.synchronize()
             scores = torch.stack([sc.float() for sc in res.scores], dim=1)  # [batch, steps, vocab]
@@ -298,7 +300,8 @@ def main():
     ap.add_argument("--configs", default=None,
                     help="comma-separated launch configurations to sweep, n{block_n}w{warps}s{stages}p{programs per SM}"
                          "[j{stacked query-row copies}][r{max registers per thread}][b{k,v,kv}: key/value codes a byte "
-                         "at a time][d: dependent launch of stage 2], e.g. n128w4s3p3j1, n128w4s3p5r96, n128w4s3p3bkv, n128w4s2p3d")
+                         "at a time][d: dependent launch of stage 2], e.g. n128w4s3p3j1, n128w4s3p5r96, n128w4s3p3bkv, "
+                         "n128w4s2p3d")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-write", action="store_true", help="skip the write-kernel benchmark")
     args = ap.parse_args()
@@ -330,7 +333,8 @@ def main():
             json.dump(dict(device=dev, copy_bw=copy_bw, attention=attn, write=write, generate=gen_res), f, indent=1)
 
     print("\nDevice times are CUDA-graph replays (both SDPA and OSCAR); eager = do_bench of Python launches.")
-    print("| batch | context | q | SDPA bf16 us (eager) | OSCAR us default (eager) | speedup | floor us | % of copy BW | "
+    print("| batch | context | q | SDPA bf16 us (eager) | OSCAR us default (eager) | speedup | floor us | "
+          "% of copy BW | "
           "best cfg | best us | best speedup | best % BW | max rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in attn:

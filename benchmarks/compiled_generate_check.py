@@ -8,7 +8,8 @@ against eager, same tokens, one compilation, and the time of each.
 Both runs use `attn_implementation="oscar"`, the Triton kernels and a cache built with `max_cache_len`; the eager run
 passes `disable_compile=True`. By default the compiled run is generate()'s own compilation (inductor,
 mode="reduce-overhead"), whose fused kernels for the model's own ops (norms, MLP) may move near-tied greedy tokens;
-`--backend cudagraphs` captures the same step in CUDA graphs without inductor, where every token must match. Prints the share of identical greedy tokens, how many graphs dynamo compiled (1 means
+`--backend cudagraphs` captures the same step in CUDA graphs without inductor, where every token must match.
+Prints the share of identical greedy tokens, how many graphs dynamo compiled (1 means
 no recompilation across the demotions), and the wall time of each run (the first compiled run includes compilation).
 """
 
@@ -43,7 +44,10 @@ def main() -> None:
     model.eval()
     tokens = np.load(f"{args.model}/heldout_tokens.npy", mmap_mode="r")
     ids = torch.stack(
-        [torch.from_numpy(tokens[EVAL_START + i * 10_000 :][: args.prompt_tokens].astype(np.int64)) for i in range(args.batch)]
+        [
+            torch.from_numpy(tokens[EVAL_START + i * 10_000 :][: args.prompt_tokens].astype(np.int64))
+            for i in range(args.batch)
+        ]
     ).to(dev)
     mask = torch.ones_like(ids)
     if args.padded:

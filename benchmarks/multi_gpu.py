@@ -64,7 +64,9 @@ def tokens_for(path: str, vocab_size: int, n: int, offset: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(model, prompt: torch.Tensor, new_tokens: int, input_device) -> tuple[torch.Tensor, OscarQuantizedCache, float]:
+def greedy(
+    model, prompt: torch.Tensor, new_tokens: int, input_device
+) -> tuple[torch.Tensor, OscarQuantizedCache, float]:
     cache = OscarQuantizedCache(model.config, method="hadamard")
     start = time.perf_counter()
     out = model.generate(
@@ -166,7 +168,10 @@ def main(argv=None) -> int:
     t_cal_split = time.perf_counter() - start
     spectra = max(
         ((a - b).abs().max() / a.abs().max()).item()
-        for a, b in ((rot_single.k_eigenvalues, rot_split.k_eigenvalues), (rot_single.v_eigenvalues, rot_split.v_eigenvalues))
+        for a, b in (
+            (rot_single.k_eigenvalues, rot_split.k_eigenvalues),
+            (rot_single.v_eigenvalues, rot_split.v_eigenvalues),
+        )
     )
     clips = torch.equal(rot_single.k_clip_ratios, rot_split.k_clip_ratios) and torch.equal(
         rot_single.v_clip_ratios, rot_split.v_clip_ratios
@@ -192,7 +197,10 @@ def main(argv=None) -> int:
                        if "(device " in line), "?")
     cli_spectra = max(
         ((a - b).abs().max() / a.abs().max()).item()
-        for a, b in ((rot_single.k_eigenvalues, rot_cli.k_eigenvalues), (rot_single.v_eigenvalues, rot_cli.v_eigenvalues))
+        for a, b in (
+            (rot_single.k_eigenvalues, rot_cli.k_eigenvalues),
+            (rot_single.v_eigenvalues, rot_cli.v_eigenvalues),
+        )
     )
     check("oscar-calibrate --device-map balanced", status == 0 and cli_spectra < 1e-2,
           f"exit {status}, max rel. spectrum diff to single {cli_spectra:.2e}, first device {cli_device}")
@@ -203,7 +211,9 @@ def main(argv=None) -> int:
         print(f"| {name:<{width}} | {result:<6} | {detail} |")
     print("\nper-layer placement: " + ", ".join(f"{i}:{m}" for i, m, _ in placement))
     if args.json:
-        Path(args.json).write_text(json.dumps({"devices": args.devices, "rows": rows, "placement": placement}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"devices": args.devices, "rows": rows, "placement": placement}, indent=1)
+        )
     return 0 if ok else 1
 
 

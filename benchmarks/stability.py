@@ -163,12 +163,15 @@ def main(argv=None) -> int:
 
     body_row_bytes = layer.head_dim // 4 + 4  # codes + fp16 scale and offset, per (token, head) row
     first, last = rows[0], rows[-1]
-    marginal = (last["held_bytes_per_token"] * last["context"] - first["held_bytes_per_token"] * first["context"]) / max(
+    marginal = (
+        last["held_bytes_per_token"] * last["context"] - first["held_bytes_per_token"] * first["context"]
+    ) / max(
         1, last["context"] - first["context"]
     )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{device_name}, torch {torch.__version__}, {args.dtype}, method {args.rotations or args.method}, "
-          f"{'teacher-forced' if args.teacher_forced else 'greedy'}{', compiled' if args.compile else ''}, prompt {args.prompt_tokens}, {args.steps} steps")
+          f"{'teacher-forced' if args.teacher_forced else 'greedy'}{', compiled' if args.compile else ''}, "
+          f"prompt {args.prompt_tokens}, {args.steps} steps")
     head = "| step | context | ms/step | DynamicCache ms/step | held B/token | alloc B/token | bits/elem | non-finite |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
     # Stable: nothing non-finite, the exact windows bounded (so memory per token falls towards the 2-bit rate instead
     # of drifting up), and spare capacity within the body's growth factor.
     windows_bounded = all(
-        r["sink_body_recent"][0] <= layer.sink_tokens and r["sink_body_recent"][2] <= layer.recent_capacity for r in rows
+        r["sink_body_recent"][0] <= layer.sink_tokens and r["sink_body_recent"][2] <= layer.recent_capacity
+        for r in rows
     )
     # (A static cache allocates the whole run up front: its spare capacity shrinks as it fills, by design.)
     spare_ok = args.compile or last["allocated_bytes_per_token"] <= 2 * last["held_bytes_per_token"]

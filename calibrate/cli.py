@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="code K and V with error feedback in the query-covariance / o_proj metrics (default); "
                         "--no-error-feedback: plain rounding, as the reference recipe")
     p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=False,
-                   help="store keys minus their calibrated mean per KV head (softmax ignores the shift); off by default")
+                   help="store keys minus their calibrated mean per KV head (softmax ignores the shift); "
+                        "off by default")
     p.add_argument("--key-tilt", type=non_negative_float, default=None,
                    help="strength of the attention tilt of the key coding: each key is coded in the metric of the "
                         "queries that will attend to it (default 3 with per-head error feedback; 0: off)")

@@ -310,7 +310,10 @@ def calibrate(
         k_ev[layer], v_ev[layer] = ek[i].expand(groups, d), ev[i].expand(groups, d)
         k_all[layer], v_all[layer] = k_clip[i], v_clip[i]
         if error_feedback:
-            k_fb[layer], v_fb[layer] = feedback[name][0][i].expand(groups, d, d), feedback[name][1][i].expand(groups, d, d)
+            k_fb[layer], v_fb[layer] = (
+                feedback[name][0][i].expand(groups, d, d),
+                feedback[name][1][i].expand(groups, d, d),
+            )
 
     seconds = time.perf_counter() - start
     report = CalibrationReport(

@@ -145,7 +145,8 @@ def output_projection_gram(model, layer_idx: int, num_kv_heads: int, head_dim: i
 def feedback_factors(rotation: torch.Tensor, metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the rotated channels by decreasing metric weight (error feedback codes the heaviest first, GPTQ's
     "act order"; a permutation of R's columns changes nothing else) and return `(R', factor)` for
-    `quantize_rows(..., feedback=factor)`. `rotation` `[groups, D, D]`, `metric` `[groups or 1, D, D]` (original space)."""
+    `quantize_rows(..., feedback=factor)`. `rotation` `[groups, D, D]`, `metric` `[groups or 1, D, D]`
+    (original space)."""
     r = rotation.double()
     rotated = r.transpose(-1, -2) @ metric.double() @ r
     order = rotated.diagonal(dim1=-2, dim2=-1).mean(0).argsort(descending=True)

@@ -46,7 +46,10 @@ def main():
         "hadamard": lambda: OscarQuantizedCache(config=model.config, method="hadamard"),
         "oscar": lambda: OscarQuantizedCache(config=model.config, rotations=rotations),
     })
-    table = {name: {k: round(v, 5) for k, v in r.items() if k in ("kl_mean", "top1_agreement")} for name, r in results.items()}
+    table = {
+        name: {k: round(v, 5) for k, v in r.items() if k in ("kl_mean", "top1_agreement")}
+        for name, r in results.items()
+    }
     print(table)
     evaluation = {"metrics": ["kl_mean", "top1_agreement"], "results": table,
                   "description": "Decode mode, prefill 1,024 tokens then 256 teacher-forced steps; KL(bf16 || method)."}

@@ -76,11 +76,15 @@ def main():
 
         # The evaluation part of the reference model's held-out code (tokens from 1,048,576 on), never calibrated on.
         start = 1_048_576 + 4096
-        ids = torch.from_numpy(np.load(heldout, mmap_mode="r")[start : start + args.prompt_tokens].astype("int64"))[None]
+        ids = torch.from_numpy(
+            np.load(heldout, mmap_mode="r")[start : start + args.prompt_tokens].astype("int64")
+        )[None]
     elif tokenizer is not None:
         ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     else:
-        ids = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            1, model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
+        )
     ids = ids.to(args.device)
 
     windows = dict(sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens)

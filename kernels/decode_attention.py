@@ -110,8 +110,12 @@ def _unpack_asm(dt: str, s: int, pairs: bool = False) -> str:
 
 _BF16_ASM_0, _BF16_ASM_1, _BF16_ASM_2, _BF16_ASM_3 = (tl.constexpr(_unpack_asm("bf16", s)) for s in range(4))
 _FP16_ASM_0, _FP16_ASM_1, _FP16_ASM_2, _FP16_ASM_3 = (tl.constexpr(_unpack_asm("fp16", s)) for s in range(4))
-_BF16_PAIRS_0, _BF16_PAIRS_1, _BF16_PAIRS_2, _BF16_PAIRS_3 = (tl.constexpr(_unpack_asm("bf16", s, pairs=True)) for s in range(4))
-_FP16_PAIRS_0, _FP16_PAIRS_1, _FP16_PAIRS_2, _FP16_PAIRS_3 = (tl.constexpr(_unpack_asm("fp16", s, pairs=True)) for s in range(4))
+_BF16_PAIRS_0, _BF16_PAIRS_1, _BF16_PAIRS_2, _BF16_PAIRS_3 = (
+    tl.constexpr(_unpack_asm("bf16", s, pairs=True)) for s in range(4)
+)
+_FP16_PAIRS_0, _FP16_PAIRS_1, _FP16_PAIRS_2, _FP16_PAIRS_3 = (
+    tl.constexpr(_unpack_asm("fp16", s, pairs=True)) for s in range(4)
+)
 
 
 @triton.jit
@@ -221,7 +225,8 @@ def _int2_block(
     CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, KEY_PAIRS: tl.constexpr, VALUE_PAIRS: tl.constexpr,
 ):
     """`J` consecutive sub-blocks of `BLOCK_N` 2-bit keys/values; the rows of copy j (`rj == j`) take sub-block j, so
-    one `[M, BLOCK_N]` tile of scores (and one round of online softmax) covers `J * BLOCK_N` keys. `*_base` point at this
+    one `[M, BLOCK_N]` tile of scores (and one round of online softmax) covers `J * BLOCK_N` keys.
+    `*_base` point at this
     (batch, KV head)'s rows: codes are `QD`-byte rows, scale/offset one value per token (the layer's layout, checked
     by `unsupported_reason`)."""
     n = tl.arange(0, BLOCK_N)
@@ -871,7 +876,8 @@ def decode_attention(
         part_o, part_m, part_l,
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
         float(scale * _LOG2E), lengths if device_lengths else mask_u8,
-        D=head_dim, BLOCK_M=block_m, RP=block_m // stack, BLOCK_N=block_n // stack, BLOCK_E=min(block_n, 32, exact_chunk),
+        D=head_dim, BLOCK_M=block_m, RP=block_m // stack, BLOCK_N=block_n // stack,
+        BLOCK_E=min(block_n, 32, exact_chunk),
         EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,

@@ -410,7 +410,11 @@ def quantize_rows_into(
                 f"{token_pairs_from}..{token_pairs_from + n_rows}; got shape {tuple(codes.shape)}."
             )
         code_lead = lead[:-1] + (cap,)
-    if tuple(codes.shape) != code_lead + (d // CODES_PER_BYTE,) or tuple(scale.shape) != lead or tuple(offset.shape) != lead:
+    if (
+        tuple(codes.shape) != code_lead + (d // CODES_PER_BYTE,)
+        or tuple(scale.shape) != lead
+        or tuple(offset.shape) != lead
+    ):
         raise ValueError(
             f"Output shapes {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(offset.shape)} do not match rows "
             f"{tuple(rows.shape)}: codes must be [..., {d // CODES_PER_BYTE}] and scale/offset [...]."

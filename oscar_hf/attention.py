@@ -108,7 +108,8 @@ def oscar_attention_forward(
             if reason is not None:
                 if torch.compiler.is_compiling():
                     raise RuntimeError(
-                        f"Compiled OSCAR decoding needs the Triton decode kernel, which cannot serve this call: {reason}."
+                        "Compiled OSCAR decoding needs the Triton decode kernel, which cannot serve this call: "
+                        f"{reason}."
                         " Pass disable_compile=True to generate(), or build the cache without max_cache_len."
                     )
                 out = segment_attention_reference(query, key, attention_mask, scaling)

@@ -289,7 +289,9 @@ def _check_tensor_header(path: Path, header: dict[str, tuple[str, list[int]]], c
 
     for name, (dtype, shape) in header.items():
         if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{path}: {name} is {dtype}; bundle tensors are floating point ({', '.join(_FLOAT_DTYPES)}).")
+            raise ValueError(
+                f"{path}: {name} is {dtype}; bundle tensors are floating point ({', '.join(_FLOAT_DTYPES)})."
+            )
         if not any(fits(shape, pattern) for pattern in shapes[name]):
             raise ValueError(
                 f"{path}: {name} has shape {list(shape)}, but {CONFIG_FILE} declares num_layers {layers}, num_kv_heads "
@@ -299,7 +301,8 @@ def _check_tensor_header(path: Path, header: dict[str, tuple[str, list[int]]], c
     declared = config.get("groups")
     if declared and "k_rotations" in header and header["k_rotations"][1][1] != declared:
         raise ValueError(
-            f"{path}: k_rotations holds {header['k_rotations'][1][1]} rotation(s) per layer, but {CONFIG_FILE} declares "
+            f"{path}: k_rotations holds {header['k_rotations'][1][1]} rotation(s) per layer, "
+            f"but {CONFIG_FILE} declares "
             f"groups {declared}. The two files come from different bundles: re-create or download the bundle again."
         )
 
@@ -485,7 +488,8 @@ class BundleIO:
         if config is not None:
             geometry = model_geometry(config)
             rotations.check_compatible(
-                geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, model_name=model_name(geometry.text_config)
+                geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
+                model_name=model_name(geometry.text_config)
             )
         return rotations
 

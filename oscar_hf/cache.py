@@ -36,7 +36,8 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 
 class OscarQuantizedCache(Cache):
-    """A 2-bit KV cache with BF16 attention-sink and recent windows, for `model.generate(cache=...)` (`past_key_values=` before
+    """A 2-bit KV cache with BF16 attention-sink and recent windows, for `model.generate(cache=...)`
+    (`past_key_values=` before
     transformers 5.24).
 
     Args:
@@ -203,7 +204,8 @@ class OscarQuantizedCache(Cache):
             return False
         if any(layer.max_cache_len is None for layer in layers):
             logger.warning_once(
-                "OscarQuantizedCache: compiled decoding (generate() on CUDA, or a compile_config) needs a static cache; "
+                "OscarQuantizedCache: compiled decoding (generate() on CUDA, or a compile_config) needs a static "
+                "cache; "
                 "build it with max_cache_len=<prompt + new tokens>. This cache decodes eagerly."
             )
             return False

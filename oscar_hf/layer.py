@@ -215,8 +215,12 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads, self.head_dim = batch, heads, head_dim
         # Contiguous, so that the kernels read them in place instead of copying them every step.
-        self.k_rotation = None if self.k_rotation_init is None else self.k_rotation_init.to(self.device, torch.float32).contiguous()
-        self.v_rotation = None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32).contiguous()
+        self.k_rotation = (
+            None if self.k_rotation_init is None else self.k_rotation_init.to(self.device, torch.float32).contiguous()
+        )
+        self.v_rotation = (
+            None if self.v_rotation_init is None else self.v_rotation_init.to(self.device, torch.float32).contiguous()
+        )
         self.k_feedback = None if self.k_feedback_init is None else self.k_feedback_init.to(self.device, torch.float32)
         # The key feedback's metric, which the grid refit solves in (`key_grid_refit`; None: no refit).
         self.k_metric = (
@@ -467,7 +471,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ reads
     def body_rows(self) -> tuple[QuantizedRows, QuantizedRows]:
-        """The valid part of the 2-bit body, keys then values, as token rows (the value codes de-interleaved: a copy)."""
+        """The valid part of the 2-bit body, keys then values, as token rows (the value codes de-interleaved:
+        a copy)."""
         n = self.body_len
         return (
             QuantizedRows(self.body_key_codes[:, :, :n], self.body_key_scale[:, :, :n], self.body_key_offset[:, :, :n]),

@@ -1,7 +1,8 @@
 """The two torch ops a decode step runs, so that `torch.compile` (and `generate()`'s compiled step) sees them:
 
 - `oscar_hf::append(keys, values, lengths, <ten segment buffers>, demote_block, max_tokens, k_clip_ratio,
-  v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to `min(demote_block,
+  v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to
+  `min(demote_block,
   recent_tokens)` rotated rows: into the sink while it is not full, else into the recent window; when the window would
   overflow it first quantizes its oldest `demote_block` tokens into the 2-bit body at `body_len` and shifts the rest
   left. It mutates the segment buffers and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`).
@@ -11,7 +12,8 @@
 
 The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off)
 they read the lengths on the host and call the PyTorch reference (`storage.quantize_into_body`,
-`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is device-side tensor arithmetic plus the Triton
+`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is device-side tensor arithmetic
+plus the Triton
 write kernel in its predicated mode (it launches every step and returns at once unless a block is waiting), and
 `decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the
 buffers' capacity. Call them through `append(layer, ...)` and `decode_attention(query, layer, ...)`.
@@ -162,7 +164,8 @@ def append(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Append rotated rows to a static layer through `oscar_hf::append`."""
     tilt = layer.k_tilt
     torch.ops.oscar_hf.append(
-        keys, values, layer.lengths, *layer.segment_tensors(), layer.demote_block, layer.max_cache_len, layer.k_clip_ratio,
+        keys, values, layer.lengths, *layer.segment_tensors(), layer.demote_block, layer.max_cache_len,
+        layer.k_clip_ratio,
         layer.v_clip_ratio, layer.k_feedback, layer.v_feedback, None if tilt is None else tilt.means,
         None if tilt is None else tilt.maps, layer.k_metric,
     )

@@ -68,10 +68,14 @@ def _handler(state: HubState):
             body = self._body()
             if path == "/api/repos/create":
                 payload = json.loads(body or b"{}")
-                repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+                repo_id = (
+                    f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+                )
                 with state.lock:
                     if repo_id in state.repos:
-                        return self._json({"error": "You already created this model repo", "url": self._url(repo_id)}, 409)
+                        return self._json(
+                            {"error": "You already created this model repo", "url": self._url(repo_id)}, 409
+                        )
                     state.repos[repo_id] = {"branches": {"main": "0" * 40}, "commits": {"0" * 40: {}}}
                 return self._json({"url": self._url(repo_id), "name": repo_id, "id": repo_id})
             if path == "/api/validate-yaml":  # the client checks README metadata before uploading
@@ -104,7 +108,9 @@ def _handler(state: HubState):
                     value = item["value"]
                     if item["key"] == "file":
                         content = value["content"]
-                        files[value["path"]] = base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
+                        files[value["path"]] = (
+                            base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
+                        )
                     elif item["key"] == "deletedFile":
                         files.pop(value["path"], None)
                     elif item["key"] == "lfsFile":

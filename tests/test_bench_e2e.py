@@ -32,7 +32,9 @@ def test_bench_e2e_dry_run_runs_every_section_without_errors(tmp_path, capsys):
               if r.get("error") and not (r["kind"] == "quanto" and quanto_missing)]
     assert not failed
     decode = {(r["kind"], r["mode"]) for r in out["decode"][0]["rows"] if r.get("ms")}
-    expected = {("dynamic", "eager"), ("static", "eager"), ("static", "compile"), ("oscar", "eager"), ("oscar", "compile")}
+    expected = {
+        ("dynamic", "eager"), ("static", "eager"), ("static", "compile"), ("oscar", "eager"), ("oscar", "compile")
+    }
     assert expected <= decode
     generated = {(r["kind"], r["mode"]) for r in out["generate"] if r.get("ms")}
     assert generated == {("dynamic", "eager"), ("static", "compile"), ("oscar", "compile"), ("oscar", "eager")}

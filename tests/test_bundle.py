@@ -132,7 +132,9 @@ def test_real_rotationzoo_files_import_export_and_bundle_round_trip(tmp_path):
     for name in (K_FILENAME, V_FILENAME):
         original = torch.load(ZOO / name, weights_only=True)
         exported = torch.load(tmp_path / "zoo" / name, weights_only=True)
-        assert {k: v for k, v in original.items() if k != "layers"} == {k: v for k, v in exported.items() if k != "layers"}
+        assert {k: v for k, v in original.items() if k != "layers"} == {
+            k: v for k, v in exported.items() if k != "layers"
+        }
         for i in range(36):
             assert torch.equal(original["layers"][i]["rotation"], exported["layers"][i]["rotation"])
             assert torch.equal(original["layers"][i]["eigenvalues"], exported["layers"][i]["eigenvalues"])

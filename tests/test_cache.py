@@ -117,7 +117,9 @@ def test_mixed_segment_attention_equals_attention_over_dequantized_cache():
     # The dequantized cache, built here from the raw segment tensors and un-rotated back to the model's space.
     body_k, body_v = layer.body_rows()
     h = hadamard_matrix(64, torch.float32)
-    k_all = torch.cat([layer.sink_keys[:, :, :8], dequantize_rows(body_k), layer.recent_keys[:, :, : layer.recent_len]], 2)
+    k_all = torch.cat(
+        [layer.sink_keys[:, :, :8], dequantize_rows(body_k), layer.recent_keys[:, :, : layer.recent_len]], 2
+    )
     v_all = torch.cat(
         [layer.sink_values[:, :, :8], dequantize_rows(body_v), layer.recent_values[:, :, : layer.recent_len]], 2
     )
@@ -129,7 +131,11 @@ def test_mixed_segment_attention_equals_attention_over_dequantized_cache():
     # Per-segment partial softmaxes merged with log-sum-exp (what the split-K kernel does) give the same output.
     qr = q @ h
     partial = []
-    for ks, vs in ((k_all[:, :, :8], v_all[:, :, :8]), (k_all[:, :, 8:-20], v_all[:, :, 8:-20]), (k_all[:, :, -20:], v_all[:, :, -20:])):
+    for ks, vs in (
+        (k_all[:, :, :8], v_all[:, :, :8]),
+        (k_all[:, :, 8:-20], v_all[:, :, 8:-20]),
+        (k_all[:, :, -20:], v_all[:, :, -20:]),
+    ):
         s = (qr @ ks.transpose(-1, -2)) * 0.125
         lse = torch.logsumexp(s, -1, keepdim=True)
         partial.append((lse, torch.softmax(s, -1) @ vs))
@@ -214,7 +220,9 @@ def test_generate_takes_the_cache_under_either_keyword_and_ours_warns_no_depreca
     current = OscarQuantizedCache(model.config, **windows)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        got = model.generate(ids, **{cache_keyword(model): current}, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        got = model.generate(
+            ids, **{cache_keyword(model): current}, max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )
         run = decode_mode_run(model, ids[0], 30, cache=OscarQuantizedCache(model.config, **windows))
     assert torch.equal(got, expected) and current.layers[0].body_len > 0
     assert run.cache.layers[0].body_len > 0 and run.logprobs.shape[0] == 10

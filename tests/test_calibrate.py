@@ -104,7 +104,9 @@ def test_calibrate_tiny_model_gives_a_valid_bundle_with_best_held_back_clips(gro
     assert set(report.errors) >= {"k_oscar", "k_hadamard", "v_oscar", "v_hadamard"}
     # The fitted clip is the candidate with the smallest held-back error, so it never loses to the default one.
     for kind in ("k", "v"):
-        assert all(a <= b + 1e-12 for a, b in zip(report.errors[f"{kind}_oscar"], report.errors[f"{kind}_oscar_default_clip"]))
+        assert all(
+            a <= b + 1e-12 for a, b in zip(report.errors[f"{kind}_oscar"], report.errors[f"{kind}_oscar_default_clip"])
+        )
     assert rot.metadata["calibration"]["layer_grouping"] == ",".join([grouping] * 2)
     OscarQuantizedCache(config=model.config, rotations=rot)  # accepted by the cache
 
@@ -204,7 +206,9 @@ def test_jsonl_and_text_data_are_tokenized_with_eos_between_documents(tmp_path):
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [b + 1 for b in text.encode()]}
 
-    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"messages": [{"content": "c"}]}) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"text": "ab"}) + "\n" + json.dumps({"messages": [{"content": "c"}]}) + "\n"
+    )
     assert load_calibration_tokens(tmp_path / "d.jsonl", ByteTokenizer()).tolist() == [98, 99, 0, 100, 0]
     (tmp_path / "d.txt").write_text("xyz")
     assert load_calibration_tokens(tmp_path / "d.txt", ByteTokenizer(), num_tokens=2, offset=1).tolist() == [122, 123]
@@ -230,7 +234,9 @@ def test_reference_model_bundle_beats_hadamard_decode_kl_by_a_third(tmp_path):
     assert rc == 0
     model = AutoModelForCausalLM.from_pretrained(REF_MODEL, dtype=torch.float32, attn_implementation="oscar").eval()
     rot = OscarRotations.from_pretrained(tmp_path / "bundle", config=model.config)
-    tokens = torch.from_numpy(np.load(REF_MODEL / "heldout_tokens.npy")[CALIBRATION_END : CALIBRATION_END + 2049].astype(np.int64))
+    tokens = torch.from_numpy(
+        np.load(REF_MODEL / "heldout_tokens.npy")[CALIBRATION_END : CALIBRATION_END + 2049].astype(np.int64)
+    )
     results = evaluate_caches(model, tokens, 1024, {
         "hadamard": lambda: OscarQuantizedCache(config=model.config, method="hadamard"),
         "oscar": lambda: OscarQuantizedCache(config=model.config, rotations=rot),
@@ -272,9 +278,15 @@ def _bad_tokens(tmp_path, name, array):
         (lambda t: ["--grouping", "layer", "--key-tilt", "2"], "key_tilt=2.0"),
         (lambda t: ["--clip-fit", "--num-tokens", "300"], "Clip fitting needs held-back tokens"),
         (lambda t: ["--num-tokens", "5000"], "holds 4096 tokens from offset 0; 5000 were requested"),
-        (lambda t: _bad_tokens(t, "big.npy", np.arange(4096) % 200), "ids in [0, 199], outside the model's vocabulary [0, 97)"),
+        (
+            lambda t: _bad_tokens(t, "big.npy", np.arange(4096) % 200),
+            "ids in [0, 199], outside the model's vocabulary [0, 97)",
+        ),
         (lambda t: _bad_tokens(t, "neg.npy", np.arange(4096) - 1), "ids in [-1, 3070]"),
-        (lambda t: _bad_tokens(t, "f.npy", np.zeros(4096, np.float32)), "must hold a 1-D integer array of token ids, got float32"),
+        (
+            lambda t: _bad_tokens(t, "f.npy", np.zeros(4096, np.float32)),
+            "must hold a 1-D integer array of token ids, got float32",
+        ),
         (lambda t: _bad_tokens(t, "b.npy", np.zeros(4096, bool)), "got bool"),
         (lambda t: _bad_tokens(t, "2d.npy", np.zeros((2, 2048), np.int32)), "got int32 (2, 2048)"),
         (lambda t: ["--data", str(t / "missing.npy")], "missing.npy: no such file"),

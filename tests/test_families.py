@@ -59,7 +59,9 @@ def assert_tracks_oracle(got, want, exact, bound=0.05, top1=0.95):
     own effect; a wrong window, scale or rotation is of the size of that effect."""
     assert torch.isfinite(got).all()
     gap, effect = (got - want).abs().max().item(), (want - exact).abs().max().item()
-    assert gap <= bound * effect, f"max |got - oracle| {gap:.3g} is over {bound} x the quantization's effect {effect:.3g}"
+    assert gap <= bound * effect, (
+        f"max |got - oracle| {gap:.3g} is over {bound} x the quantization's effect {effect:.3g}"
+    )
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= top1, f"top-1 agreement with the oracle {agree:.3f} < {top1}"
 
@@ -117,7 +119,10 @@ def test_hadamard_rotation_of_any_head_dim_is_orthogonal_and_spreads_outliers(n)
 
 @pytest.mark.parametrize(
     "family, dtype",
-    [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma3_text", torch.bfloat16), ("qwen3_moe", torch.float16)],
+    [
+        ("llama", torch.bfloat16), ("llama", torch.float16), ("gemma3_text", torch.bfloat16),
+        ("qwen3_moe", torch.float16),
+    ],
 )
 @torch.no_grad()
 def test_half_precision_quantized_run_tracks_the_oracle(family, dtype):

@@ -87,7 +87,9 @@ def test_one_cache_reused_across_chat_turns_gives_the_reference_tokens(windows):
         user = torch.randint(3, 128, (1, 7))  # the next user message, appended to everything said so far
         for m, c in ((model, cache), (reference, ref_cache)):
             prompt = history[id(c)] if turn == 0 else torch.cat([history[id(c)], user], dim=1)
-            history[id(c)] = m.generate(prompt, past_key_values=c, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            history[id(c)] = m.generate(
+                prompt, past_key_values=c, max_new_tokens=12, min_new_tokens=12, do_sample=False
+            )
         assert torch.equal(history[id(cache)], history[id(ref_cache)])
         # The cache holds all but the last generated token, which the next turn feeds first.
         assert cache.get_seq_length() == history[id(cache)].shape[1] - 1

@@ -24,7 +24,8 @@ def _random_bundle(num_layers=3, heads=2, d=32, groups=1, seed=0) -> OscarRotati
     return OscarRotations(
         "oscar", num_layers, heads, d,
         torch.rand(num_layers, generator=g) * 0.1 + 0.9, torch.rand(num_layers, generator=g) * 0.1 + 0.85,
-        q.float(), v.float(), torch.rand(num_layers, groups, d, generator=g), torch.rand(num_layers, groups, d, generator=g),
+        q.float(), v.float(), torch.rand(num_layers, groups, d, generator=g),
+        torch.rand(num_layers, groups, d, generator=g),
         metadata={"model_id": "org/base-model", "calibration": {"data": "x.npy", "num_tokens": 123}},
     )
 
@@ -35,7 +36,9 @@ def hub(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         # HF_ENDPOINT is read when huggingface_hub is imported: patch the constants derived from it as well.
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         yield hub
 
 
@@ -45,11 +48,15 @@ def test_push_then_download_then_offline_load_gives_identical_bundle(hub, tmp_pa
     info = original.push_to_hub("org/rotations", token="hf_test", endpoint=hub.endpoint, evaluation=evaluation)
     sha = info.oid
     assert len(sha) == 40
-    assert set(hub.state.repos["org/rotations"]["commits"][sha]) == {"rotations.safetensors", "oscar_config.json", "README.md"}
+    assert set(hub.state.repos["org/rotations"]["commits"][sha]) == {
+        "rotations.safetensors", "oscar_config.json", "README.md"
+    }
     assert not hub.state.unhandled
 
     cache_dir = tmp_path / "hf_cache"
-    online = OscarRotations.from_pretrained("org/rotations", cache_dir=cache_dir, token="hf_test", endpoint=hub.endpoint)
+    online = OscarRotations.from_pretrained(
+        "org/rotations", cache_dir=cache_dir, token="hf_test", endpoint=hub.endpoint
+    )
     for name in ("k_rotations", "v_rotations", "k_eigenvalues", "v_eigenvalues", "k_clip_ratios", "v_clip_ratios"):
         assert torch.equal(getattr(online, name), getattr(original, name)), name
     assert online.metadata["model_id"] == "org/base-model"
@@ -112,7 +119,9 @@ def test_the_advice_for_a_corrupt_cached_bundle_works(hub, tmp_path):
     OscarRotations.from_pretrained("org/rot", **kwargs)
     blob = next(tmp_path.rglob("rotations.safetensors")).resolve()
     blob.write_bytes(blob.read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"corrupt or truncated.*OscarRotations.from_pretrained\(repo_id, force_download=True\)"):
+    with pytest.raises(
+        ValueError, match=r"corrupt or truncated.*OscarRotations.from_pretrained\(repo_id, force_download=True\)"
+    ):
         OscarRotations.from_pretrained("org/rot", **kwargs)
     again = OscarRotations.from_pretrained("org/rot", force_download=True, **kwargs)
     assert torch.equal(again.k_rotations, original.k_rotations)

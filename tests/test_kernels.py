@@ -2,7 +2,8 @@
 
 Without a GPU these run in Triton's CPU interpreter. `TRITON_INTERPRET=1` must be set before Triton is first imported
 (Triton's own library functions are wrapped at import), and `import oscar_hf` already imports Triton through
-transformers. So, on a machine without CUDA, when Triton is already loaded in compiled mode, this module runs itself in a
+transformers. So, on a machine without CUDA, when Triton is already loaded in compiled mode, this module runs itself
+in a
 subprocess with `TRITON_INTERPRET=1` (`test_kernels_under_interpreter`) and skips its tests in this process; no other
 test module is affected. Lengths are drawn at random and are not multiples of the block sizes, and every buffer a
 kernel allocates or writes is poisoned first, so an unwritten element shows up as NaN or as a wrong code.
@@ -83,7 +84,9 @@ def test_quantize_kernel_matches_reference_bit_for_bit(clip_ratio, dtype):
     codes = torch.full((b, h, cap, d // 4), 0xA5, dtype=torch.uint8, device=DEVICE)
     scale = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
     offset = torch.full((b, h, cap), float("nan"), dtype=torch.float16, device=DEVICE)
-    qk.quantize_rows_into(rows, clip_ratio, codes[:, :, at : at + n], scale[:, :, at : at + n], offset[:, :, at : at + n])
+    qk.quantize_rows_into(
+        rows, clip_ratio, codes[:, :, at : at + n], scale[:, :, at : at + n], offset[:, :, at : at + n]
+    )
 
     torch.testing.assert_close(codes[:, :, at : at + n], ref.codes, rtol=0, atol=0)
     torch.testing.assert_close(scale[:, :, at : at + n], ref.scale, rtol=0, atol=0)
@@ -229,7 +232,7 @@ def test_quantize_kernel_rejects_bad_outputs():
         qk.quantize_rows_into(rows, 0.9, codes, scale, scale.clone())
 
 
-# ------------------------------------------------------------------------------------------------------ decode attention
+# ----------------------------------------------------------------------------------------------------- decode attention
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
     """Every buffer the decode launcher allocates (partials, output) starts as NaN."""
@@ -348,7 +351,9 @@ def test_decode_kernel_stacked_query_rows_match_reference(poisoned_allocations, 
 
 
 @in_process
-@pytest.mark.parametrize("q_len,group,stack,padded", [(1, 4, 4, False), (1, 4, 1, True), (2, 3, 2, True), (5, 2, 1, False)])
+@pytest.mark.parametrize(
+    "q_len,group,stack,padded", [(1, 4, 4, False), (1, 4, 1, True), (2, 3, 2, True), (5, 2, 1, False)]
+)
 def test_decode_kernel_code_pairs_match_reference(poisoned_allocations, q_len, group, stack, padded):
     """Codes read two bytes at a time: key codes by byte pairs (`key_pairs`, each quarter's score product split by
     channel parity) and value codes by token pairs (`value_pairs`, the value product split by token parity). Same

@@ -16,7 +16,9 @@ def ref_model(ref_model_path):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(ref_model_path, dtype=torch.bfloat16, attn_implementation="oscar").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        ref_model_path, dtype=torch.bfloat16, attn_implementation="oscar"
+    ).eval()
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,9 @@ def test_byte_and_pair_unpack_ptx_give_the_reference_bit_patterns(dtype, quarter
         # Four uint8 elements in, four 16-bit values out: elements 0, 1 in $0 and 2, 3 in $1 (low half first).
         assert run_ptx(_unpack_asm(dtype, quarter), word) == (want[0] | want[1] << 16, want[2] | want[3] << 16)
         # Two uint16 elements (bytes b0 b1 | b2 b3) in; out: their low bytes' values ($0) and high bytes' ($1).
-        assert run_ptx(_unpack_asm(dtype, quarter, pairs=True), word) == (want[0] | want[2] << 16, want[1] | want[3] << 16)
+        assert run_ptx(_unpack_asm(dtype, quarter, pairs=True), word) == (
+            want[0] | want[2] << 16, want[1] | want[3] << 16
+        )
 
 
 def test_the_emulator_catches_a_wrong_selector():

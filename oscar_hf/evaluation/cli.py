@@ -13,8 +13,9 @@ alias), `naive`, `hadamard`, `oscar` (needs `--rotations`), `quanto-int2`, `quan
 
 Variants are extra rows for ablations: `NAME=BASE[:KEY=VALUE,...]` where BASE is a method above or a rotation bundle
 directory, and the KEY=VALUE overrides are keyword arguments of the cache (`OscarQuantizedCache`: sink_tokens,
-recent_tokens, k_clip_ratio, v_clip_ratio, demote_block, key_grid_refit; quanto: residual_length, q_group_size, axis_key,
-axis_value). Examples: `--variant per-head=/tmp/bundle_head`, `--variant hadamard-noclip=hadamard:k_clip_ratio=1,v_clip_ratio=1`,
+recent_tokens, k_clip_ratio, v_clip_ratio, demote_block, key_grid_refit; quanto: residual_length, q_group_size,
+axis_key, axis_value). Examples: `--variant per-head=/tmp/bundle_head`,
+`--variant hadamard-noclip=hadamard:k_clip_ratio=1,v_clip_ratio=1`,
 `--variant oscar-r128=oscar:recent_tokens=128`, `--variant refit=/tmp/bundle:key_grid_refit=True`.
 """
 
@@ -90,22 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotations", default=None, help="rotation bundle (directory or Hub id) for the `oscar` row")
     p.add_argument("--tokens", required=True, help=".npy file of token ids (1-D, an integer dtype)")
     p.add_argument("--methods", default="bf16,naive,hadamard,oscar",
-                   help="comma-separated rows: bf16 (exact reference), naive, hadamard, oscar, quanto-int2, quanto-int4")
+                   help="comma-separated rows: bf16 (exact reference), naive, hadamard, oscar, quanto-int2, "
+                        "quanto-int4")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=BASE[:KEY=VALUE,...]",
                    help="an extra row (repeatable): a method or bundle directory with cache keyword overrides")
     p.add_argument("--start", type=non_negative_int, default=None,
                    help=f"first token used (default {EVAL_SPLIT_START:,}, the start of the reference evaluation split)")
-    p.add_argument("--prefix-tokens", type=positive_int, default=1024, help="tokens prefilled in one forward (exact attention)")
+    p.add_argument("--prefix-tokens", type=positive_int, default=1024,
+                   help="tokens prefilled in one forward (exact attention)")
     p.add_argument("--eval-tokens", type=positive_int, default=2048, help="tokens then fed one decode step at a time")
     p.add_argument("--sink-tokens", type=non_negative_int, default=64, help="exact leading tokens of the 2-bit caches")
-    p.add_argument("--recent-tokens", type=non_negative_int, default=256, help="exact newest tokens of the 2-bit caches")
+    p.add_argument("--recent-tokens", type=non_negative_int, default=256,
+                   help="exact newest tokens of the 2-bit caches")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="model and exact-cache dtype")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--json", required=True, dest="json_out", help="where to write the JSON report")
     p.add_argument("--plot", default=None, help="PNG of KL against position (needs matplotlib)")
     p.add_argument("--smooth", type=positive_int, default=64, help="moving-average window of the plot, in steps")
-    p.add_argument("--retrieval", type=non_negative_int, default=0, metavar="N", help="also run N needle-retrieval cases (0: off)")
+    p.add_argument("--retrieval", type=non_negative_int, default=0, metavar="N",
+                   help="also run N needle-retrieval cases (0: off)")
     p.add_argument("--retrieval-context", type=positive_int, default=3072, help="tokens per retrieval case")
     p.add_argument("--retrieval-chunk", type=non_negative_int, default=512,
                    help="feed retrieval cases in forwards of this many tokens (0: one forward, which for the 2-bit "
@@ -350,7 +355,8 @@ def card_evaluation(report: dict) -> dict:
     if report.get("retrieval"):
         r = report["retrieval"]["settings"]
         description += (
-            f" Retrieval EM: exact match of the greedy answer over {r['cases']} needle cases of ~{r['context_tokens']:,} "
+            f" Retrieval EM: exact match of the greedy answer over {r['cases']} needle cases of "
+            f"~{r['context_tokens']:,} "
             f"tokens, fed in {r['chunk_tokens']}-token chunks."
         )
     return {"description": description, "metrics": metrics, "results": rows, "settings": s}
@@ -403,7 +409,9 @@ def check_arguments(args, specs: list[MethodSpec]):
     # The retrieval cases are drawn from everything after --start.
     checked_end = len(tokens) if args.retrieval else end
     config = AutoConfig.from_pretrained(args.model)
-    check_token_ids(tokens[start:checked_end], vocab_size(config), f"--tokens {args.tokens} [{start:,}, {checked_end:,})")
+    check_token_ids(
+        tokens[start:checked_end], vocab_size(config), f"--tokens {args.tokens} [{start:,}, {checked_end:,})"
+    )
 
     bundles: dict[str, OscarRotations] = {}
     sources = [bundle_source(spec, args) for spec in specs] + ([args.rotations] if args.update_card else [])
@@ -467,7 +475,8 @@ def run(args) -> int:
                                        else ""),
         "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens, "reference": reference_name,
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "command": "oscar-eval " + " ".join(getattr(args, "argv", [])),
+        "transformers": __import__("transformers").__version__,
+        "command": "oscar-eval " + " ".join(getattr(args, "argv", [])),
     }
     eval_ids = torch.from_numpy(np.asarray(tokens[start:end]).astype(np.int64))
 
@@ -536,12 +545,15 @@ def run_retrieval_rows(args, model, tokens, factories, skipped, progress, result
                         value_style=args.retrieval_value)
     chunk = args.retrieval_chunk or None
     feeding = (f"in {chunk}-token chunks (the first prefills, later ones attend over the stored cache), then greedy "
-               "decode" if chunk else "in one forward (prefill: exact attention for the 2-bit caches), then greedy decode")
+               "decode" if chunk
+               else "in one forward (prefill: exact attention for the 2-bit caches), then greedy decode")
     out = {"settings": {**case_summary(cases), "context_tokens": args.retrieval_context, "chunk_tokens": chunk,
                         "feeding": feeding, "value_style": args.retrieval_value}, "results": {}}
     for name, factory in factories.items():
         t0 = time.perf_counter()
-        r = run_retrieval(model, tokenizer, cases, factory, chunk_tokens=chunk, progress=progress, desc=f"needle {name}")
+        r = run_retrieval(
+            model, tokenizer, cases, factory, chunk_tokens=chunk, progress=progress, desc=f"needle {name}"
+        )
         r["seconds"] = round(time.perf_counter() - t0, 1)
         out["results"][name] = r
         if name in results:
