@@ -165,9 +165,8 @@ def append(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     tilt = layer.k_tilt
     torch.ops.oscar_hf.append(
         keys, values, layer.lengths, *layer.segment_tensors(), layer.demote_block, layer.max_cache_len,
-        layer.k_clip_ratio,
-        layer.v_clip_ratio, layer.k_feedback, layer.v_feedback, None if tilt is None else tilt.means,
-        None if tilt is None else tilt.maps, layer.k_metric,
+        layer.k_clip_ratio, layer.v_clip_ratio, layer.k_feedback, layer.v_feedback,
+        None if tilt is None else tilt.means, None if tilt is None else tilt.maps, layer.k_metric,
     )
 
 
