@@ -13,6 +13,11 @@ A layer keeps three segments, in token order:
 Every segment is stored *rotated* (keys by R_K, values by R_V), so attention runs in the rotated space: the query is
 rotated by R_K once and the output un-rotated by R_V^T once.
 
+`crop` puts the layer back exactly as if the removed tokens had never arrived (transformers' `is_croppable` promise,
+on which assisted decoding relies): where the window had already demoted tokens that must be exact again, it takes
+them back from an *undo ring*, exact copies of the newest `undo_capacity` demoted rows (as many rows as the recent
+window holds: about 1% of a 128K-token layer).
+
 The segment lengths live in one int32 tensor, `lengths` = (sink_len, body_len, recent_len, reserved): the only
 record of how many tokens each segment holds. A *static* layer (`max_cache_len` given) allocates every buffer once,
 keeps `lengths` on its device and appends short chunks (decode steps) through the `oscar_hf::append` op, which
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
+from transformers.utils import logging
 
 from .attention_checks import segments_misused
 from .cache_checks import check_positive_crop, refuse_dtype_change
@@ -40,12 +46,17 @@ from .quantization import (
     rotate,
     unrotate,
 )
-from .storage import dequantize_segments, quantize_into_body
+from .storage import dequantize_segments, quantize_into_body, recall_demoted, remember_demoted
+
+logger = logging.get_logger(__name__)
 
 # Body growth: a page granularity so that small contexts do not reallocate every demotion, and a growth factor that
 # keeps the amortised copy cost constant per token while wasting at most a third of the capacity.
 _BODY_PAGE = 1024
 _BODY_GROWTH = 1.5
+# A crop of up to max(recent_tokens, this) tokens is exact. Assisted decoding crops the rejected candidates of one
+# verification forward (`num_assistant_tokens`, 20 by default), so tiny windows still get a useful undo ring.
+_EXACT_CROP_MIN_TOKENS = 64
 @dataclass
 class OscarSegments:
     """What an `OscarQuantizedLayer.update` hands the `"oscar"` attention function instead of key/value tensors.
@@ -202,6 +213,12 @@ class OscarQuantizedLayer(CacheLayerMixin):
     def recent_capacity(self) -> int:
         return self.recent_tokens + self.demote_block - 1
 
+    @property
+    def undo_capacity(self) -> int:
+        """Rows of the undo ring: enough for an exact crop of `max(recent_tokens, 64)` tokens, which may bring back
+        up to that many demoted tokens plus a partly filled block."""
+        return max(self.recent_tokens, _EXACT_CROP_MIN_TOKENS) + self.demote_block
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         if head_dim % CODES_PER_BYTE:
@@ -253,6 +270,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
 
         self.sink_keys, self.sink_values = exact(self.sink_tokens), exact(self.sink_tokens)
         self.recent_keys, self.recent_values = exact(self.recent_capacity), exact(self.recent_capacity)
+        self.undo_keys, self.undo_values = exact(self.undo_capacity), exact(self.undo_capacity)
         initial = 0
         if self.max_cache_len is not None:
             initial = max(0, self.max_cache_len - self.sink_tokens - self.recent_tokens)
@@ -318,6 +336,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
             "body_value_codes",
             "body_value_scale",
             "body_value_offset",
+            "undo_keys",
+            "undo_values",
         ]
 
     def segment_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -468,6 +488,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
             keys, values, at, self._body_tensors(), self.k_clip_ratio, self.v_clip_ratio, self.k_feedback,
             self.v_feedback, self.k_tilt, self.k_metric,
         )
+        remember_demoted(self.undo_keys, self.undo_values, keys, values, at)
 
     # ------------------------------------------------------------------ reads
     def body_rows(self) -> tuple[QuantizedRows, QuantizedRows]:
@@ -549,18 +570,44 @@ class OscarQuantizedLayer(CacheLayerMixin):
             self._map_batch(lambda t: t[indices.to(self.device) if isinstance(indices, torch.Tensor) else indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the newest tokens: `crop(-n)` removes `n`; a positive value is the length to keep (legacy)."""
+        """Drop the newest tokens: `crop(-n)` removes `n`; a positive value is the length to keep (legacy).
+
+        What stays is put back as if the removed tokens had never arrived: the windows take the lengths that appending
+        the kept tokens would have given, and tokens the window had demoted but must now hold exact come back from the
+        undo ring. A crop deeper than the ring (more than `max(recent_tokens, 64)` tokens) leaves the oldest of those
+        tokens 2-bit, with a warning."""
         check_positive_crop(tokens_to_remove)  # refused where transformers' own layers refuse it
         length = self.get_seq_length()
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
         keep = max(0, min(keep, length))
         if keep == length:
             return
-        # The newest tokens leave first: recent, then body, then sink. What stays keeps its precision.
         sink_len, body_len, _ = self._host_lengths()
-        recent_len = max(0, keep - sink_len - body_len)
-        body_len = max(0, min(body_len, keep - sink_len))
-        self._set_lengths(min(sink_len, keep), body_len, recent_len)
+        sink = min(sink_len, keep)
+        rest = keep - sink  # tokens kept past the sink (the sink fills first, so it is full when rest > 0)
+        body = min(body_len, self._body_length_for(rest))
+        ring_from = max(0, body_len - self.undo_capacity)  # the oldest body position the ring still holds
+        if ring_from > body:
+            logger.warning_once(
+                f"crop({tokens_to_remove}) removed more tokens than the undo ring of layer {self.layer_idx} can "
+                f"restore ({self.undo_capacity}): {min(ring_from, rest) - body} demoted tokens stay 2-bit."
+            )
+            body = min(ring_from, rest)
+        restored = min(body_len, rest) - body
+        kept_recent = max(0, rest - body_len)
+        if restored > 0:
+            back_k, back_v = recall_demoted(self.undo_keys, self.undo_values, body, body + restored)
+            self.recent_keys[:, :, restored : restored + kept_recent] = self.recent_keys[:, :, :kept_recent].clone()
+            self.recent_values[:, :, restored : restored + kept_recent] = self.recent_values[:, :, :kept_recent].clone()
+            self.recent_keys[:, :, :restored] = back_k
+            self.recent_values[:, :, :restored] = back_v
+        self._set_lengths(sink, body, restored + kept_recent)
+
+    def _body_length_for(self, tokens: int) -> int:
+        """How many of `tokens` tokens past the sink the body holds when they were appended in any chunks: whole
+        blocks, leaving `recent_tokens` to `recent_tokens + demote_block - 1` in the window (the rule of `_append`
+        and of `oscar_hf::append`, which does not depend on how the tokens were chunked)."""
+        return max(0, (tokens - self.recent_tokens) // self.demote_block) * self.demote_block
 
     def reset(self) -> None:
         """Empty the layer. A static layer zeroes its lengths and buffers in place (the addresses a compiled step

@@ -1,11 +1,11 @@
 """The two torch ops a decode step runs, so that `torch.compile` (and `generate()`'s compiled step) sees them:
 
-- `oscar_hf::append(keys, values, lengths, <ten segment buffers>, demote_block, max_tokens, k_clip_ratio,
-  v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to
-  `min(demote_block,
-  recent_tokens)` rotated rows: into the sink while it is not full, else into the recent window; when the window would
-  overflow it first quantizes its oldest `demote_block` tokens into the 2-bit body at `body_len` and shifts the rest
-  left. It mutates the segment buffers and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`).
+- `oscar_hf::append(keys, values, lengths, <ten segment buffers>, undo_keys, undo_values, demote_block, max_tokens,
+  k_clip_ratio, v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to
+  `min(demote_block, recent_tokens)` rotated rows: into the sink while it is not full, else into the recent window;
+  when the window would overflow it first quantizes its oldest `demote_block` tokens into the 2-bit body at `body_len`
+  (keeping exact copies in the undo ring, for `crop`) and shifts the rest left. It mutates the segment buffers, the
+  ring and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`).
 - `oscar_hf::decode_attention(query, <ten segment buffers>, lengths, k_rotation?, v_rotation?, attention_mask?,
   scaling?, launch) -> Tensor` attends over the segments and returns the un-rotated output `[B, Hq, q_len, D]`
   (a view of `[B, q_len, Hq, D]` memory). `launch` is `kernels.decode_attention.DecodeOptions.to_ints()`.
@@ -25,7 +25,7 @@ import torch
 
 from .quantization import KeyTilt
 from .reference_attention import attend_rotated
-from .storage import dequantize_segments, quantize_into_body
+from .storage import dequantize_segments, quantize_into_body, remember_demoted
 
 SEGMENT_NAMES = (
     "sink_keys", "sink_values", "recent_keys", "recent_values",
@@ -34,7 +34,7 @@ SEGMENT_NAMES = (
 
 
 # ---------------------------------------------------------------------------------------------------------- append
-def append_host(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+def append_host(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
                 k_feedback=None, v_feedback=None, k_tilt=None, k_metric=None) -> None:
     """The reference `append`: the lengths read on the host, the reference (or kernel) coder. Raises when the cache
     would hold more than `max_tokens` (its `max_cache_len`)."""
@@ -61,6 +61,7 @@ def append_host(keys, values, lengths, segments, demote_block, max_tokens, k_cli
             )
         quantize_into_body(rec_k[:, :, :demote_block], rec_v[:, :, :demote_block], body_len, body, k_clip_ratio,
                            v_clip_ratio, k_feedback, v_feedback, k_tilt, k_metric)
+        remember_demoted(*undo, rec_k[:, :, :demote_block], rec_v[:, :, :demote_block], body_len)
         kept = recent_len - demote_block
         rec_k[:, :, :kept] = rec_k[:, :, demote_block:recent_len].clone()
         rec_v[:, :, :kept] = rec_v[:, :, demote_block:recent_len].clone()
@@ -72,7 +73,7 @@ def append_host(keys, values, lengths, segments, demote_block, max_tokens, k_cli
     lengths[:3].copy_(torch.tensor([sink_len, body_len, recent_len], dtype=torch.int32))
 
 
-def append_device(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+def append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
                   k_feedback=None, v_feedback=None, k_tilt=None) -> None:
     """`append` without reading anything back: device tensor arithmetic and the Triton write kernel in its
     predicated mode (`kernels.quantize.quantize_rows_into(device_offset=...)`). Runs on CUDA, and on the CPU under
@@ -102,6 +103,10 @@ def append_device(keys, values, lengths, segments, demote_block, max_tokens, k_c
     quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt, device_offset=ctrl)
     quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,
                        device_offset=ctrl)
+    # The demoted block's exact rows go to the undo ring (body position p at slot p % capacity), selected likewise.
+    slots = (body_len + torch.arange(demote_block, device=dev)) % undo[0].shape[2]
+    for ring, buf in zip(undo, (rec_k, rec_v)):
+        ring.index_copy_(2, slots, torch.where(demote, buf[:, :, :demote_block], ring.index_select(2, slots)))
     # The shift goes through a temporary (no overlapping copy) and is selected on the device.
     for buf in (rec_k, rec_v):
         shifted = torch.cat([buf[:, :, demote_block:], buf[:, :, :demote_block]], dim=2)
@@ -117,7 +122,7 @@ def append_device(keys, values, lengths, segments, demote_block, max_tokens, k_c
                                    recent_len + m]).to(torch.int32))
 
 
-@torch.library.custom_op("oscar_hf::append", mutates_args=("lengths",) + SEGMENT_NAMES)
+@torch.library.custom_op("oscar_hf::append", mutates_args=("lengths",) + SEGMENT_NAMES + ("undo_keys", "undo_values"))
 def _append_op(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -132,6 +137,8 @@ def _append_op(
     body_value_codes: torch.Tensor,
     body_value_scale: torch.Tensor,
     body_value_offset: torch.Tensor,
+    undo_keys: torch.Tensor,
+    undo_values: torch.Tensor,
     demote_block: int,
     max_tokens: int,
     k_clip_ratio: float,
@@ -144,14 +151,15 @@ def _append_op(
 ) -> None:
     segments = (sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale, body_key_offset,
                 body_value_codes, body_value_scale, body_value_offset)
+    undo = (undo_keys, undo_values)
     tilt = None if k_tilt_means is None else KeyTilt(k_tilt_means, k_tilt_maps)
     if keys.is_cuda and k_metric is None and _kernels_on() and _can_write(keys, tilt, k_feedback):
         with torch.cuda.device(keys.device):
-            append_device(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+            append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
                           k_feedback, v_feedback, tilt)
         return
     _refuse_if_capturing(keys, "the append (the Triton write kernel cannot serve this layer's coder)")
-    append_host(keys, values, lengths, segments, demote_block, max_tokens, k_clip_ratio, v_clip_ratio, k_feedback,
+    append_host(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio, k_feedback,
                 v_feedback, tilt, k_metric)
 
 
@@ -164,8 +172,8 @@ def append(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Append rotated rows to a static layer through `oscar_hf::append`."""
     tilt = layer.k_tilt
     torch.ops.oscar_hf.append(
-        keys, values, layer.lengths, *layer.segment_tensors(), layer.demote_block, layer.max_cache_len,
-        layer.k_clip_ratio, layer.v_clip_ratio, layer.k_feedback, layer.v_feedback,
+        keys, values, layer.lengths, *layer.segment_tensors(), layer.undo_keys, layer.undo_values, layer.demote_block,
+        layer.max_cache_len, layer.k_clip_ratio, layer.v_clip_ratio, layer.k_feedback, layer.v_feedback,
         None if tilt is None else tilt.means, None if tilt is None else tilt.maps, layer.k_metric,
     )
 

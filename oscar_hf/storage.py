@@ -91,3 +91,25 @@ def dequantize_segments(
         dim=-2,
     )
     return keys, values
+
+
+def remember_demoted(undo_keys: torch.Tensor, undo_values: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     at: int) -> None:
+    """Keep exact copies of the rotated rows just demoted to body positions `[at, at + n)`, so that a crop can bring
+    them back (`OscarQuantizedLayer.crop`). The undo buffers are a ring: body position p lives in slot
+    `p % capacity`, so the ring always holds the newest `capacity` body positions, with no shifting."""
+    capacity, n = undo_keys.shape[2], keys.shape[2]
+    if not capacity or not n:
+        return
+    first = max(0, n - capacity)
+    slots = torch.arange(at + first, at + n, device=undo_keys.device) % capacity
+    undo_keys.index_copy_(2, slots, keys[:, :, first:].to(undo_keys.dtype))
+    undo_values.index_copy_(2, slots, values[:, :, first:].to(undo_values.dtype))
+
+
+def recall_demoted(undo_keys: torch.Tensor, undo_values: torch.Tensor, start: int,
+                   stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact rows of body positions `[start, stop)` from the undo ring (the caller checks that the ring still
+    holds them: `stop - capacity <= start`)."""
+    slots = torch.arange(start, stop, device=undo_keys.device) % undo_keys.shape[2]
+    return undo_keys.index_select(2, slots), undo_values.index_select(2, slots)

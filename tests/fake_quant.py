@@ -3,8 +3,9 @@
 A `DynamicCache` that keeps every token exact and, at each forward, hands attention the history as OSCAR's windows
 say it must look: the tokens outside the sink and recent windows replaced by their quantized-then-dequantized rows
 (the reference math of `oscar_hf.quantization`), the tokens of the current forward exact. It shares no code with
-`OscarQuantizedLayer`: the window rule is restated here from its specification, and crop and batch reordering are
-`DynamicCache`'s own.
+`OscarQuantizedLayer`: the window rule is restated here from its specification, a crop sets the windows the kept
+tokens alone would have set (storage is exact, so nothing needs restoring), and batch reordering is `DynamicCache`'s
+own.
 """
 
 import torch
@@ -64,11 +65,12 @@ class FakeQuantCache(DynamicCache):
 
     def crop(self, max_length: int):
         super().crop(max_length)
-        # The newest tokens leave first (recent, then body, then sink); what stays keeps its precision.
-        for idx, (sink_len, body_len, _recent_len) in self.windows.items():
+        # As if the removed tokens had never arrived: the windows the kept tokens alone would give (transformers'
+        # promise of `is_croppable`), whatever had been demoted before.
+        for idx in self.windows:
             keep = self.layers[idx].get_seq_length()
-            self.windows[idx] = [min(sink_len, keep), max(0, min(body_len, keep - sink_len)),
-                                 max(0, keep - sink_len - body_len)]
+            self.windows[idx] = [0, 0, 0]
+            self._advance(idx, keep)
 
     def reset(self):
         super().reset()

@@ -48,6 +48,7 @@ from oscar_hf.quantization import (  # noqa: E402
     read_token_pairs,
     write_token_pairs,
 )
+from oscar_hf.storage import recall_demoted  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -362,11 +363,12 @@ def test_decode_kernel_code_pairs_match_reference(poisoned_allocations, q_len, g
     write their last demotion from inside a token pair (after a crop to an odd body)."""
     gen = torch.Generator().manual_seed(70 + 4 * q_len + group)
     prompt = int(torch.randint(150, 230, (1,), generator=gen))
-    layer = _filled_layer(gen, batch=2, kv_heads=2, head_dim=128, prompt=prompt, rotation="per_head")
+    layer = _filled_layer(gen, batch=2, kv_heads=2, head_dim=128, prompt=prompt, rotation="per_head", block=5)
     if not padded:
-        # Crop into the body to an odd length, then demote more: a write that starts inside a token pair.
-        layer.crop(-(layer.recent_len + 3))
-        assert layer.body_len % 2 == 1
+        # Crop back to an odd body (blocks of 5 tokens), then demote more: a write that starts inside a token pair.
+        while layer.body_len % 2 == 0:
+            layer.crop(-1)
+        assert layer.body_len > 0
         layer.update(_rows((2, 2, 40, 128), gen), _rows((2, 2, 40, 128), gen))
     seg, query = _step(layer, gen, q_len, group)
     mask = None
@@ -539,6 +541,10 @@ def test_predicated_write_is_a_noop_without_a_block_and_exact_with_one(feedback,
     assert torch.equal(scale[:, :, outside], before[1][:, :, outside])
 
 
+def _undo(layer):
+    return layer.undo_keys, layer.undo_values
+
+
 @in_process
 @pytest.mark.parametrize("feedback", [False, True])
 def test_device_append_equals_host_append(feedback):
@@ -564,8 +570,8 @@ def test_device_append_equals_host_append(feedback):
         keys, values = _rows((2, 2, n, d), gen), _rows((2, 2, n, d), gen)
         body = layers[0].body_len
         for layer, fn in zip(layers, (ops.append_host, ops.append_device)):
-            fn(keys, values, layer.lengths, layer.segment_tensors(), layer.demote_block, 80, 0.96, 0.92, factor,
-               factor)
+            fn(keys, values, layer.lengths, layer.segment_tensors(), _undo(layer), layer.demote_block, 80, 0.96, 0.92,
+               factor, factor)
         demotions += layers[0].body_len > body
         assert layers[0].lengths.tolist() == layers[1].lengths.tolist()
         # The valid rows of every segment (slots past a segment's length may hold different leftovers).
@@ -578,12 +584,17 @@ def test_device_append_equals_host_append(feedback):
             for name, count in (("sink_keys", sink), ("sink_values", sink), ("recent_keys", recent),
                                 ("recent_values", recent)):
                 assert torch.equal(getattr(layer_a, name)[:, :, :count], getattr(layer_b, name)[:, :, :count])
+            # The undo ring holds the newest demoted rows exactly (what `crop` brings back), in the same slots.
+            held = min(body, layer_a.undo_capacity)
+            for a, b in zip(recall_demoted(*_undo(layer_a), body - held, body), recall_demoted(*_undo(layer_b),
+                                                                                               body - held, body)):
+                assert torch.equal(a, b)
     assert demotions >= 3 and layers[0].sink_len == 5
     # Past max_cache_len: the reference raises, the device path sends its write out of range (an index error).
     keys = values = _rows((2, 2, 2, d), gen)
     with pytest.raises(ValueError, match="full"):
-        ops.append_host(keys, values, layers[0].lengths, layers[0].segment_tensors(), 3, layers[0].get_seq_length() + 1,
-                        0.96, 0.92, factor, factor)
+        ops.append_host(keys, values, layers[0].lengths, layers[0].segment_tensors(), _undo(layers[0]), 3,
+                        layers[0].get_seq_length() + 1, 0.96, 0.92, factor, factor)
     with pytest.raises((IndexError, RuntimeError)):
-        ops.append_device(keys, values, layers[1].lengths, layers[1].segment_tensors(), 3,
+        ops.append_device(keys, values, layers[1].lengths, layers[1].segment_tensors(), _undo(layers[1]), 3,
                           layers[1].get_seq_length() + 1, 0.96, 0.92, factor, factor)
