@@ -20,7 +20,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention_checks import check_attention_call
 from .layer import OscarSegments
-from .reference_attention import attend_rotated, explicit_attention
+from .reference_attention import attend_rotated, causal_mask, explicit_attention
+from .storage import recall_demoted
 
 OSCAR_ATTENTION = "oscar"
 
@@ -61,8 +62,32 @@ def segment_attention_reference(
     `softmax(.) (V R) R^T = softmax(.) V`. Soft-capping acts on the scores, which the rotation leaves unchanged.
     """
     layer = segments.layer
-    keys, values = segments.rotated_keys_values(query.dtype)
-    return attend_rotated(query, keys, values, layer.k_rotation, layer.v_rotation, attention_mask, scaling, softcap)
+    if segments.demoted is None:
+        keys, values = segments.rotated_keys_values(query.dtype)
+        return attend_rotated(query, keys, values, layer.k_rotation, layer.v_rotation, attention_mask, scaling, softcap)
+    # A short forward that demoted tokens: each query sees the body it would see decoding token by token. The storage
+    # as it is (the demoted rows 2-bit, even new tokens of this forward), with the rows a query must still see exact
+    # taken back from the undo ring; one pass per distinct body length.
+    keys, values = layer.dequantized_rotated(query.dtype)
+    q_len, kv_len = query.shape[-2], keys.shape[-2]
+    if attention_mask is None:
+        attention_mask = causal_mask(q_len, kv_len, query.device)[None, None]
+    sink, stop = layer.sink_len, segments.demoted[1]
+    bodies = segments.query_body_lengths()
+    out = torch.empty_like(query)
+    for body in sorted(set(bodies)):
+        rows = [i for i, b in enumerate(bodies) if b == body]
+        k, v = keys, values
+        if body < stop:
+            exact_k, exact_v = recall_demoted(layer.undo_keys, layer.undo_values, body, stop)
+            k, v = keys.clone(), values.clone()
+            k[..., sink + body : sink + stop, :] = exact_k.to(k.dtype)
+            v[..., sink + body : sink + stop, :] = exact_v.to(v.dtype)
+        mask = attention_mask[..., rows[0] : rows[-1] + 1, :]
+        out[..., rows[0] : rows[-1] + 1, :] = attend_rotated(
+            query[..., rows[0] : rows[-1] + 1, :], k, v, layer.k_rotation, layer.v_rotation, mask, scaling, softcap
+        )
+    return out
 
 
 def oscar_attention_forward(
@@ -94,6 +119,11 @@ def oscar_attention_forward(
         out = explicit_attention(query, key, value, attention_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
     layer = key.layer
+    if key.demoted is not None:
+        # Rare (a short forward that crossed a demotion, about one in `demote_block` tokens): the reference's per-query
+        # view (see `segment_attention_reference`), which the kernels do not implement.
+        out = segment_attention_reference(query, key, attention_mask, scaling, softcap)
+        return out.transpose(1, 2).contiguous(), None
     if key.device_lengths and softcap is None:
         from . import ops
 

@@ -73,6 +73,10 @@ class OscarSegments:
     # Appended through `oscar_hf::append`: the new tokens sit in the exact windows and attention reads the lengths on
     # the device (the `"oscar"` attention function then calls `oscar_hf::decode_attention`, compiled or not).
     device_lengths: bool = False
+    # Body positions `(first, stop)` that this forward demoted from the window, for a short multi-token forward (a
+    # verification forward of assisted decoding): its earlier queries must see some of them exact, as they would
+    # when decoding token by token (`query_body_lengths`). None when it demoted nothing, or for long chunks.
+    demoted: tuple[int, int] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -87,6 +91,19 @@ class OscarSegments:
             keys[..., -self.num_new :, :] = self.new_keys.to(keys.dtype)
             values[..., -self.num_new :, :] = self.new_values.to(values.dtype)
         return keys, values
+
+    def query_body_lengths(self) -> list[int]:
+        """For each new token, in order, the body length it sees when decoding token by token: the body as it was
+        once that token had been appended (the window demotes before attention), never less than the body already
+        there before this forward, nor less than what the undo ring can give back exact."""
+        layer, (first, stop) = self.layer, self.demoted
+        sink, _, _ = layer._host_lengths()
+        length = layer.get_seq_length()
+        floor = max(first, stop - layer.undo_capacity)
+        return [
+            min(stop, max(floor, layer._body_length_for(length - self.num_new + i + 1 - sink)))
+            for i in range(self.num_new)
+        ]
 
     # Another attention function handed these by a cache built for "oscar" fails with the reason, not a bare TypeError.
     def __getattr__(self, name):
@@ -214,10 +231,15 @@ class OscarQuantizedLayer(CacheLayerMixin):
         return self.recent_tokens + self.demote_block - 1
 
     @property
+    def exact_crop_tokens(self) -> int:
+        """The longest crop that puts the layer back exactly: `max(recent_tokens, 64)` tokens."""
+        return max(self.recent_tokens, _EXACT_CROP_MIN_TOKENS)
+
+    @property
     def undo_capacity(self) -> int:
-        """Rows of the undo ring: enough for an exact crop of `max(recent_tokens, 64)` tokens, which may bring back
-        up to that many demoted tokens plus a partly filled block."""
-        return max(self.recent_tokens, _EXACT_CROP_MIN_TOKENS) + self.demote_block
+        """Rows of the undo ring: an exact crop may bring back as many demoted tokens as it removes plus a partly
+        filled block."""
+        return self.exact_crop_tokens + self.demote_block
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -394,12 +416,17 @@ class OscarQuantizedLayer(CacheLayerMixin):
             self._raise_if_not_finite(value_states, "values")
         num_new = key_states.shape[-2]
         rot_keys, rot_values = self.rotate_states(key_states, value_states)
+        # A short multi-token forward (at most an exact crop long) remembers what it demotes (`OscarSegments.demoted`);
+        # a compiled step cannot read the lengths back, and a decode step (one token) or a long chunk has no need to.
+        track = return_segments and 1 < num_new <= self.exact_crop_tokens and not torch.compiler.is_compiling()
+        body_before = self.body_len if track else None
         if self.static and 1 <= num_new <= self.max_append:
             from .ops import append
 
             append(self, rot_keys, rot_values)
             if return_segments:
-                segments = OscarSegments(self, num_new, rot_keys, rot_values, device_lengths=True)
+                segments = OscarSegments(self, num_new, rot_keys, rot_values, device_lengths=True,
+                                         demoted=self._demoted_since(body_before))
                 return segments, segments
             return self._dense_history(key_states, value_states, num_new)
         had_history = self.get_seq_length() > 0
@@ -407,9 +434,15 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if not had_history and (return_segments or not self.static):
             return key_states, value_states
         if return_segments:
-            segments = OscarSegments(self, num_new, rot_keys, rot_values)
+            segments = OscarSegments(self, num_new, rot_keys, rot_values, demoted=self._demoted_since(body_before))
             return segments, segments
         return self._dense_history(key_states, value_states, num_new)
+
+    def _demoted_since(self, body_before: int | None) -> tuple[int, int] | None:
+        if body_before is None:
+            return None
+        body = self.body_len
+        return (body_before, body) if body > body_before else None
 
     def _dense_history(self, key_states, value_states, num_new):
         """Every held token dequantized and un-rotated, the newest `num_new` replaced by the exact states given."""

@@ -98,3 +98,29 @@ def test_verification_forward_then_crop_continues_like_greedy():
     la = model(input_ids=ids[:, 47:48], past_key_values=a).logits
     lb = model(input_ids=ids[:, 47:48], past_key_values=b).logits
     assert torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("family", ["qwen3", "llama", "mistral"])
+@torch.no_grad()
+def test_assisted_decoding_gives_greedy_tokens_across_demotions(family, static):
+    """The issue's symptom: with 4 assistant tokens and windows that demote every few tokens, assisted decoding must
+    give the tokens of plain greedy decoding. Needs both halves: exact crops, and verification forwards whose queries
+    each see the body they would see decoding token by token (`OscarSegments.query_body_lengths`)."""
+    model = tiny_model(family)
+    assistant = tiny_model("llama", attn_implementation="eager", seed=1, layers=1)
+    assistant.generation_config.num_assistant_tokens = 4
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    assistant.generation_config.assistant_confidence_threshold = 0.0
+    windows = dict(method="hadamard", sink_tokens=4, recent_tokens=8, demote_block=4)
+    if static:
+        windows["max_cache_len"] = 128
+    greedy = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, disable_compile=True)
+    for seed in range(2):
+        ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(seed))
+        cache = OscarQuantizedCache(model.config, **windows)
+        expected = model.generate(ids, past_key_values=cache, **greedy)
+        assert cache.layers[0].body_len > 40
+        got = model.generate(ids, past_key_values=OscarQuantizedCache(model.config, **windows), **greedy,
+                             assistant_model=assistant)
+        assert torch.equal(got, expected)
