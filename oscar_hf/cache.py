@@ -26,6 +26,24 @@ from .tensor_parallel import configured_tp_size, heads_mismatch, infer_shard
 
 logger = logging.get_logger(__name__)
 
+# The exact windows of a bundle that records none, and of the calibration-free baselines.
+DEFAULT_SINK_TOKENS = 64
+DEFAULT_RECENT_TOKENS = 256
+
+
+def cache_windows(
+    rotations: OscarRotations | None, sink_tokens: int | None = None, recent_tokens: int | None = None
+) -> dict[str, int]:
+    """The exact windows a cache uses: each value passed, else the one the bundle records (`OscarRotations.windows`),
+    else `DEFAULT_SINK_TOKENS` / `DEFAULT_RECENT_TOKENS`."""
+    recorded = (rotations.windows if rotations is not None else None) or {
+        "sink_tokens": DEFAULT_SINK_TOKENS, "recent_tokens": DEFAULT_RECENT_TOKENS,
+    }
+    return {
+        "sink_tokens": recorded["sink_tokens"] if sink_tokens is None else sink_tokens,
+        "recent_tokens": recorded["recent_tokens"] if recent_tokens is None else recent_tokens,
+    }
+
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword under which `model` (its `forward`, and so `generate`) takes a cache.
@@ -45,8 +63,10 @@ class OscarQuantizedCache(Cache):
         config: the model's config (`model.config`).
         rotations: an `OscarRotations` bundle, or `None` with `method="hadamard"`/`"naive"`.
         method: `"oscar"`, `"hadamard"` or `"naive"`; defaults to the bundle's method.
-        sink_tokens: leading tokens kept exact (default 64).
-        recent_tokens: newest tokens kept exact (default 256).
+        sink_tokens: leading tokens kept exact. Default: the windows the bundle records (`OscarRotations.windows`, the
+            ones it was calibrated and evaluated with), else 64. A value passed wins; one that differs from the
+            bundle's is logged once (at info level).
+        recent_tokens: newest tokens kept exact. Default: the bundle's recorded windows, else 256.
         k_clip_ratio, v_clip_ratio: override the bundle's clip quantiles (defaults 0.96 / 0.92; naive: 1.0).
         demote_block: recent tokens quantized together when the window overflows (default 64).
         max_cache_len: allocate every buffer once for this many tokens (prompt + new tokens). The cache is then static:
@@ -80,8 +100,8 @@ class OscarQuantizedCache(Cache):
         rotations: OscarRotations | None = None,
         method: str | None = None,
         *,
-        sink_tokens: int = 64,
-        recent_tokens: int = 256,
+        sink_tokens: int | None = None,
+        recent_tokens: int | None = None,
         k_clip_ratio: float | None = None,
         v_clip_ratio: float | None = None,
         demote_block: int = 64,
@@ -96,6 +116,8 @@ class OscarQuantizedCache(Cache):
             ("recent_tokens", recent_tokens, 0),
             ("demote_block", demote_block, 1),
         ):
+            if value is None and name != "demote_block":
+                continue  # the bundle's recorded window, below
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
         if (tp_rank is None) != (tp_size is None):
@@ -143,9 +165,18 @@ class OscarQuantizedCache(Cache):
 
         refuse_key_centering_under_softcap(text_config, rotations.k_means is not None, model_name)
         warn_if_nothing_quantized(layer_types, model_name)
+        chosen = cache_windows(rotations, sink_tokens, recent_tokens)
+        recorded = rotations.windows
+        if recorded is not None and chosen != recorded:
+            logger.info_once(
+                f"OscarQuantizedCache: windows sink_tokens={chosen['sink_tokens']}, "
+                f"recent_tokens={chosen['recent_tokens']} as passed; the bundle records "
+                f"sink_tokens={recorded['sink_tokens']}, recent_tokens={recorded['recent_tokens']}."
+            )
+        self.sink_tokens, self.recent_tokens = chosen["sink_tokens"], chosen["recent_tokens"]
         self._layer_options = dict(
-            sink_tokens=sink_tokens,
-            recent_tokens=recent_tokens,
+            sink_tokens=self.sink_tokens,
+            recent_tokens=self.recent_tokens,
             demote_block=demote_block,
             max_cache_len=max_cache_len,
             check_finite=check_finite,
@@ -236,9 +267,9 @@ class OscarQuantizedCache(Cache):
         """Build the cache from a rotation bundle on the Hub or in a directory.
 
         `cache_kwargs` are the keyword arguments of `__init__` (`sink_tokens`, `recent_tokens`, `k_clip_ratio`,
-        `tp_rank`, `tp_size`, ...). The bundle is checked against `config`: rotations made for another model raise a
-        `ValueError`. Under `tp_plan="auto"` pass `model.config` as on one process: each rank's cache cuts its shard of
-        the bundle when the first states arrive.
+        `tp_rank`, `tp_size`, ...); the windows default to those the bundle records. The bundle is checked against
+        `config`: rotations made for another model raise a `ValueError`. Under `tp_plan="auto"` pass `model.config` as
+        on one process: each rank's cache cuts its shard of the bundle when the first states arrive.
         """
         rotations = OscarRotations.from_pretrained(
             repo_id_or_dir,
