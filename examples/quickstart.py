@@ -60,8 +60,10 @@ def main():
     parser.add_argument("--prompt-file", help="text file to use as the prompt")
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="length of the default prompt")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--sink-tokens", type=int, default=64)
-    parser.add_argument("--recent-tokens", type=int, default=256)
+    parser.add_argument("--sink-tokens", type=int, default=None,
+                        help="exact leading tokens (default: the bundle's recorded window, else 64)")
+    parser.add_argument("--recent-tokens", type=int, default=None,
+                        help="exact newest tokens (default: the bundle's recorded window, else 256)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 

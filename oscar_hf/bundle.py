@@ -45,6 +45,9 @@ METHODS = ("naive", "hadamard", "oscar")
 MAX_LAYERS = 1024
 MAX_KV_HEADS = 1024
 MAX_HEAD_DIM = 4096
+# The metadata key that marks the shard of one tensor-parallel rank (`OscarRotations.tensor_parallel_shard`), which is
+# never written: its shapes would read as a whole bundle for a model with fewer KV heads.
+TENSOR_PARALLEL_KEY = "tensor_parallel"
 # Keys of oscar_config.json that describe the tensors; everything else is provenance kept in `metadata`.
 _STRUCTURAL_KEYS = ("format_version", "library", "method", "num_layers", "num_kv_heads", "head_dim", "groups")
 
@@ -116,10 +119,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return replace_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def refuse_tensor_parallel_shard(rot: BundleIO, action: str) -> None:
+    """Raise when `rot` is the shard of one tensor-parallel rank: only whole bundles are written (see
+    `OscarRotations.tensor_parallel_shard`)."""
+    shard = rot.metadata.get(TENSOR_PARALLEL_KEY)
+    if shard is not None:
+        raise ValueError(
+            f"Cannot {action} the tensor-parallel shard of rank {shard.get('rank')} of {shard.get('size')}: it holds "
+            f"{rot.num_kv_heads} of {shard.get('num_kv_heads')} KV heads and would read as a whole bundle for a model "
+            "with that many heads. Write the whole bundle; `OscarQuantizedCache` cuts each rank's shard from it."
+        )
+
+
 def save_bundle(rot: BundleIO, save_directory: str | os.PathLike, evaluation: dict | None = None) -> Path:
-    """Write the three bundle files into `save_directory` (created if needed); returns the directory."""
+    """Write the three bundle files into `save_directory` (created if needed); returns the directory. The shard of a
+    tensor-parallel rank is refused (`refuse_tensor_parallel_shard`)."""
     from safetensors.torch import save_file
 
+    refuse_tensor_parallel_shard(rot, "save")
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"k_clip_ratios": rot.k_clip_ratios, "v_clip_ratios": rot.v_clip_ratios}
@@ -215,6 +232,12 @@ def check_config(config: Any, where: str = CONFIG_FILE) -> dict[str, Any]:
             f"read (supported: {list(SUPPORTED_FORMAT_VERSIONS)}). Upgrade oscar-hf, or re-create the bundle."
         )
     _check_schema(config, CONFIG_SCHEMA, where)
+    if TENSOR_PARALLEL_KEY in config:
+        raise ValueError(
+            f"{where} declares `{TENSOR_PARALLEL_KEY}`: it describes the shard of one tensor-parallel rank, which "
+            "oscar-hf never writes (its shapes would read as a whole bundle for a model with fewer KV heads). Use "
+            "the whole bundle; `OscarQuantizedCache` cuts each rank's shard from it."
+        )
     for key, schema in NESTED_SCHEMA.items():
         if isinstance(config.get(key), dict):
             _check_schema(config[key], schema, where, prefix=f"{key}.")
@@ -509,6 +532,7 @@ class BundleIO:
         the `CommitInfo`."""
         from huggingface_hub import HfApi
 
+        refuse_tensor_parallel_shard(self, "push")  # before the repository is created
         api = HfApi(endpoint=endpoint, token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,27 @@ from .geometry import model_name as name_of
 from .layer import OscarQuantizedLayer
 from .quantization import CODES_PER_BYTE
 from .rotations import OscarRotations
+from .tensor_parallel import configured_tp_size, heads_mismatch, infer_shard
 
 logger = logging.get_logger(__name__)
+
+# The exact windows of a bundle that records none, and of the calibration-free baselines.
+DEFAULT_SINK_TOKENS = 64
+DEFAULT_RECENT_TOKENS = 256
+
+
+def cache_windows(
+    rotations: OscarRotations | None, sink_tokens: int | None = None, recent_tokens: int | None = None
+) -> dict[str, int]:
+    """The exact windows a cache uses: each value passed, else the one the bundle records (`OscarRotations.windows`),
+    else `DEFAULT_SINK_TOKENS` / `DEFAULT_RECENT_TOKENS`."""
+    recorded = (rotations.windows if rotations is not None else None) or {
+        "sink_tokens": DEFAULT_SINK_TOKENS, "recent_tokens": DEFAULT_RECENT_TOKENS,
+    }
+    return {
+        "sink_tokens": recorded["sink_tokens"] if sink_tokens is None else sink_tokens,
+        "recent_tokens": recorded["recent_tokens"] if recent_tokens is None else recent_tokens,
+    }
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -44,8 +63,10 @@ class OscarQuantizedCache(Cache):
         config: the model's config (`model.config`).
         rotations: an `OscarRotations` bundle, or `None` with `method="hadamard"`/`"naive"`.
         method: `"oscar"`, `"hadamard"` or `"naive"`; defaults to the bundle's method.
-        sink_tokens: leading tokens kept exact (default 64).
-        recent_tokens: newest tokens kept exact (default 256).
+        sink_tokens: leading tokens kept exact. Default: the windows the bundle records (`OscarRotations.windows`, the
+            ones it was calibrated and evaluated with), else 64. A value passed wins; one that differs from the
+            bundle's is logged once (at info level).
+        recent_tokens: newest tokens kept exact. Default: the bundle's recorded windows, else 256.
         k_clip_ratio, v_clip_ratio: override the bundle's clip quantiles (defaults 0.96 / 0.92; naive: 1.0).
         demote_block: recent tokens quantized together when the window overflows (default 64).
         max_cache_len: allocate every buffer once for this many tokens (prompt + new tokens). The cache is then static:
@@ -57,6 +78,15 @@ class OscarQuantizedCache(Cache):
             offset by least squares in its coding metric (`quantization.refit_grid`; same format). Experimental, off by
             default: it runs in PyTorch after the write kernel and has been measured on the CPU only (lower KL on
             validation segments, level on the evaluation segments; benchmarks/RESULTS.md).
+        tp_rank, tp_size: under tensor parallelism, this process's rank in its tensor-parallel group and the group's
+            size: the cache keeps that rank's KV heads of every per-head bundle tensor
+            (`OscarRotations.tensor_parallel_shard`). Leave both unset under transformers' `tp_plan="auto"`: when a
+            layer's first states carry `H / N` of the model's `H` KV heads, the cache takes `N` from the two counts
+            and the rank from torch.distributed (`get_rank() % N`, the `tp` coordinate of transformers' device mesh)
+            and cuts the shard then (`oscar_hf.tensor_parallel`). Pass them for a device mesh of another layout
+            (`tp_rank=mesh["tp"].get_local_rank(), tp_size=mesh["tp"].size()`). Either way `cache.rotations` is then
+            the rank's shard, `cache.tp_rank` / `cache.tp_size` say which (`0` / `1` without tensor parallelism; unset
+            until the first update when left to the cache), and the memory figures count the rank's heads.
 
     Full-attention layers are quantized; sliding-window layers (Gemma 2/3, Mistral) keep transformers' exact
     sliding-window layer, which is already bounded in size. Use `attn_implementation="oscar"` when loading the model
@@ -70,22 +100,31 @@ class OscarQuantizedCache(Cache):
         rotations: OscarRotations | None = None,
         method: str | None = None,
         *,
-        sink_tokens: int = 64,
-        recent_tokens: int = 256,
+        sink_tokens: int | None = None,
+        recent_tokens: int | None = None,
         k_clip_ratio: float | None = None,
         v_clip_ratio: float | None = None,
         demote_block: int = 64,
         max_cache_len: int | None = None,
         check_finite: bool = False,
         key_grid_refit: bool = False,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
     ):
         for name, value, low in (
             ("sink_tokens", sink_tokens, 0),
             ("recent_tokens", recent_tokens, 0),
             ("demote_block", demote_block, 1),
         ):
+            if value is None and name != "demote_block":
+                continue  # the bundle's recorded window, below
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        if (tp_rank is None) != (tp_size is None):
+            raise ValueError(
+                f"Pass `tp_rank` and `tp_size` together (got tp_rank={tp_rank!r}, tp_size={tp_size!r}), or neither to "
+                "let the cache find them when the first states arrive."
+            )
         if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"`max_cache_len` must be a positive integer or None, got {max_cache_len!r}.")
         for name, value in (("k_clip_ratio", k_clip_ratio), ("v_clip_ratio", v_clip_ratio)):
@@ -103,6 +142,12 @@ class OscarQuantizedCache(Cache):
             rotations = OscarRotations.data_free(method, num_layers, num_kv_heads, head_dim, k_clip_ratio, v_clip_ratio)
         elif method != rotations.method:
             raise ValueError(f"method={method!r} does not match the bundle's method {rotations.method!r}.")
+        if rotations.tensor_parallel is not None:
+            shard = rotations.tensor_parallel
+            raise ValueError(
+                f"`rotations` is the tensor-parallel shard of rank {shard['rank']} of {shard['size']}: pass the whole "
+                "bundle. The cache cuts each rank's shard itself (pass `tp_rank=` and `tp_size=` to choose the rank)."
+            )
         model_name = name_of(text_config)
         rotations.check_compatible(num_layers, num_kv_heads, head_dim, model_name=model_name)
         unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
@@ -120,36 +165,90 @@ class OscarQuantizedCache(Cache):
 
         refuse_key_centering_under_softcap(text_config, rotations.k_means is not None, model_name)
         warn_if_nothing_quantized(layer_types, model_name)
-        layers = []
-        for idx, layer_type in enumerate(layer_types):
-            if layer_type == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(sliding_window=windows[idx]))
-                continue
-            k_rot, v_rot = rotations.layer_rotations(idx)
-            k_feedback, v_feedback = rotations.layer_feedback(idx)
-            layers.append(
-                OscarQuantizedLayer(
-                    k_rot,
-                    v_rot,
-                    k_clip_ratio if k_clip_ratio is not None else float(rotations.k_clip_ratios[idx]),
-                    v_clip_ratio if v_clip_ratio is not None else float(rotations.v_clip_ratios[idx]),
-                    sink_tokens=sink_tokens,
-                    recent_tokens=recent_tokens,
-                    demote_block=demote_block,
-                    max_cache_len=max_cache_len,
-                    check_finite=check_finite,
-                    layer_idx=idx,
-                    k_feedback=k_feedback,
-                    v_feedback=v_feedback,
-                    k_mean=rotations.layer_key_mean(idx),
-                    k_tilt=rotations.layer_key_tilt(idx),
-                    key_grid_refit=bool(key_grid_refit),
-                )
+        chosen = cache_windows(rotations, sink_tokens, recent_tokens)
+        recorded = rotations.windows
+        if recorded is not None and chosen != recorded:
+            logger.info_once(
+                f"OscarQuantizedCache: windows sink_tokens={chosen['sink_tokens']}, "
+                f"recent_tokens={chosen['recent_tokens']} as passed; the bundle records "
+                f"sink_tokens={recorded['sink_tokens']}, recent_tokens={recorded['recent_tokens']}."
             )
+        self.sink_tokens, self.recent_tokens = chosen["sink_tokens"], chosen["recent_tokens"]
+        self._layer_options = dict(
+            sink_tokens=self.sink_tokens,
+            recent_tokens=self.recent_tokens,
+            demote_block=demote_block,
+            max_cache_len=max_cache_len,
+            check_finite=check_finite,
+            key_grid_refit=bool(key_grid_refit),
+        )
+        self._clip_overrides = (k_clip_ratio, v_clip_ratio)
+        self._model_kv_heads, self._model_name = num_kv_heads, model_name
+        self._tp_size_in_config = configured_tp_size(config) or configured_tp_size(text_config)
+        self._explicit_tp = tp_size is not None
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.rotations = rotations if tp_size is None else rotations.tensor_parallel_shard(tp_rank, tp_size)
+        layers = [
+            DynamicSlidingWindowLayer(sliding_window=windows[idx])
+            if layer_type == "sliding_attention" else self._quantized_layer(idx)
+            for idx, layer_type in enumerate(layer_types)
+        ]
         super().__init__(layers=layers)
         self.config = text_config
-        self.rotations = rotations
         self.method = method
+
+    def _quantized_layer(self, idx: int) -> OscarQuantizedLayer:
+        """Layer `idx` as `self.rotations` (the whole bundle or this rank's shard) and the keyword options make it."""
+        rotations = self.rotations
+        k_rot, v_rot = rotations.layer_rotations(idx)
+        k_feedback, v_feedback = rotations.layer_feedback(idx)
+        k_clip, v_clip = self._clip_overrides
+        return OscarQuantizedLayer(
+            k_rot,
+            v_rot,
+            k_clip if k_clip is not None else float(rotations.k_clip_ratios[idx]),
+            v_clip if v_clip is not None else float(rotations.v_clip_ratios[idx]),
+            layer_idx=idx,
+            k_feedback=k_feedback,
+            v_feedback=v_feedback,
+            k_mean=rotations.layer_key_mean(idx),
+            k_tilt=rotations.layer_key_tilt(idx),
+            **self._layer_options,
+        )
+
+    def _match_kv_heads(self, layer_idx: int, heads: int) -> None:
+        """Before a quantized layer takes its first states: serve the KV heads they carry. The whole model's heads
+        settle the cache as untouched by tensor parallelism; `H / N` of them (the cache not yet settled) make it cut
+        the rank's shard of the bundle and rebuild its quantized layers, none of which holds states yet (see
+        `oscar_hf.tensor_parallel`). Anything else raises, naming the heads expected."""
+        if heads == self.rotations.num_kv_heads:
+            if self.tp_size is None:
+                self.tp_rank, self.tp_size = 0, 1
+            return
+        if self.tp_size is not None:
+            raise heads_mismatch(
+                layer_idx, heads, self.rotations.num_kv_heads, self.tp_rank, self.tp_size, self._model_kv_heads,
+                self._model_name, self._explicit_tp,
+            )
+        rank, size = infer_shard(layer_idx, heads, self._model_kv_heads, self._tp_size_in_config, self._model_name)
+        self.rotations = self.rotations.tensor_parallel_shard(rank, size)
+        self.tp_rank, self.tp_size = rank, size
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, OscarQuantizedLayer):
+                self.layers[idx] = self._quantized_layer(idx)
+        logger.info_once(
+            f"OscarQuantizedCache: tensor-parallel rank {rank} of {size}, serving KV heads "
+            f"[{rank * heads}, {(rank + 1) * heads}) of {self._model_kv_heads}."
+        )
+
+    def early_initialization(self, batch_size, num_heads, head_dim, dtype, device):
+        """transformers' eager allocation (`Cache.early_initialization`), after the head count is matched as for a
+        first update (`_match_kv_heads`)."""
+        counts = [num_heads] * len(self.layers) if isinstance(num_heads, int) else list(num_heads)
+        for idx, (layer, heads) in enumerate(zip(self.layers, counts)):
+            if isinstance(layer, OscarQuantizedLayer) and not layer.is_initialized:
+                self._match_kv_heads(idx, heads)
+        return super().early_initialization(batch_size, num_heads, head_dim, dtype, device)
 
     @classmethod
     def from_pretrained(
@@ -167,8 +266,10 @@ class OscarQuantizedCache(Cache):
     ) -> OscarQuantizedCache:
         """Build the cache from a rotation bundle on the Hub or in a directory.
 
-        `cache_kwargs` are the keyword arguments of `__init__` (`sink_tokens`, `recent_tokens`, `k_clip_ratio`, ...).
-        The bundle is checked against `config`: rotations made for another model raise a `ValueError`.
+        `cache_kwargs` are the keyword arguments of `__init__` (`sink_tokens`, `recent_tokens`, `k_clip_ratio`,
+        `tp_rank`, `tp_size`, ...); the windows default to those the bundle records. The bundle is checked against
+        `config`: rotations made for another model raise a `ValueError`. Under `tp_plan="auto"` pass `model.config` as
+        on one process: each rank's cache cuts its shard of the bundle when the first states arrive.
         """
         rotations = OscarRotations.from_pretrained(
             repo_id_or_dir,
@@ -190,6 +291,9 @@ class OscarQuantizedCache(Cache):
             )
         layer = self.layers[layer_idx]
         if isinstance(layer, OscarQuantizedLayer):
+            if not layer.is_initialized:
+                self._match_kv_heads(layer_idx, key_states.shape[1])
+                layer = self.layers[layer_idx]  # rebuilt when the cache has just cut its tensor-parallel shard
             reads_segments = getattr(self.config, "_attn_implementation", None) == OSCAR_ATTENTION
             return layer.update(key_states, value_states, return_segments=reads_segments)
         return layer.update(key_states, value_states, *args, **kwargs)

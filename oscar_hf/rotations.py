@@ -8,12 +8,13 @@ reference recipe) or `num_kv_heads` (one per KV head). A row vector `k` is store
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .bundle import METHODS, NESTED_SCHEMA, BundleIO, _check_schema
+from .bundle import METHODS, NESTED_SCHEMA, TENSOR_PARALLEL_KEY, BundleIO, _check_schema
 from .quantization import KeyTilt, hadamard_rotation
 
 # The reference recipe's clip quantiles: values beyond them are outliers worth sacrificing at 4 levels.
@@ -22,6 +23,12 @@ DEFAULT_V_CLIP = 0.92
 ORTHOGONALITY_TOLERANCE = 1e-3
 # Eigenvalues are spectra of covariances (positive semi-definite): below -tolerance x the largest is not rounding.
 EIGENVALUE_TOLERANCE = 1e-4
+# The tensors whose second dimension may run over the KV heads (`[num_layers, 1 or num_kv_heads, ...]`; the key tilt's
+# always does). A tensor-parallel shard keeps its rank's heads of each; the clip ratios are per layer.
+PER_HEAD_TENSORS = (
+    "k_rotations", "v_rotations", "k_eigenvalues", "v_eigenvalues", "k_feedback", "v_feedback", "k_means",
+    "k_tilt_means", "k_tilt_maps",
+)
 
 
 @dataclass
@@ -45,7 +52,8 @@ class OscarRotations(BundleIO):
             `[num_layers, kv_heads, G, head_dim, head_dim]` (G query heads per KV head, rotated space, coding order):
             the attention tilt of the key coding (`quantization.KeyTilt`). With them `k_feedback` is the factor of
             the tilt's base metric and every key is coded in the metric of the queries that will attend to it.
-        metadata: free-form provenance (model id, revision, calibration data, token count, windows, ...).
+        metadata: free-form provenance (model id, revision, calibration data, token count, windows, ...);
+            `metadata["tensor_parallel"]` marks the shard of one tensor-parallel rank (`tensor_parallel_shard`).
         bundle_path: the directory the bundle was loaded from (`None` when built in memory); errors name it.
 
     Bundle I/O (`save_pretrained`, `from_pretrained`, `push_to_hub`, `model_card`) comes from `bundle.BundleIO`.
@@ -122,6 +130,64 @@ class OscarRotations(BundleIO):
             raise ValueError(f"{where}: `windows` is {windows!r}; expected an object {{sink_tokens, recent_tokens}}.")
         _check_schema(windows, NESTED_SCHEMA["windows"], where, prefix="windows.")
         return {"sink_tokens": windows["sink_tokens"], "recent_tokens": windows["recent_tokens"]}
+
+    @property
+    def tensor_parallel(self) -> dict[str, int] | None:
+        """`{"rank", "size", "num_kv_heads"}` when this is the shard of one tensor-parallel rank
+        (`tensor_parallel_shard`; `num_kv_heads` counts the whole bundle's heads), else `None`."""
+        return self.metadata.get(TENSOR_PARALLEL_KEY)
+
+    def tensor_parallel_shard(self, rank: int, size: int) -> OscarRotations:
+        """The bundle of rank `rank` of a tensor-parallel group of `size` ranks: only the KV heads that rank computes.
+
+        transformers' tensor parallelism (`tp_plan="auto"`) splits `k_proj` and `v_proj` by output columns, so rank
+        `r` holds KV heads `[r * H / size, (r + 1) * H / size)` of the model's `H` (and the query heads that read
+        them), and its cache receives only those. The shard keeps these heads of every tensor that has one entry per
+        head (`PER_HEAD_TENSORS`: rotations, eigenvalues, error-feedback factors, key means, the key tilt); tensors
+        shared by a layer's heads (second dimension 1) and the per-layer clip ratios are kept whole. Its
+        `num_kv_heads` is `H / size` and `tensor_parallel` records the rank, the size and `H`. `size=1` returns this
+        bundle itself.
+
+        A shard refuses to be written (`save_pretrained`, `push_to_hub`, `rotationzoo.export_rotationzoo`): on disk
+        its tensors would read as a whole bundle for a model with `H / size` KV heads, which a cache for such a model
+        would accept and quantize with the wrong heads' rotations. Cutting it again from the whole bundle costs a
+        few slices, so only whole bundles are stored and shared; `OscarQuantizedCache` cuts the shard itself.
+        """
+        for name, value in (("size", size), ("rank", rank)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"The tensor-parallel {name} must be an integer, got {value!r}.")
+        if size < 1:
+            raise ValueError(f"The tensor-parallel size must be at least 1, got {size}.")
+        if not 0 <= rank < size:
+            raise ValueError(
+                f"Rank {rank} is outside a tensor-parallel group of {size} rank(s): ranks run from 0 to {size - 1}."
+            )
+        tp = self.tensor_parallel
+        if tp is not None:
+            raise ValueError(
+                f"Cannot cut a tensor-parallel shard from a shard ({self._description()}: rank {tp['rank']} of "
+                f"{tp['size']}, {self.num_kv_heads} of {tp['num_kv_heads']} KV heads). Cut every shard from the whole "
+                "bundle."
+            )
+        heads = self.num_kv_heads
+        if heads % size:
+            raise ValueError(
+                f"Cannot split {self._description()} ({heads} KV heads) over {size} tensor-parallel ranks: "
+                "transformers splits k_proj and v_proj by whole heads, so the tensor-parallel size must divide "
+                f"num_key_value_heads. Sizes that divide {heads}: {[n for n in range(1, heads + 1) if heads % n == 0]}."
+            )
+        if size == 1:
+            return self
+        local = heads // size
+        start, stop = rank * local, (rank + 1) * local
+        sliced = {}
+        for name in PER_HEAD_TENSORS:
+            value = getattr(self, name)
+            # heads > 1 here, so a second dimension of 1 is a tensor shared by the layer's heads
+            if value is not None and value.shape[1] == heads:
+                sliced[name] = value[:, start:stop].clone()
+        metadata = {**self.metadata, TENSOR_PARALLEL_KEY: {"rank": rank, "size": size, "num_kv_heads": heads}}
+        return dataclasses.replace(self, num_kv_heads=local, metadata=metadata, **sliced)
 
     def _description(self) -> str:
         return f"the rotation bundle {self.bundle_path}" if self.bundle_path else "these rotations"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .bundle import replace_file
+from .bundle import refuse_tensor_parallel_shard, replace_file
 from .rotations import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarRotations
 
 ZOO_FORMAT_VERSION = 1
@@ -127,6 +127,7 @@ def export_rotationzoo(rotations: OscarRotations, directory: str | os.PathLike) 
     """
     if rotations.k_rotations is None:
         raise ValueError(f"method={rotations.method!r} has no rotations to export.")
+    refuse_tensor_parallel_shard(rotations, "export")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     grouping = "layer" if rotations.groups == 1 else "head"

@@ -352,3 +352,30 @@ def test_from_pretrained_builds_the_cache_from_a_saved_bundle(tmp_path):
     torch.testing.assert_close(model(ids, past_key_values=cache).logits, model(ids).logits)
     with pytest.raises(ValueError, match="layers"):
         OscarQuantizedCache.from_pretrained(str(tmp_path), config=tiny_model("qwen3", layers=3).config)
+
+
+# --- A bundle's recorded windows are the cache's defaults (issue 21) -------------------------------------------------
+
+
+@torch.no_grad()
+def test_the_windows_a_bundle_records_are_the_cache_defaults_and_values_passed_win(tmp_path):
+    model = tiny_model("qwen3")
+    bundle = OscarRotations.data_free("hadamard", 2, 2, 32)
+    bundle.metadata["windows"] = {"sink_tokens": 8, "recent_tokens": 24}
+    bundle.save_pretrained(tmp_path)
+
+    def windows(cache):
+        return {(layer.sink_tokens, layer.recent_tokens) for layer in cache.quantized_layers()}
+
+    cache = OscarQuantizedCache.from_pretrained(tmp_path, config=model.config, demote_block=8)
+    assert windows(cache) == {(8, 24)} and (cache.sink_tokens, cache.recent_tokens) == (8, 24)
+    model(input_ids=torch.randint(3, 128, (1, 100)), past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.sink_len == 8 and 24 <= layer.recent_len < 32 and layer.body_len == 100 - 8 - layer.recent_len
+    # a value passed wins, the other window still comes from the bundle
+    assert windows(OscarQuantizedCache(model.config, rotations=bundle, recent_tokens=40)) == {(8, 40)}
+    assert windows(OscarQuantizedCache(model.config, rotations=bundle, sink_tokens=0, recent_tokens=0)) == {(0, 0)}
+    # nothing recorded (the calibration-free baselines): 64 and 256
+    assert windows(OscarQuantizedCache(model.config, method="hadamard")) == {(64, 256)}
+    del bundle.metadata["windows"]
+    assert windows(OscarQuantizedCache(model.config, rotations=bundle)) == {(64, 256)}

@@ -158,6 +158,28 @@ def test_oscar_eval_writes_report_plot_and_card(tiny_setup, tmp_path):
     assert OscarRotations.from_pretrained(bundle).method == "oscar"  # the bundle still loads
 
 
+def test_oscar_eval_uses_the_windows_the_bundle_records_unless_told_otherwise(tiny_setup, tmp_path):
+    model_dir, tokens, bundle = tiny_setup
+    rotations = OscarRotations.from_pretrained(bundle)
+    rotations.metadata["windows"] = {"sink_tokens": 8, "recent_tokens": 16}
+    rotations.save_pretrained(tmp_path / "b16")
+    args = ["--model", str(model_dir), "--rotations", str(tmp_path / "b16"), "--tokens", str(tokens), "--start", "400",
+            "--prefix-tokens", "40", "--eval-tokens", "8", "--methods", "bf16,hadamard,oscar", "--dtype", "float32",
+            "--device", "cpu", "--json", str(tmp_path / "e.json"), "--no-progress"]
+    for extra, sink, recent, source in (
+        ([], 8, 16, f"the bundle {tmp_path / 'b16'}"),
+        (["--recent-tokens", "24"], 8, 24, "--recent-tokens"),
+    ):
+        assert main(args + extra) == 0
+        report = json.loads((tmp_path / "e.json").read_text())
+        settings = report["settings"]
+        assert (settings["sink_tokens"], settings["recent_tokens"]) == (sink, recent)
+        assert settings["windows_from"] == {"sink_tokens": f"the bundle {tmp_path / 'b16'}", "recent_tokens": source}
+        for row in ("hadamard", "oscar"):  # every 2-bit row, the baselines too, so that they stay comparable
+            cache = report["results"][row]["cache"]
+            assert (cache["sink_tokens"], cache["recent_tokens"]) == (sink, recent)
+
+
 def test_oscar_eval_refuses_tokens_the_bundle_was_calibrated_on(tiny_setup, tmp_path, capsys):
     model_dir, tokens, bundle = tiny_setup
     args = ["--model", str(model_dir), "--rotations", str(bundle), "--tokens", str(tokens), "--start", "100",

@@ -17,6 +17,10 @@ recent_tokens, k_clip_ratio, v_clip_ratio, demote_block, key_grid_refit; quanto:
 axis_key, axis_value). Examples: `--variant per-head=/tmp/bundle_head`,
 `--variant hadamard-noclip=hadamard:k_clip_ratio=1,v_clip_ratio=1`,
 `--variant oscar-r128=oscar:recent_tokens=128`, `--variant refit=/tmp/bundle:key_grid_refit=True`.
+
+Every 2-bit row uses the same exact windows unless its overrides say otherwise: `--sink-tokens` / `--recent-tokens`,
+each defaulting to the window the `--rotations` bundle records (`OscarRotations.windows`, the ones it was made for),
+else 64 / 256. The report's settings record the windows used and where they came from.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import OscarQuantizedCache
+from ..cache import OscarQuantizedCache, cache_windows
 from ..cli_args import (
     check_token_ids,
     check_writable_file,
@@ -100,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-tokens", type=positive_int, default=1024,
                    help="tokens prefilled in one forward (exact attention)")
     p.add_argument("--eval-tokens", type=positive_int, default=2048, help="tokens then fed one decode step at a time")
-    p.add_argument("--sink-tokens", type=non_negative_int, default=64, help="exact leading tokens of the 2-bit caches")
-    p.add_argument("--recent-tokens", type=non_negative_int, default=256,
-                   help="exact newest tokens of the 2-bit caches")
+    p.add_argument("--sink-tokens", type=non_negative_int, default=None,
+                   help="exact leading tokens of the 2-bit caches (default: the --rotations bundle's recorded window, "
+                        "else 64)")
+    p.add_argument("--recent-tokens", type=non_negative_int, default=None,
+                   help="exact newest tokens of the 2-bit caches (default: the --rotations bundle's recorded window, "
+                        "else 256)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="model and exact-cache dtype")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
@@ -424,6 +431,7 @@ def check_arguments(args, specs: list[MethodSpec]):
             raise ValueError(overlap)
         if overlap:
             print(f"oscar-eval: WARNING: {overlap}", file=sys.stderr)
+    resolve_windows(args, bundles, config)
     for spec in specs:  # the cache checks its own keyword arguments; it allocates nothing before the first update
         if spec.kind == "oscar":
             source = bundle_source(spec, args)
@@ -436,6 +444,21 @@ def check_arguments(args, specs: list[MethodSpec]):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"Row {spec.name!r}: {err}") from None
     return tokens, start, end, bundles
+
+
+def resolve_windows(args, bundles: dict, config) -> None:
+    """Set `args.sink_tokens` / `args.recent_tokens` to the windows every 2-bit row uses: each flag given, else the
+    window the `--rotations` bundle records, else the cache's default. `args.windows_from` names the source of each."""
+    names = ("sink_tokens", "recent_tokens")
+    rotations = None
+    if args.rotations is not None and any(getattr(args, name) is None for name in names):
+        rotations = bundles.get(args.rotations) or OscarRotations.from_pretrained(args.rotations, config=config)
+    windows = cache_windows(rotations, args.sink_tokens, args.recent_tokens)
+    fallback = f"the bundle {args.rotations}" if rotations is not None and rotations.windows else "the default"
+    args.windows_from = {
+        name: "--" + name.replace("_", "-") if getattr(args, name) is not None else fallback for name in names
+    }
+    args.sink_tokens, args.recent_tokens = windows["sink_tokens"], windows["recent_tokens"]
 
 
 def run(args) -> int:
@@ -473,7 +496,8 @@ def run(args) -> int:
         "prefix_tokens": args.prefix_tokens, "eval_tokens": args.eval_tokens, "dtype": args.dtype,
         "device": str(model.device) + (f" ({torch.cuda.get_device_name(model.device)})" if model.device.type == "cuda"
                                        else ""),
-        "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens, "reference": reference_name,
+        "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens, "windows_from": args.windows_from,
+        "reference": reference_name,
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "command": "oscar-eval " + " ".join(getattr(args, "argv", [])),
