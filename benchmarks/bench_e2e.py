@@ -155,9 +155,11 @@ class Env:
 
     def oscar_allocated_bytes(self, batch: int, max_cache_len: int) -> int:
         """What `OscarQuantizedCache(max_cache_len=...)` allocates for `batch` sequences (see
-        `OscarQuantizedLayer.lazy_initialization`): BF16 sink and recent buffers plus the INT2 body, sized once."""
+        `OscarQuantizedLayer.lazy_initialization`): BF16 sink, recent and undo-ring buffers plus the INT2 body, sized
+        once."""
         sink, recent, block = 64, 256, 64
-        exact = (sink + recent + block - 1) * self.head_dim * 2 * 2  # K and V, bf16
+        undo = max(recent, 64) + block
+        exact = (sink + recent + block - 1 + undo) * self.head_dim * 2 * 2  # K and V, bf16
         body = max(0, max_cache_len - sink - recent) * 2 * (self.head_dim // CODES_PER_BYTE + 4)
         return batch * self.layers * self.kv_heads * (exact + body)
 

@@ -186,8 +186,12 @@ def main(argv=None) -> int:
         r["sink_body_recent"][0] <= layer.sink_tokens and r["sink_body_recent"][2] <= layer.recent_capacity
         for r in rows
     )
-    # (A static cache allocates the whole run up front: its spare capacity shrinks as it fills, by design.)
-    spare_ok = args.compile or last["allocated_bytes_per_token"] <= 2 * last["held_bytes_per_token"]
+    # (A static cache allocates the whole run up front: its spare capacity shrinks as it fills, by design. The undo
+    # rings, exact copies of the newest demoted rows for `crop`, are a fixed size per layer, like the windows.)
+    ring_bytes = sum(2 * q.undo_keys.numel() * q.undo_keys.element_size() for q in cache.quantized_layers())
+    spare_ok = args.compile or (
+        last["allocated_bytes_per_token"] - ring_bytes / last["context"] <= 2 * last["held_bytes_per_token"]
+    )
     ok = not any(r["non_finite"] for r in rows) and windows_bounded and spare_ok
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name, "rows": rows}, indent=1))

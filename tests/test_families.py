@@ -18,13 +18,17 @@ FAMILIES = sorted(FAMILY_OVERRIDES)
 WINDOWS = dict(sink_tokens=4, recent_tokens=8, demote_block=4)
 
 
-def teacher_forced_logits(model, cache, ids, prefill, chunks):
-    """Prefill `ids[:, :prefill]`, then feed the rest in `chunks` (sizes cycling): the logits of every forward."""
+def teacher_forced_logits(model, cache, ids, prefill, chunks, one_by_one=False):
+    """Prefill `ids[:, :prefill]`, then feed the rest in `chunks` (sizes cycling): the logits of every forward.
+    `one_by_one` feeds each chunk a token at a time instead: what a short forward through the `"oscar"` attention must
+    equal (its queries see the windows as token-by-token decoding does; see test_crop.py)."""
     out = [model(input_ids=ids[:, :prefill], past_key_values=cache).logits]
     pos, i = prefill, 0
     while pos < ids.shape[1]:
         n = chunks[i % len(chunks)]
-        out.append(model(input_ids=ids[:, pos : pos + n], past_key_values=cache).logits)
+        steps = [(p, 1) for p in range(pos, min(pos + n, ids.shape[1]))] if one_by_one else [(pos, n)]
+        for start, size in steps:
+            out.append(model(input_ids=ids[:, start : start + size], past_key_values=cache).logits)
         pos, i = pos + n, i + 1
     return torch.cat(out, dim=1).float()
 
@@ -79,7 +83,7 @@ def against_oracle(
     ids = torch.randint(3, 128, (batch, 44))
     rotations = OscarRotations.data_free("hadamard", 2, 2, head_dim)
     oracle = FakeQuantCache(reference.config, rotations, **WINDOWS)
-    want = teacher_forced_logits(reference, oracle, ids, 24, (1, 1, 5, 1))
+    want = teacher_forced_logits(reference, oracle, ids, 24, (1, 1, 5, 1), one_by_one=attn == "oscar")
     cache = OscarQuantizedCache(model.config, rotations=rotations, **WINDOWS)
     got = teacher_forced_logits(model, cache, ids, 24, (1, 1, 5, 1))
     assert max(layer.body_len for layer in cache.quantized_layers()) >= 28
