@@ -845,7 +845,8 @@ def decode_attention(
     if body_blocks:
         programs_per_sm = o.programs_per_sm
         if programs_per_sm is None:
-            programs_per_sm = 3 if n_bh < 32 else 16
+            # The Gluon body's programs are one warp of 255 registers: 8 fit on an SM (a guess, not yet timed).
+            programs_per_sm = 8 if hopper is not None else 3 if n_bh < 32 else 16
         want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
         splits = max(1, min(want, body_blocks // max(1, o.min_blocks_per_split)))
         chunk = triton.cdiv(body_blocks, splits) * body_block
