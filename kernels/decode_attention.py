@@ -409,7 +409,7 @@ def _rotate_query(
 # ---------------------------------------------------------------------------------------------------------- stage 1
 # Lengths change every decode step: not specializing on them keeps one compiled kernel per configuration.
 @triton.jit(do_not_specialize=["sink_len", "body_len", "recent_len", "body_chunk", "num_splits", "body_splits",
-                               "sink_splits"])
+                               "sink_splits", "first_split"])
 def _decode_stage1(
     qr_ptr,
     sink_k, sink_v, s_sink_b, s_sink_h, s_sink_t,
@@ -419,7 +419,7 @@ def _decode_stage1(
     mask_ptr, sm_b, sm_q, sm_t,
     part_o, part_m, part_l,
     sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits, body_splits, sink_splits,
-    sm_scale_log2, lengths_ptr,
+    sm_scale_log2, lengths_ptr, first_split,
     D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     EXACT_CHUNK: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr, KEY_PAIRS: tl.constexpr = False, VALUE_PAIRS: tl.constexpr = False,
@@ -431,7 +431,7 @@ def _decode_stage1(
     # tensor-core tile needs) do not leave 3/4 of the softmax work on padding. The copies merge before the store.
     J: tl.constexpr = BLOCK_M // RP
     pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(1) + first_split  # > 0 when the body splits are served by another kernel (hopper_decode)
     if DEVICE_LENGTHS:
         # Compiled / graph-captured decoding: the segment lengths live in device memory (the layer's `lengths`), so
         # one captured launch serves every step; the grid was sized for the buffers' capacity and idle programs
@@ -604,6 +604,25 @@ def _decode_stage2(
 
 
 # ---------------------------------------------------------------------------------------------------------- launcher
+def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_mask):
+    """The Gluon body kernel's configuration (`kernels/hopper_decode.py`) when this call uses it, else None.
+    `wanted` None follows `OSCAR_HF_HOPPER_KERNEL` and falls back silently; True raises where it cannot serve."""
+    if wanted is False or (wanted is None and os.environ.get("OSCAR_HF_HOPPER_KERNEL", "0") != "1"):
+        return None
+    try:
+        from oscar_hf.kernels import hopper_decode
+    except ImportError as e:  # a Triton without Gluon
+        if wanted:
+            raise ValueError(f"hopper_body needs Triton's Gluon (triton.experimental.gluon): {e}") from e
+        return None
+    reason = hopper_decode.supported(query, segments, attention_mask)
+    if reason is not None:
+        if wanted:
+            raise ValueError(f"The Gluon body kernel cannot serve this call: {reason}.")
+        return None
+    return hopper_decode.config_for(rows, query.shape[-1])
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -642,7 +661,10 @@ class DecodeOptions:
     fit), `key_pairs` / `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the
     shapes allow), `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on
     an SM, `dependent_launch` launches stage 2 as a programmatic dependent of stage 1 (sm_90+; off by default until
-    timed, see benchmarks/RESULTS.md).
+    timed, see benchmarks/RESULTS.md). `hopper_body` serves the 2-bit body splits with the Gluon kernel of
+    `kernels/hopper_decode.py` (sm_90; **never run on a GPU yet**): True asks for it (an error where it cannot
+    serve), None follows the environment variable `OSCAR_HF_HOPPER_KERNEL=1` (and falls back to this kernel where
+    it cannot serve), False never; off by default. `block_n` and `stack` then apply to the exact segments only.
     """
 
     block_n: int | None = None
@@ -656,6 +678,7 @@ class DecodeOptions:
     value_pairs: bool | None = None
     max_registers: int | None = None
     dependent_launch: bool = False
+    hopper_body: bool | None = None
 
     def to_ints(self) -> list[int]:
         """The options as a list of ints (-1 for None), the form a `torch.library` op signature can carry."""
@@ -666,7 +689,7 @@ class DecodeOptions:
         kw = {}
         for f, v in zip(fields(cls), values):
             v = None if v == -1 else int(v)
-            if v is not None and f.name in ("key_pairs", "value_pairs", "dependent_launch"):
+            if v is not None and f.name in ("key_pairs", "value_pairs", "dependent_launch", "hopper_body"):
                 v = bool(v)
             kw[f.name] = v
         return cls(**kw)
@@ -816,17 +839,20 @@ def decode_attention(
     elif value_pairs and block_n // stack < 32:
         raise ValueError(f"value_pairs needs sub-blocks of >= 32 tokens (block_n={block_n}, stack={stack}).")
     exact_chunk = o.exact_chunk
-    body_blocks = triton.cdiv(body_len, block_n)
+    hopper = _hopper_config(o.hopper_body, query, segments, group * q_len, attention_mask)
+    body_block = block_n if hopper is None else hopper.block
+    body_blocks = triton.cdiv(body_len, body_block)
     if body_blocks:
         programs_per_sm = o.programs_per_sm
         if programs_per_sm is None:
-            programs_per_sm = 3 if n_bh < 32 else 16
+            # The Gluon body's programs are one warp of 255 registers: 8 fit on an SM (a guess, not yet timed).
+            programs_per_sm = 8 if hopper is not None else 3 if n_bh < 32 else 16
         want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
         splits = max(1, min(want, body_blocks // max(1, o.min_blocks_per_split)))
-        chunk = triton.cdiv(body_blocks, splits) * block_n
+        chunk = triton.cdiv(body_blocks, splits) * body_block
         splits = triton.cdiv(body_len, chunk)
     else:
-        splits, chunk = 0, block_n
+        splits, chunk = 0, body_block
     sink_splits = triton.cdiv(sink_len, exact_chunk)
     recent_splits = max(1, triton.cdiv(recent_len, exact_chunk))  # at least one program, even with nothing to do
     num_splits = splits + sink_splits + recent_splits
@@ -866,7 +892,20 @@ def decode_attention(
     # Stage 1 is launched normally: launched as a dependent of stage 0 it was 18% slower at 128K batch 1 (H200,
     # 2026-12-01; its programs are likely placed unevenly on the SMs). With `dependent_launch`, stage 2's launch
     # overlaps stage 1's last stores.
-    _decode_stage1[(n_bh, num_splits)](
+    sm_scale_log2 = float(scale * _LOG2E)
+    first_split = 0
+    if hopper is not None and splits > 0:
+        from oscar_hf.kernels import hopper_decode
+
+        hopper_decode.launch_body(
+            q_rot, segments, part_o, part_m, part_l, sink_len=sink_len, body_len=body_len, q_len=q_len,
+            num_kv_heads=kvh, group=group, body_chunk=chunk, body_splits=splits, num_splits=num_splits,
+            block_m_out=block_m, sm_scale_log2=sm_scale_log2, mask_u8=mask_u8, sm_b=sm_b, sm_q=sm_q, sm_t=sm_t,
+            has_mask=has_mask, lengths=lengths if device_lengths else None, cfg=hopper, dtype=query.dtype,
+            n_bh=n_bh,
+        )
+        first_split = splits  # the Triton stage 1 below serves the sink and recent-window splits only
+    _decode_stage1[(n_bh, num_splits - first_split)](
         q_rot,
         sink_k, sink_v, *sink_k.stride()[:3],
         rec_k, rec_v, *rec_k.stride()[:3],
@@ -875,7 +914,7 @@ def decode_attention(
         mask_u8, sm_b, sm_q, sm_t,
         part_o, part_m, part_l,
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
-        float(scale * _LOG2E), lengths if device_lengths else mask_u8,
+        sm_scale_log2, lengths if device_lengths else mask_u8, first_split,
         D=head_dim, BLOCK_M=block_m, RP=block_m // stack, BLOCK_N=block_n // stack,
         BLOCK_E=min(block_n, 32, exact_chunk),
         EXACT_CHUNK=exact_chunk,
