@@ -192,6 +192,11 @@ def _quantize_rows_kernel(
     s_maps_h,
     t0,
     ctrl_ptr,
+    ring_ptr,
+    sr_b,
+    sr_h,
+    sr_t,
+    ring_cap,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_FEEDBACK: tl.constexpr,
@@ -201,6 +206,7 @@ def _quantize_rows_kernel(
     EXACT_PRODUCTS: tl.constexpr,
     PAIRS: tl.constexpr = False,
     DEVICE_OFFSET: tl.constexpr = False,
+    RING: tl.constexpr = False,
 ):
     if DEVICE_OFFSET:
         # A predicated write (a compiled decode step's demotion): `ctrl` = (go, first token). It launches every step
@@ -218,7 +224,13 @@ def _quantize_rows_kernel(
     QD: tl.constexpr = D // 4
     x_row = x_ptr + b * sx_b + h * sx_h + t[:, None] * sx_t
 
-    x = tl.load(x_row + tl.arange(0, D)[None, :] * sx_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    x_in = tl.load(x_row + tl.arange(0, D)[None, :] * sx_d, mask=row_ok[:, None], other=0.0)
+    if RING:
+        # The exact row also goes to the undo ring (body position p at slot p % capacity), for an exact `crop`.
+        slot = (t0 + t) % ring_cap
+        ring_row = ring_ptr + b * sr_b + h * sr_h + slot[:, None] * sr_t
+        tl.store(ring_row + tl.arange(0, D)[None, :], x_in.to(ring_ptr.dtype.element_ty), mask=row_ok[:, None])
+    x = x_in.to(tl.float32)
     thr = _row_clip_threshold(tl.abs(x), clip_ratio, D)[:, None]
     xc = tl.minimum(tl.maximum(x, -thr), thr)
     lo = tl.min(xc, axis=1)
@@ -363,6 +375,7 @@ def quantize_rows_into(
     num_warps: int | None = None,
     token_pairs_from: int | None = None,
     device_offset: torch.Tensor | None = None,
+    ring: torch.Tensor | None = None,
 ) -> None:
     """Quantize `rows` `[..., T, D]` (already rotated) into `codes` `[..., T, D/4]` uint8 and `scale`/`offset`
     `[..., T]` float16, which may be strided views of a larger buffer (the layer's body at `body_len`).
@@ -375,7 +388,18 @@ def quantize_rows_into(
     `device_offset`: an int32 tensor `(go, first)` on the rows' device, read by the kernel: `codes`, `scale` and
     `offset` are then whole buffers `[..., capacity, ...]` written from token `first`, and nothing is written unless
     `go` is non-zero (with `token_pairs_from` given too, `codes` is the token-pair plane). The launch never depends
-    on these values, so a captured graph replays it at every step; the caller guarantees `first + T <= capacity`."""
+    on these values, so a captured graph replays it at every step; the caller guarantees `first + T <= capacity`.
+    `ring` (with `device_offset` only): a `[..., capacity, D]` buffer of the rows' dtype that also receives each row
+    exact, row t at slot `(first + t) % capacity` (the layer's undo ring, for an exact `crop`), under the same `go`."""
+    if ring is not None:
+        if device_offset is None:
+            raise ValueError("ring needs device_offset: its slots follow the body position `first`.")
+        if (tuple(ring.shape[:-2]) != tuple(rows.shape[:-2]) or ring.shape[-1] != rows.shape[-1]
+                or ring.dtype != rows.dtype or ring.stride(-1) != 1 or ring.shape[-2] < 1 or ring.dim() != 4):
+            raise ValueError(
+                f"ring {tuple(ring.shape)} {ring.dtype} does not fit rows {tuple(rows.shape)} {rows.dtype}: it must be "
+                "[B, H, capacity, D] of the rows' dtype, contiguous in D."
+            )
     if device_offset is not None:
         if device_offset.dtype != torch.int32 or device_offset.numel() < 2 or device_offset.device != rows.device:
             raise ValueError("device_offset must be an int32 tensor (go, first) on the rows' device.")
@@ -481,6 +505,9 @@ def quantize_rows_into(
         s_maps_h,
         token_pairs_from or 0,
         device_offset if device_offset is not None else fb,
+        ring if ring is not None else x,
+        *(ring.stride()[:3] if ring is not None else (0, 0, 0)),
+        ring.shape[-2] if ring is not None else 1,
         D=d,
         BLOCK_R=block_rows,
         HAS_FEEDBACK=feedback is not None,
@@ -490,6 +517,7 @@ def quantize_rows_into(
         EXACT_PRODUCTS=not _interpreting(),  # the interpreter computes in NumPy, which never fuses
         PAIRS=token_pairs_from is not None,
         DEVICE_OFFSET=device_offset is not None,
+        RING=ring is not None,
         num_warps=num_warps,
     )
 

@@ -100,13 +100,11 @@ def append_device(keys, values, lengths, segments, undo, demote_block, max_token
     # (A body without room for the block skips the write; the window write below then fails loudly, out of range.)
     demote = (recent_len + m > window) & (body_len + demote_block <= kc.shape[2])
     ctrl = torch.stack([demote.to(torch.int32), body_len.to(torch.int32)])
-    quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt, device_offset=ctrl)
+    # The same predicated writes copy the exact rows to the undo ring (for `crop`): no cost when nothing demotes.
+    quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt, device_offset=ctrl,
+                       ring=undo[0])
     quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,
-                       device_offset=ctrl)
-    # The demoted block's exact rows go to the undo ring (body position p at slot p % capacity), selected likewise.
-    slots = (body_len + torch.arange(demote_block, device=dev)) % undo[0].shape[2]
-    for ring, buf in zip(undo, (rec_k, rec_v)):
-        ring.index_copy_(2, slots, torch.where(demote, buf[:, :, :demote_block], ring.index_select(2, slots)))
+                       device_offset=ctrl, ring=undo[1])
     # The shift goes through a temporary (no overlapping copy) and is selected on the device.
     for buf in (rec_k, rec_v):
         shifted = torch.cat([buf[:, :, demote_block:], buf[:, :, :demote_block]], dim=2)
