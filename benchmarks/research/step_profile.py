@@ -1,0 +1,95 @@
+"""Where a compiled OSCAR decode step spends its time: a Qwen3-8B-shaped model cut to `--layers` layers, a static cache
+filled to `--context` tokens through its write path, the decode step compiled by inductor without CUDA graphs (so the
+profiler sees each kernel), and the top kernels of a few steps. Also reports why the eager step (if at all) declines
+the decode kernel. Research tool, device only:
+
+    python benchmarks/research/step_profile.py --layers 4 --context 131072
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_e2e as be  # noqa: E402
+
+from oscar_hf import OscarQuantizedCache  # noqa: E402
+from oscar_hf import attention as attn_mod  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    config = be.make_config(False, args.layers)
+    model = be.build_model(config, "cuda", torch.bfloat16)
+    be.set_attention(model, "oscar")
+    cache = OscarQuantizedCache(model.config, method="hadamard", max_cache_len=args.context + 64)
+    for _ in range(0, args.context, 8192):
+        for layer in cache.layers:
+            k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+            layer.update(k, k.clone(), return_segments=True)
+    declined = []
+    reference = attn_mod.segment_attention_reference
+
+    def spy(query, segments, mask, scaling, softcap=None):
+        from oscar_hf.kernels.decode_attention import unsupported_reason
+
+        declined.append(unsupported_reason(query, segments.layer, mask, segments.num_new,
+                                           device_lengths=segments.device_lengths)
+                        or f"kernel would serve; demoted={segments.demoted}; mask "
+                           f"{None if mask is None else (mask.dtype, tuple(mask.shape))}")
+        return reference(query, segments, mask, scaling, softcap)
+
+    attn_mod.segment_attention_reference = spy
+    pos = args.context
+    ids = torch.tensor([[7]], device="cuda")
+    mask2d = torch.ones(1, args.context + 64, dtype=torch.long, device="cuda")
+
+    def kw(position):
+        out = be.forward_kwargs(model, ids, cache, position)
+        out["attention_mask"] = mask2d[:, : position + 1]
+        return out
+
+    with torch.no_grad():
+        for _ in range(2):
+            model(**kw(pos))
+            pos += 1
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            model(**kw(pos))
+            pos += 1
+        torch.cuda.synchronize()
+        print(f"eager step {1e3 * (time.perf_counter() - t) / args.steps:.2f} ms ({args.layers} layers); reference "
+              f"calls {len(declined)}; reasons {sorted(set(declined))[:3]}")
+        declined.clear()
+        step = torch.compile(model.forward, mode=None, fullgraph=False)
+        for _ in range(3):
+            step(**kw(pos))
+            pos += 1
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step(**kw(pos))
+            pos += 1
+        torch.cuda.synchronize()
+        print(f"compiled (inductor, no graphs) step {1e3 * (time.perf_counter() - t) / args.steps:.2f} ms; "
+              f"reference calls {len(declined)}")
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step(**kw(pos))
+                pos += 1
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
