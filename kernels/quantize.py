@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from oscar_hf.kernels.append import DemoteSchedule
 from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
 
 _FP16_MAX = tl.constexpr(65504.0)
@@ -162,7 +163,7 @@ def _tilt_state(x_t, sx_d, row_ok, f_base, m_base, p_base, D: tl.constexpr, BLOC
     return v, y
 
 
-@triton.jit(do_not_specialize=["n_rows", "t0"])
+@triton.jit(do_not_specialize=["n_rows", "t0", "n_new", "sink_cap", "window", "body_cap", "max_tokens"])
 def _quantize_rows_kernel(
     x_ptr,
     codes_ptr,
@@ -197,6 +198,11 @@ def _quantize_rows_kernel(
     sr_h,
     sr_t,
     ring_cap,
+    n_new,
+    sink_cap,
+    window,
+    body_cap,
+    max_tokens,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_FEEDBACK: tl.constexpr,
@@ -207,10 +213,23 @@ def _quantize_rows_kernel(
     PAIRS: tl.constexpr = False,
     DEVICE_OFFSET: tl.constexpr = False,
     RING: tl.constexpr = False,
+    SCHEDULE: tl.constexpr = False,
 ):
-    if DEVICE_OFFSET:
-        # A predicated write (a compiled decode step's demotion): `ctrl` = (go, first token). It launches every step
-        # and returns at once unless a block is waiting, so the step never asks the host.
+    if SCHEDULE:
+        # A decode step's demotion (`append.DemoteSchedule`): `ctrl` is the layer's lengths (sink, body, recent); the
+        # oldest window block is demoted, to body position `body`, when the step's new tokens would overflow the window.
+        # Launched every step, it returns at once unless a block is waiting, so the step never asks the host.
+        sink_len = tl.load(ctrl_ptr)
+        body_len = tl.load(ctrl_ptr + 1)
+        recent_len = tl.load(ctrl_ptr + 2)
+        to_sink = tl.minimum(tl.maximum(sink_cap - sink_len, 0), n_new)
+        if (recent_len + n_new - to_sink <= window) | (body_len + n_rows > body_cap) | (
+            sink_len + body_len + recent_len + n_new > max_tokens
+        ):
+            return
+        t0 = body_len.to(tl.int64)
+    elif DEVICE_OFFSET:
+        # A predicated write: `ctrl` = (go, first token); nothing is written unless `go` is non-zero.
         go = tl.load(ctrl_ptr)
         t0 = tl.load(ctrl_ptr + 1).to(tl.int64)
         if go == 0:
@@ -389,6 +408,9 @@ def quantize_rows_into(
     `offset` are then whole buffers `[..., capacity, ...]` written from token `first`, and nothing is written unless
     `go` is non-zero (with `token_pairs_from` given too, `codes` is the token-pair plane). The launch never depends
     on these values, so a captured graph replays it at every step; the caller guarantees `first + T <= capacity`.
+    `device_offset` may also be an `append.DemoteSchedule` (the layer's lengths and a decode step's geometry): the
+    kernel then derives `go` and `first` from the lengths itself (a block is demoted when the step would overflow the
+    window), so a decode step computes nothing for it on the host or in other kernels.
     `ring` (with `device_offset` only): a `[..., capacity, D]` buffer of the rows' dtype that also receives each row
     exact, row t at slot `(first + t) % capacity` (the layer's undo ring, for an exact `crop`), under the same `go`."""
     if ring is not None:
@@ -400,9 +422,14 @@ def quantize_rows_into(
                 f"ring {tuple(ring.shape)} {ring.dtype} does not fit rows {tuple(rows.shape)} {rows.dtype}: it must be "
                 "[B, H, capacity, D] of the rows' dtype, contiguous in D."
             )
+    schedule = device_offset if isinstance(device_offset, DemoteSchedule) else None
+    if schedule is not None:
+        device_offset = schedule.lengths
     if device_offset is not None:
         if device_offset.dtype != torch.int32 or device_offset.numel() < 2 or device_offset.device != rows.device:
             raise ValueError("device_offset must be an int32 tensor (go, first) on the rows' device.")
+        if schedule is not None and device_offset.numel() < 3:
+            raise ValueError("A DemoteSchedule's lengths must hold (sink, body, recent).")
         cap = scale.shape[-1] if scale.dim() else 0
         if rows.shape[-2] > cap:
             raise ValueError(f"{rows.shape[-2]} rows do not fit buffers of {cap} tokens.")
@@ -508,6 +535,11 @@ def quantize_rows_into(
         ring if ring is not None else x,
         *(ring.stride()[:3] if ring is not None else (0, 0, 0)),
         ring.shape[-2] if ring is not None else 1,
+        schedule.new_tokens if schedule is not None else 0,
+        schedule.sink_capacity if schedule is not None else 0,
+        schedule.window_capacity if schedule is not None else 0,
+        s.shape[2],
+        schedule.max_tokens if schedule is not None else 0,
         D=d,
         BLOCK_R=block_rows,
         HAS_FEEDBACK=feedback is not None,
@@ -518,6 +550,7 @@ def quantize_rows_into(
         PAIRS=token_pairs_from is not None,
         DEVICE_OFFSET=device_offset is not None,
         RING=ring is not None,
+        SCHEDULE=schedule is not None,
         num_warps=num_warps,
     )
 

@@ -75,49 +75,23 @@ def append_host(keys, values, lengths, segments, undo, demote_block, max_tokens,
 
 def append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
                   k_feedback=None, v_feedback=None, k_tilt=None) -> None:
-    """`append` without reading anything back: device tensor arithmetic and the Triton write kernel in its
-    predicated mode (`kernels.quantize.quantize_rows_into(device_offset=...)`). Runs on CUDA, and on the CPU under
-    `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block, recent_tokens)`. Past `max_tokens`
-    the window write is sent out of range on purpose: a device-side index error, not a silent overwrite."""
+    """`append` without reading anything back, in three kernels: the Triton write kernel twice, predicated on the
+    lengths (`kernels.append.DemoteSchedule`: the window's oldest block into the 2-bit body and its exact rows into the
+    undo ring, only when the step overflows the window), then `kernels.append.append_window` (the new rows, the
+    window shift, the lengths). Runs on CUDA, and on the CPU under `TRITON_INTERPRET=1` (tests). The caller
+    guarantees `n <= min(demote_block, recent_tokens)`. Past `max_tokens` a device-side assertion fires (compiled in
+    on the GPU) and nothing is written."""
+    from .kernels.append import DemoteSchedule, append_window
     from .kernels.quantize import quantize_rows_into
 
     sink_k, sink_v, rec_k, rec_v = segments[:4]
     kc, ks, ko, vc, vs, vo = segments[4:]
-    n, sink_cap, window = keys.shape[2], sink_k.shape[2], rec_k.shape[2]
-    dev = keys.device
-    sink_len, body_len, recent_len = lengths[0], lengths[1], lengths[2]
-    i = torch.arange(n, device=dev, dtype=torch.int32)
-    to_sink = torch.clamp(sink_cap - sink_len, 0, n)  # how many of the new tokens the sink takes
-    m = n - to_sink
-    if sink_cap:
-        # The sink is small: rewrite it whole, its rows [sink_len, sink_len + to_sink) taking the new tokens.
-        j = torch.arange(sink_cap, device=dev, dtype=torch.int32)
-        take = ((j >= sink_len) & (j < sink_len + to_sink))[:, None]
-        src = torch.clamp(j - sink_len, 0, n - 1).long()
-        sink_k.copy_(torch.where(take, keys.index_select(2, src), sink_k))
-        sink_v.copy_(torch.where(take, values.index_select(2, src), sink_v))
-    # A full window demotes its oldest block first (only tokens already there: n <= recent_tokens).
-    # (A body without room for the block skips the write; the window write below then fails loudly, out of range.)
-    demote = (recent_len + m > window) & (body_len + demote_block <= kc.shape[2])
-    ctrl = torch.stack([demote.to(torch.int32), body_len.to(torch.int32)])
-    # The same predicated writes copy the exact rows to the undo ring (for `crop`): no cost when nothing demotes.
-    quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt, device_offset=ctrl,
+    when = DemoteSchedule(lengths, keys.shape[2], sink_k.shape[2], rec_k.shape[2], max_tokens)
+    quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt, device_offset=when,
                        ring=undo[0])
     quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,
-                       device_offset=ctrl, ring=undo[1])
-    # The shift goes through a temporary (no overlapping copy) and is selected on the device.
-    for buf in (rec_k, rec_v):
-        shifted = torch.cat([buf[:, :, demote_block:], buf[:, :, :demote_block]], dim=2)
-        buf.copy_(torch.where(demote, shifted, buf))
-    recent_len = recent_len - demote.to(torch.int32) * demote_block
-    # Window tokens go to recent_len + .. ; tokens the sink took write unused slots [m, n) (recent_len is then 0).
-    index = torch.where(i >= to_sink, recent_len + i - to_sink, m + i)
-    full = sink_len + body_len + lengths[2] + n > max_tokens
-    index = torch.where(full, window, index).long()
-    rec_k.index_copy_(2, index, keys)
-    rec_v.index_copy_(2, index, values)
-    lengths[:3].copy_(torch.stack([sink_len + to_sink, body_len + demote.to(torch.int32) * demote_block,
-                                   recent_len + m]).to(torch.int32))
+                       device_offset=when, ring=undo[1])
+    append_window(keys, values, lengths, sink_k, sink_v, rec_k, rec_v, demote_block, kc.shape[2], max_tokens)
 
 
 @torch.library.custom_op("oscar_hf::append", mutates_args=("lengths",) + SEGMENT_NAMES + ("undo_keys", "undo_values"))
