@@ -580,7 +580,10 @@ def generate_row(env, kind: str, mode: str, name: str, context: int) -> dict:
         gaps = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]  # stamps[0]: the prompt
         steady = gaps[min(args.warmup, len(gaps) - 1):]
         ms = statistics.median(steady) * 1e3
+        # The first gaps hold what is paid once: the compiled step's compile and graph capture (the first new token is
+        # the eager forward of the prompt's last token); the slowest steady gap shows a recompile or a stall.
         row.update(ms=ms, tokens_per_s=1e3 / ms, first_token_s=clock.stamps[1] - t0, total_s=total,
+                   first_gaps_s=[round(g, 3) for g in gaps[:3]], max_steady_ms=max(steady) * 1e3,
                    peak_gib=peak_gib(env), compile_impl=env.compile_note if mode == "compile" else None)
     except Exception as e:  # noqa: BLE001 - an OOM or a failing path is a result, not the end of the run
         row["error"] = "out of memory" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"
@@ -596,7 +599,9 @@ def generate_row(env, kind: str, mode: str, name: str, context: int) -> dict:
 def section_generate(env, bw, out) -> None:
     rows = []
     for context in (int(c) for c in env.args.generate_contexts.split(",") if c):
-        block = [generate_row(env, kind, mode, name, context) for kind, mode, name in GENERATE_ROWS]
+        wanted = [tuple(r.split(":")) for r in env.args.generate_rows.split(",") if r]
+        names = {(k, m): n for k, m, n in GENERATE_ROWS}
+        block = [generate_row(env, kind, mode, names[kind, mode], context) for kind, mode in wanted]
         dyn = next((r for r in block if r["kind"] == "dynamic" and r.get("ms")), None)
         for r in block:
             if dyn and r.get("ms"):
@@ -916,6 +921,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default="generate,decode,largest,batch,prefill")
     p.add_argument("--kinds", default="dynamic,static,oscar,quanto", help="caches in the decode and prefill sections")
+    p.add_argument("--generate-rows", default=",".join(f"{k}:{m}" for k, m, _ in GENERATE_ROWS),
+                   help="kind:mode rows of the generate section, in order")
     p.add_argument("--quanto-unpack", choices=("torch", "extension"), default="torch",
                    help="how quanto unpacks int2 codes: PyTorch ops, or its compiled extension (built on first use, "
                    "minutes)")
@@ -931,6 +938,9 @@ def parse_args(argv=None):
     for key, value in FULL.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None, help=f"default {value}")
     args = p.parse_args(argv)
+    known = {f"{k}:{m}" for k, m, _ in GENERATE_ROWS}
+    if not set(r for r in args.generate_rows.split(",") if r) <= known:
+        p.error(f"--generate-rows takes a comma list of {sorted(known)}")
     preset = TINY if args.tiny else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:

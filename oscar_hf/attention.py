@@ -142,6 +142,9 @@ def oscar_attention_forward(
                         f"{reason}."
                         " Pass disable_compile=True to generate(), or build the cache without max_cache_len."
                     )
+                from .kernel_dispatch import _declined
+
+                _declined(reason)
                 out = segment_attention_reference(query, key, attention_mask, scaling)
                 return out.transpose(1, 2).contiguous(), None
         out = ops.decode_attention(query, layer, attention_mask, scaling)
