@@ -18,6 +18,9 @@ Sections (`--sections`, all by default):
   `--oscar-largest` (1,000,000) tokens, eager and compiled.
 - `batch`: at `--batch-context` (32K), the largest batch each cache fits in `--kv-budget-gib` (40 GiB) of KV storage,
   compiled decode step and aggregate tokens/s.
+- `generate_batch`: the same budget and context through `model.generate()`: OSCAR and StaticCache, each at its
+  largest batch and compiled by generate() itself; aggregate tokens/s (issue 19's batch bar). Not in the default set
+  (two compilations at large batches); ask for it with `--sections generate_batch`.
 - `prefill`: chunked prefill through the model (`model(input_ids=chunk, cache=cache, ...)` chunk by chunk)
   at `--prefill-context` for every cache, and the last `--prefill-long-chunks` chunks of a `--prefill-long-context`
   (128K) prompt whose head was written through the cache's write path.
@@ -545,12 +548,12 @@ GENERATE_ROWS = (  # in order of importance: a run cut short by --time-limit kee
 )
 
 
-def generate_row(env, kind: str, mode: str, name: str, context: int) -> dict:
+def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int = 1) -> dict:
     """One `model.generate()` call over a cache holding `context` tokens (written through its write path), feeding one
     more prompt token and decoding `--generate-tokens` greedily; ms per token from the streamer's timestamps."""
     args = env.args
     new = args.generate_tokens
-    row = dict(section="generate", kind=kind, mode=mode, name=name, context=context, new_tokens=new)
+    row = dict(section="generate", kind=kind, mode=mode, name=name, context=context, new_tokens=new, batch=batch)
     if env.over_budget():
         row["error"] = f"skipped: past --time-limit {args.time_limit:.0f} s"
         return row
@@ -560,8 +563,8 @@ def generate_row(env, kind: str, mode: str, name: str, context: int) -> dict:
         free(env)
         reset_peak(env)
         cache = make_cache(env, kind, context + new + 64)
-        fill_context(env, cache, kind, 1, context)
-        ids = torch.randint(0, env.vocab, (1, context + 1), device=env.device)
+        fill_context(env, cache, kind, batch, context)
+        ids = torch.randint(0, env.vocab, (batch, context + 1), device=env.device)
         clock = StepClock(env.cuda)
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock,
                       attention_mask=torch.ones_like(ids), pad_token_id=0)
@@ -582,7 +585,7 @@ def generate_row(env, kind: str, mode: str, name: str, context: int) -> dict:
         ms = statistics.median(steady) * 1e3
         # The first gaps hold what is paid once: the compiled step's compile and graph capture (the first new token is
         # the eager forward of the prompt's last token); the slowest steady gap shows a recompile or a stall.
-        row.update(ms=ms, tokens_per_s=1e3 / ms, first_token_s=clock.stamps[1] - t0, total_s=total,
+        row.update(ms=ms, tokens_per_s=batch * 1e3 / ms, first_token_s=clock.stamps[1] - t0, total_s=total,
                    first_gaps_s=[round(g, 3) for g in gaps[:3]], max_steady_ms=max(steady) * 1e3,
                    peak_gib=peak_gib(env), compile_impl=env.compile_note if mode == "compile" else None)
     except Exception as e:  # noqa: BLE001 - an OOM or a failing path is a result, not the end of the run
@@ -603,9 +606,16 @@ def section_generate(env, bw, out) -> None:
         names = {(k, m): n for k, m, n in GENERATE_ROWS}
         block = [generate_row(env, kind, mode, names[kind, mode], context) for kind, mode in wanted]
         dyn = next((r for r in block if r["kind"] == "dynamic" and r.get("ms")), None)
+        static = next((r for r in block if r["kind"] == "static" and r.get("ms")), None)
+        floor = floors(env, bw, context)
         for r in block:
             if dyn and r.get("ms"):
                 r["speedup_vs_dynamic"] = dyn["ms"] / r["ms"]
+            if static and r.get("ms"):
+                r["speedup_vs_static_compiled"] = static["ms"] / r["ms"]
+            if bw and r.get("ms"):
+                r["x_int2_floor"] = r["ms"] / floor["int2_floor_ms"]
+                r["x_bf16_floor"] = r["ms"] / floor["bf16_floor_ms"]
         rows += block
         out["generate"] = rows
         write_json(env, out)
@@ -681,6 +691,40 @@ def section_batch(env, bw, out) -> None:
                 r["x_bf16_floor"] = r["ms"] / f["bf16_floor_ms"]
     ratio = ok["oscar"]["tokens_per_s"] / ok["static"]["tokens_per_s"] if {"oscar", "static"} <= ok.keys() else None
     out["batch"] = dict(context=context, kv_budget_gib=args.kv_budget_gib, rows=result, oscar_over_bf16=ratio)
+    write_json(env, out)
+
+
+def section_generate_batch(env, bw, out) -> None:
+    """`model.generate()` at the largest batch each cache fits in the KV budget (`--kv-budget-gib`, from its bytes per
+    sequence), each compiled by generate() itself; aggregate tokens/s. The contexts are written through each cache's
+    write path and generate() continues from the filled cache (as the `generate` section does)."""
+    args = env.args
+    context = args.batch_context
+    budget = args.kv_budget_gib * GiB
+    span = context + args.generate_tokens + 64  # the caches' max_cache_len (generate_row)
+    per_seq = dict(static=span * env.bf16_kv_bytes_per_token(), oscar=env.oscar_allocated_bytes(1, span))
+    names = {(k, m): n for k, m, n in GENERATE_ROWS}
+    rows = []
+    for kind in ("oscar", "static"):
+        planned = int(budget // per_seq[kind])
+        batch = planned
+        for _ in range(3):  # on OOM, say so and try 3/4 of the batch
+            if batch < 1:
+                break
+            row = generate_row(env, kind, "compile", names[kind, "compile"], context, batch=batch)
+            row.update(planned_batch=planned, kv_bytes_per_sequence=per_seq[kind], kv_budget_gib=args.kv_budget_gib)
+            rows.append(row)
+            if not (row.get("error") and "out of memory" in row["error"]):
+                break
+            batch = int(batch * 0.75)
+    ok = {r["kind"]: r for r in rows if r.get("ms")}
+    for r in ok.values():
+        if bw:
+            f = floors(env, bw, context, r["batch"])
+            r["x_int2_floor"] = r["ms"] / f["int2_floor_ms"]
+            r["x_bf16_floor"] = r["ms"] / f["bf16_floor_ms"]
+    ratio = ok["oscar"]["tokens_per_s"] / ok["static"]["tokens_per_s"] if {"oscar", "static"} <= ok.keys() else None
+    out["generate_batch"] = dict(context=context, kv_budget_gib=args.kv_budget_gib, rows=rows, oscar_over_static=ratio)
     write_json(env, out)
 
 
@@ -770,11 +814,26 @@ def print_tables(env, out) -> None:
           f"copy bandwidth {fmt(out['copy_bw_tbs'], '.3f')} TB/s; compiled rows: {env.compile_note}")
     if out.get("generate"):
         print("\ngenerate(), batch 1, ms per token (median gap between streamed tokens)")
-        print("| context | row | ms/token | tok/s | vs DynamicCache | first token s | note |")
-        print("|---|---|---|---|---|---|---|")
+        print("| context | row | ms/token | tok/s | vs DynamicCache | vs StaticCache compiled | x INT2 floor "
+              "| x BF16 floor | first token s | compile s | note |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in out["generate"]:
+            gaps = r.get("first_gaps_s") or []
             print(f"| {ctx(r['context'])} | {r['name']} | {fmt(r.get('ms'), '.2f')} | {fmt(r.get('tokens_per_s'))} | "
-                  f"{times(r.get('speedup_vs_dynamic'))} | {fmt(r.get('first_token_s'), '.1f')} | {note(r)} |")
+                  f"{times(r.get('speedup_vs_dynamic'))} | {times(r.get('speedup_vs_static_compiled'))} | "
+                  f"{fmt(r.get('x_int2_floor'), '.2f')} | {fmt(r.get('x_bf16_floor'), '.2f')} | "
+                  f"{fmt(r.get('first_token_s'), '.1f')} | "
+                  f"{fmt(gaps[0] if gaps and r['mode'] == 'compile' else None, '.1f')} | {note(r)} |")
+    if out.get("generate_batch"):
+        gb = out["generate_batch"]
+        print(f"\ngenerate() at the largest batch in {gb['kv_budget_gib']} GiB of KV, context {ctx(gb['context'])}: "
+              f"OSCAR / StaticCache aggregate tokens/s = {fmt(gb['oscar_over_static'], '.2f')}x")
+        print("| row | batch (planned) | ms/step | aggregate tok/s | x INT2 floor | peak GiB | note |")
+        print("|---|---|---|---|---|---|---|")
+        for r in gb["rows"]:
+            print(f"| {r['name']} | {r['batch']} ({r['planned_batch']}) | {fmt(r.get('ms'), '.2f')} | "
+                  f"{fmt(r.get('tokens_per_s'))} | {fmt(r.get('x_int2_floor'), '.2f')} | {fmt(r.get('peak_gib'))} | "
+                  f"{note(r)} |")
     for block in out.get("decode", []):
         f = block["floors"]
         print(f"\ndecode, batch 1, context {ctx(block['context'])}: "
@@ -821,7 +880,7 @@ def print_tables(env, out) -> None:
                   f"{note(r)} |")
     bars = issue_bars(out)
     if bars:
-        print("\nissue 7 bars (same run):")
+        print("\nissue bars (same run):")
         for line in bars:
             print("  " + line)
     print(f"\ntotal {env.elapsed():.0f} s")
@@ -839,6 +898,16 @@ def peak_ratio(what: str, oscar: float, dynamic: float, weights: float) -> str:
 
 def issue_bars(out) -> list[str]:
     lines = []
+    for c in sorted({r["context"] for r in out.get("generate", [])}):
+        og = _find([r for r in out["generate"] if r["context"] == c], "oscar", "compile")
+        if og:
+            lines.append(f"{ctx(c)} generate(): OSCAR compiled {fmt(og.get('x_int2_floor'), '.2f')}x the INT2 floor "
+                         f"(issue 19 bar <= 1.5x), {fmt(og.get('x_bf16_floor'), '.2f')}x the BF16 floor (bar < 1), "
+                         f"{times(og.get('speedup_vs_dynamic'))} DynamicCache (bar 4x at 128K), "
+                         f"{times(og.get('speedup_vs_static_compiled'))} StaticCache compiled (bar 3x at 128K)")
+    if out.get("generate_batch", {}).get("oscar_over_static") is not None:
+        lines.append(f"{ctx(out['generate_batch']['context'])} generate() at the largest batch: OSCAR / StaticCache "
+                     f"aggregate tokens/s {out['generate_batch']['oscar_over_static']:.2f}x (issue 19 bar 6x)")
     weights = out["model"]["weights_gib"]
     for block in out.get("decode", []):
         rows, c = block["rows"], ctx(block["context"])
@@ -981,7 +1050,8 @@ def main(argv=None):
     sections = {s for s in args.sections.split(",") if s}
     with torch.no_grad():
         for name, fn in (("generate", section_generate), ("decode", section_decode), ("largest", section_largest),
-                         ("batch", section_batch), ("prefill", section_prefill)):
+                         ("batch", section_batch), ("generate_batch", section_generate_batch),
+                         ("prefill", section_prefill)):
             if name in sections:
                 t = time.perf_counter()
                 fn(env, bw, out)
