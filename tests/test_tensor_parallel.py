@@ -293,3 +293,33 @@ def test_tp_plan_auto_ranks_give_the_one_process_logits(tensor_parallel_run, kin
         got = seen[f"{kind}_logits"]
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
         assert (expected - exact).abs().max() > 100 * (got - expected).abs().max()
+
+
+def test_tensor_parallel_benchmark_dry_run(tmp_path):
+    """benchmarks/multi_gpu_tp.py (issue 22's GPU script) on two gloo ranks: its checks pass with Hadamard rotations
+    and a per-head bundle, each rank holds half the KV bytes, and the TP 1 / TP 2 timing rows come out."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    model = tiny_model("qwen3", num_attention_heads=QUERY_HEADS, num_key_value_heads=HEADS, head_dim=D, layers=LAYERS)
+    model.save_pretrained(tmp_path / "model")
+    per_head_bundle().save_pretrained(tmp_path / "bundle")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "benchmarks" / "multi_gpu_tp.py"), str(tmp_path / "model"), "--bundle", str(tmp_path / "bundle"),
+         "--dtype", "float32", "--prompt-tokens", "400", "--new-tokens", "6", "--speed-context", "448",
+         "--speed-tokens", "6", "--json", str(tmp_path / "tp.json")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "all checks passed" in done.stdout
+    import json
+
+    ranks = json.loads((tmp_path / "tp.json").read_text())["ranks"]
+    names = [name for name, result, _ in ranks[1]["rows"] if result == "ok"]
+    assert "greedy tokens TP 2 == one device (bundle)" in names and "KV bytes per rank = 1/2 (bundle)" in names
+    timing = ranks[0]["result"]
+    assert timing["tp1"]["ms"] > 0 and timing["tp2"]["ms"] > 0 and timing["tp2"]["kv_heads"] == HEADS // 2
