@@ -33,9 +33,10 @@ class DemoteSchedule(NamedTuple):
 
 
 @triton.jit
-def _step_plan(lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens):
-    """(sink, body, recent) before the step, how many new tokens the sink takes, whether the window's oldest block was
-    demoted, and whether the step fits `max_tokens`: the rule of `ops.append_host`."""
+def step_plan(lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens):
+    """(sink, body, recent) before the step, how many new tokens the sink takes, whether the window's oldest block is
+    demoted, and whether the step fits `max_tokens`: the rule of `ops.append_host`, read by every kernel of the step
+    (these and the write kernel's `DemoteSchedule` mode), so they agree on it."""
     sink_len = tl.load(lengths_ptr)
     body_len = tl.load(lengths_ptr + 1)
     recent_len = tl.load(lengths_ptr + 2)
@@ -53,7 +54,7 @@ def _append_rows_kernel(
     lengths_ptr, num_heads, n_new, sink_cap, window, body_cap, block, max_tokens,
     D: tl.constexpr, ROWS: tl.constexpr,
 ):
-    sink_len, body_len, recent_len, to_sink, demote, fits = _step_plan(
+    sink_len, body_len, recent_len, to_sink, demote, fits = step_plan(
         lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
     # Past max_cache_len: a device-side assertion (as an out-of-range index_copy_ in transformers' StaticCache), and
     # nothing written where assertions are compiled out (the interpreter).
@@ -101,7 +102,7 @@ def _append_rows_kernel(
 
 @triton.jit(do_not_specialize=["n_new", "sink_cap", "window", "body_cap", "block", "max_tokens"])
 def _advance_lengths_kernel(lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens):
-    sink_len, body_len, recent_len, to_sink, demote, fits = _step_plan(
+    sink_len, body_len, recent_len, to_sink, demote, fits = step_plan(
         lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
     if fits:
         kept = tl.where(demote, recent_len - block, recent_len)

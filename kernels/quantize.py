@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from oscar_hf.kernels.append import DemoteSchedule
+from oscar_hf.kernels.append import DemoteSchedule, step_plan
 from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
 
 _FP16_MAX = tl.constexpr(65504.0)
@@ -219,13 +219,9 @@ def _quantize_rows_kernel(
         # A decode step's demotion (`append.DemoteSchedule`): `ctrl` is the layer's lengths (sink, body, recent); the
         # oldest window block is demoted, to body position `body`, when the step's new tokens would overflow the window.
         # Launched every step, it returns at once unless a block is waiting, so the step never asks the host.
-        sink_len = tl.load(ctrl_ptr)
-        body_len = tl.load(ctrl_ptr + 1)
-        recent_len = tl.load(ctrl_ptr + 2)
-        to_sink = tl.minimum(tl.maximum(sink_cap - sink_len, 0), n_new)
-        if (recent_len + n_new - to_sink <= window) | (body_len + n_rows > body_cap) | (
-            sink_len + body_len + recent_len + n_new > max_tokens
-        ):
+        _, body_len, _, _, demote, fits = step_plan(ctrl_ptr, n_new, sink_cap, window, body_cap, n_rows, max_tokens)
+        go = demote & fits
+        if go == 0:
             return
         t0 = body_len.to(tl.int64)
     elif DEVICE_OFFSET:
