@@ -601,9 +601,9 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
 
 def section_generate(env, bw, out) -> None:
     rows = []
+    wanted = [tuple(r.split(":")) for r in env.args.generate_rows.split(",") if r]
+    names = {(k, m): n for k, m, n in GENERATE_ROWS}
     for context in (int(c) for c in env.args.generate_contexts.split(",") if c):
-        wanted = [tuple(r.split(":")) for r in env.args.generate_rows.split(",") if r]
-        names = {(k, m): n for k, m, n in GENERATE_ROWS}
         block = [generate_row(env, kind, mode, names[kind, mode], context) for kind, mode in wanted]
         dyn = next((r for r in block if r["kind"] == "dynamic" and r.get("ms")), None)
         static = next((r for r in block if r["kind"] == "static" and r.get("ms")), None)
@@ -658,39 +658,44 @@ def section_largest(env, bw, out) -> None:
     write_json(env, out)
 
 
-def section_batch(env, bw, out) -> None:
-    """Largest batch within the KV budget for each cache (from its bytes per sequence), then a compiled decode step."""
-    args = env.args
-    context = args.batch_context
-    budget = args.kv_budget_gib * GiB
-    margin = 2 * (args.warmup + args.graph_steps + 16) + 256
-    per_seq = dict(static=(context + margin) * env.bf16_kv_bytes_per_token(),
-                   oscar=env.oscar_allocated_bytes(1, context + margin))
-    result = []
-    for kind in ("static", "oscar"):
-        planned = int(budget // per_seq[kind])
-        rows = []
+def largest_batch_rows(env, bw, context: int, per_seq: dict, run_row) -> tuple[list[dict], float | None]:
+    """For each cache kind in `per_seq` (bytes per sequence), `run_row(kind, batch)` at the largest batch the KV budget
+    holds (on OOM: said in the row, then 3/4 of the batch, twice at most). Rows carry the plan and their floor ratios;
+    also returns OSCAR / StaticCache aggregate tokens/s."""
+    rows = []
+    for kind, bytes_per_seq in per_seq.items():
+        planned = int(env.args.kv_budget_gib * GiB // bytes_per_seq)
         batch = planned
-        for _ in range(3):  # on OOM, say so and try 3/4 of the batch
+        for _ in range(3):
             if batch < 1:
                 break
-            row = decode_rows(env, "batch", kind, ["compile"], context, batch=batch)[0]
-            row.update(planned_batch=planned, kv_bytes_per_sequence=per_seq[kind], kv_budget_gib=args.kv_budget_gib)
+            row = run_row(kind, batch)
+            row.update(planned_batch=planned, kv_bytes_per_sequence=bytes_per_seq, kv_budget_gib=env.args.kv_budget_gib)
             rows.append(row)
             if not (row.get("error") and "out of memory" in row["error"]):
                 break
             batch = int(batch * 0.75)
-        result += rows
-    ok = {r["kind"]: r for r in result if r.get("ms")}
-    for r in result:
-        if r.get("ms"):
-            r["aggregate_tokens_per_s"] = r["tokens_per_s"]
+    ok = {r["kind"]: r for r in rows if r.get("ms")}
+    for r in ok.values():
+        r["aggregate_tokens_per_s"] = r["tokens_per_s"]
+        if bw:
             f = floors(env, bw, context, r["batch"])
-            if bw:
-                r["x_int2_floor"] = r["ms"] / f["int2_floor_ms"]
-                r["x_bf16_floor"] = r["ms"] / f["bf16_floor_ms"]
+            r["x_int2_floor"] = r["ms"] / f["int2_floor_ms"]
+            r["x_bf16_floor"] = r["ms"] / f["bf16_floor_ms"]
     ratio = ok["oscar"]["tokens_per_s"] / ok["static"]["tokens_per_s"] if {"oscar", "static"} <= ok.keys() else None
-    out["batch"] = dict(context=context, kv_budget_gib=args.kv_budget_gib, rows=result, oscar_over_bf16=ratio)
+    return rows, ratio
+
+
+def section_batch(env, bw, out) -> None:
+    """Largest batch within the KV budget for each cache (from its bytes per sequence), then a compiled decode step."""
+    args = env.args
+    context = args.batch_context
+    margin = 2 * (args.warmup + args.graph_steps + 16) + 256
+    per_seq = dict(static=(context + margin) * env.bf16_kv_bytes_per_token(),
+                   oscar=env.oscar_allocated_bytes(1, context + margin))
+    rows, ratio = largest_batch_rows(
+        env, bw, context, per_seq, lambda kind, batch: decode_rows(env, "batch", kind, ["compile"], context, batch)[0])
+    out["batch"] = dict(context=context, kv_budget_gib=args.kv_budget_gib, rows=rows, oscar_over_bf16=ratio)
     write_json(env, out)
 
 
@@ -700,30 +705,12 @@ def section_generate_batch(env, bw, out) -> None:
     write path and generate() continues from the filled cache (as the `generate` section does)."""
     args = env.args
     context = args.batch_context
-    budget = args.kv_budget_gib * GiB
     span = context + args.generate_tokens + 64  # the caches' max_cache_len (generate_row)
-    per_seq = dict(static=span * env.bf16_kv_bytes_per_token(), oscar=env.oscar_allocated_bytes(1, span))
+    per_seq = dict(oscar=env.oscar_allocated_bytes(1, span), static=span * env.bf16_kv_bytes_per_token())
     names = {(k, m): n for k, m, n in GENERATE_ROWS}
-    rows = []
-    for kind in ("oscar", "static"):
-        planned = int(budget // per_seq[kind])
-        batch = planned
-        for _ in range(3):  # on OOM, say so and try 3/4 of the batch
-            if batch < 1:
-                break
-            row = generate_row(env, kind, "compile", names[kind, "compile"], context, batch=batch)
-            row.update(planned_batch=planned, kv_bytes_per_sequence=per_seq[kind], kv_budget_gib=args.kv_budget_gib)
-            rows.append(row)
-            if not (row.get("error") and "out of memory" in row["error"]):
-                break
-            batch = int(batch * 0.75)
-    ok = {r["kind"]: r for r in rows if r.get("ms")}
-    for r in ok.values():
-        if bw:
-            f = floors(env, bw, context, r["batch"])
-            r["x_int2_floor"] = r["ms"] / f["int2_floor_ms"]
-            r["x_bf16_floor"] = r["ms"] / f["bf16_floor_ms"]
-    ratio = ok["oscar"]["tokens_per_s"] / ok["static"]["tokens_per_s"] if {"oscar", "static"} <= ok.keys() else None
+    rows, ratio = largest_batch_rows(
+        env, bw, context, per_seq,
+        lambda kind, batch: generate_row(env, kind, "compile", names[kind, "compile"], context, batch=batch))
     out["generate_batch"] = dict(context=context, kv_budget_gib=args.kv_budget_gib, rows=rows, oscar_over_static=ratio)
     write_json(env, out)
 
