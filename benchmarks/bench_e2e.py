@@ -539,6 +539,15 @@ class StepClock:
     def end(self) -> None:
         pass
 
+    def timings(self, warmup: int) -> dict:
+        """ms per token (median gap between new tokens after `warmup` of them), the first gaps in s (what is paid
+        once: the compiled step's compile and graph capture, as the first new token is the eager forward of the
+        prompt's last token) and the slowest steady gap (a recompile or a stall)."""
+        gaps = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]  # stamps[0]: the prompt
+        steady = gaps[min(warmup, len(gaps) - 1):]
+        return dict(ms=statistics.median(steady) * 1e3, first_gaps_s=[round(g, 3) for g in gaps[:3]],
+                    max_steady_ms=max(steady) * 1e3)
+
 
 GENERATE_ROWS = (  # in order of importance: a run cut short by --time-limit keeps the first rows
     ("dynamic", "eager", "DynamicCache generate()"),
@@ -580,13 +589,9 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
         t0 = time.perf_counter()
         env.model.generate(ids, **{cache_keyword(env.model): cache}, **kwargs)
         total = time.perf_counter() - t0
-        gaps = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]  # stamps[0]: the prompt
-        steady = gaps[min(args.warmup, len(gaps) - 1):]
-        ms = statistics.median(steady) * 1e3
-        # The first gaps hold what is paid once: the compiled step's compile and graph capture (the first new token is
-        # the eager forward of the prompt's last token); the slowest steady gap shows a recompile or a stall.
-        row.update(ms=ms, tokens_per_s=batch * 1e3 / ms, first_token_s=clock.stamps[1] - t0, total_s=total,
-                   first_gaps_s=[round(g, 3) for g in gaps[:3]], max_steady_ms=max(steady) * 1e3,
+        timed = clock.timings(args.warmup)
+        ms = timed["ms"]
+        row.update(**timed, tokens_per_s=batch * 1e3 / ms, first_token_s=clock.stamps[1] - t0, total_s=total,
                    peak_gib=peak_gib(env), compile_impl=env.compile_note if mode == "compile" else None)
     except Exception as e:  # noqa: BLE001 - an OOM or a failing path is a result, not the end of the run
         row["error"] = "out of memory" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -124,11 +123,8 @@ def decode_ms(model, context: int, new: int, dtype, tp_size: int) -> dict:
     t0 = time.perf_counter()
     model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                    streamer=clock, attention_mask=torch.ones_like(ids), pad_token_id=0)
-    gaps = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]
-    steady = gaps[min(3, len(gaps) - 1):]
-    return dict(ms=statistics.median(steady) * 1e3, first_gaps_s=[round(g, 3) for g in gaps[:2]],
-                total_s=time.perf_counter() - t0, kv_allocated_gib=cache.allocated_bytes() / 2**30,
-                kv_heads=kv_heads)
+    return dict(**clock.timings(warmup=3), total_s=time.perf_counter() - t0,
+                kv_allocated_gib=cache.allocated_bytes() / 2**30, kv_heads=kv_heads)
 
 
 def main(argv=None) -> int:
