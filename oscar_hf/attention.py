@@ -128,7 +128,7 @@ def oscar_attention_forward(
         from . import ops
 
         if query.is_cuda:
-            from .kernel_dispatch import enabled
+            from .kernel_dispatch import enabled, warn_declined
 
             reason = "the Triton kernels are off (OSCAR_HF_KERNELS=0 or no Triton)" if not enabled() else None
             if reason is None:
@@ -142,9 +142,7 @@ def oscar_attention_forward(
                         f"{reason}."
                         " Pass disable_compile=True to generate(), or build the cache without max_cache_len."
                     )
-                from .kernel_dispatch import _declined
-
-                _declined(reason)
+                warn_declined(reason)
                 out = segment_attention_reference(query, key, attention_mask, scaling)
                 return out.transpose(1, 2).contiguous(), None
         out = ops.decode_attention(query, layer, attention_mask, scaling)

@@ -47,7 +47,7 @@ def enabled() -> bool:
     return _ENABLED and triton_available()
 
 
-def _declined(reason: str) -> None:
+def warn_declined(reason: str) -> None:
     """Say once per reason that a CUDA call runs the PyTorch reference instead of the decode kernel."""
     logger.warning_once(
         f"The OSCAR decode kernel declined a call ({reason}); the PyTorch reference attends instead, over a "
@@ -60,13 +60,13 @@ def decode_attention_fast_path(query, segments, attention_mask, scaling):
     if not (_ENABLED and query.is_cuda):
         return None
     if not triton_available():
-        _declined("Triton is not installed")
+        warn_declined("Triton is not installed")
         return None
     from .kernels.decode_attention import oscar_decode_attention, unsupported_reason
 
     reason = unsupported_reason(query, segments.layer, attention_mask, segments.num_new)
     if reason is not None:
-        _declined(reason)
+        warn_declined(reason)
         return None
     # Triton launches on the current CUDA device; with a model split over GPUs (device_map) a layer's tensors may sit
     # on another one.
@@ -90,4 +90,7 @@ def quantize_into_fast_path(rows, clip_ratio, codes, scale, offset, feedback=Non
     return True
 
 
-__all__ = ["decode_attention_fast_path", "enabled", "quantize_into_fast_path", "set_enabled", "triton_available"]
+__all__ = [
+    "decode_attention_fast_path", "enabled", "quantize_into_fast_path", "set_enabled", "triton_available",
+    "warn_declined",
+]
