@@ -58,6 +58,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if sum(x is not None and x is not False for x in (args.model, args.random_8b_layers, args.random_tiny)) != 1:
         p.error("give a model folder, --random-8b-layers or --random-tiny (one of them)")
+    for name in ("prompt_tokens", "new_tokens", "speed_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.speed_context < 0 or (args.random_8b_layers is not None and args.random_8b_layers < 1):
+        p.error("--speed-context must be >= 0 and --random-8b-layers >= 1")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        p.error(f"{args.model} is not a model folder (no config.json)")
     return args
 
 
