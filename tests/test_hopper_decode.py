@@ -52,6 +52,13 @@ def _step(layer, gen, q_len, group, dtype):
     return seg, _rows((b, h * group, q_len, d), gen, dtype)
 
 
+def _reference(query, seg, mask):
+    """The reference in float32. In bf16 it rounds every dequantized key to bf16, which the kernels never do: with one
+    sharp query row per KV head (group 1, query and key scales up to 4x) that alone moved the bf16 reference 3.3% away
+    from the float32 one, while both kernels stayed within 0.8% of it (CPU interpreter, 2026-12-07)."""
+    return segment_attention_reference(query.float(), seg, mask, None)
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -96,7 +103,7 @@ def test_hopper_body_matches_reference_and_triton_kernel(poisoned_allocations, b
         assert out.shape == query.shape and out.dtype == query.dtype
         assert torch.isfinite(out).all(), "an output element was never written (poisoned NaN survived)"
         triton_out = dk.oscar_decode_attention(query, layer, None, None, q_len, hopper_body=False)
-        ref = segment_attention_reference(query, seg, None, None)
+        ref = _reference(query, seg, None)
         # The same codes and the same arithmetic; bf16/fp16 rounding of intermediates and the merge order differ.
         assert _rel(out, ref) < 2e-2
         assert _rel(out, triton_out) < 1e-2
@@ -112,7 +119,7 @@ def test_hopper_body_many_and_few_splits(poisoned_allocations, splits_per_sm):
     out = dk.oscar_decode_attention(query, layer, None, None, 1, hopper_body=True, programs_per_sm=splits_per_sm,
                                     min_blocks_per_split=1)
     assert torch.isfinite(out).all()
-    assert _rel(out, segment_attention_reference(query, seg, None, None)) < 2e-2
+    assert _rel(out, _reference(query, seg, None)) < 2e-2
 
 
 @on_hopper
@@ -133,7 +140,7 @@ def test_hopper_body_reads_device_lengths_and_a_static_mask(poisoned_allocations
         assert torch.isfinite(out).all()
         expected = dk.oscar_decode_attention(query, layer, mask, None, 1, hopper_body=False)
         assert _rel(out, expected) < 1e-2
-        assert _rel(out, segment_attention_reference(query, seg, mask, None)) < 2e-2
+        assert _rel(out, _reference(query, seg, mask)) < 2e-2
 
 
 # ------------------------------------------------------------------------------------------------- anywhere
