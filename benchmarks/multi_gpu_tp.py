@@ -15,7 +15,10 @@ status 0:
 - each rank's cache holds 1/N of the one-device cache's KV bytes and its share of the heads.
 With `--speed-context C`: the context written through the caches' own write path (random states, as
 `bench_e2e.py` does), then `generate()` decodes `--speed-tokens` tokens, compiled; ms per token from the streamer's
-timestamps, for TP 1 (rank 0 alone, the other ranks waiting) and TP N, in one run. NCCL multicast stays off
+timestamps, for TP 1 (rank 0 alone, the other ranks waiting) and TP N, in one run. `--hold-context C` fills every
+rank's cache to C tokens and decodes there (an out-of-memory is reported, not raised); `--largest` (CUDA) predicts the
+largest context from the ranks' free memory and a small cache's bytes per token, then holds it, backing off 10% on
+out-of-memory. NCCL multicast stays off
 (keep the workplace's NVLS variables, e.g. NCCL_NVLS_ENABLE=0, set).
 """
 
@@ -54,6 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the token checks (speed only)")
     p.add_argument("--speed-context", type=int, default=0, help="context for the decode timing (0: none)")
     p.add_argument("--speed-tokens", type=int, default=32)
+    p.add_argument("--hold-context", type=int, default=0,
+                   help="fill every rank's cache to this many tokens and decode at that context (0: no)")
+    p.add_argument("--largest", action="store_true",
+                   help="CUDA: the largest context the ranks' free memory holds (predicted from a small cache's "
+                        "bytes per token, 64K steps, backing off 10%% on out-of-memory), filled and decoded")
+    p.add_argument("--reserve-gib", type=float, default=6.0,
+                   help="with --largest: memory left free per rank for activations, graphs and the allocator")
     p.add_argument("--json", default=None, help="rank 0 writes the results here")
     args = p.parse_args(argv)
     if sum(x is not None and x is not False for x in (args.model, args.random_8b_layers, args.random_tiny)) != 1:
@@ -61,8 +71,11 @@ def parse_args(argv=None):
     for name in ("prompt_tokens", "new_tokens", "speed_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.speed_context < 0 or (args.random_8b_layers is not None and args.random_8b_layers < 1):
-        p.error("--speed-context must be >= 0 and --random-8b-layers >= 1")
+    if args.speed_context < 0 or args.hold_context < 0 or (
+            args.random_8b_layers is not None and args.random_8b_layers < 1):
+        p.error("--speed-context and --hold-context must be >= 0 and --random-8b-layers >= 1")
+    if args.largest and not torch.cuda.is_available():
+        p.error("--largest reads the GPUs' free memory: it needs CUDA (use --hold-context for a dry run)")
     if args.model and not (Path(args.model) / "config.json").is_file():
         p.error(f"{args.model} is not a model folder (no config.json)")
     return args
@@ -134,6 +147,60 @@ def decode_ms(model, context: int, new: int, dtype, tp_size: int) -> dict:
                 kv_allocated_gib=cache.allocated_bytes() / 2**30, kv_heads=kv_heads)
 
 
+def hold(model, context: int, new: int, dtype, tp_size: int) -> dict:
+    """`decode_ms` at `context` with the peak memory; running out of memory on any rank is a result, agreed by all."""
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(model.device)
+    try:
+        row = dict(context=context, fits=True, **decode_ms(model, context, new, dtype, tp_size))
+    except torch.cuda.OutOfMemoryError:
+        row = dict(context=context, fits=False)
+    if cuda:
+        row["peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
+        torch.cuda.empty_cache()
+    fits = torch.tensor([int(row["fits"])], device=model.device)
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    row["all_ranks_fit"] = bool(fits.item())
+    return row
+
+
+def bytes_per_token(model, probe_tokens: int = 65536) -> float:
+    """KV bytes a rank's static cache allocates per token of max_cache_len (the 2-bit body dominates; the exact
+    windows are a fixed few MiB), from a cache of `probe_tokens` that saw one token per layer."""
+    cache = make_cache(model, None, probe_tokens)
+    heads = model.config.num_key_value_heads // dist.get_world_size()
+    shape = (1, heads, 1, model.config.head_dim)
+    for idx in range(len(cache.layers)):
+        k = torch.zeros(shape, device=model.device, dtype=model.dtype)
+        cache.update(k, k.clone(), idx)
+    per_token = cache.allocated_bytes() / probe_tokens
+    del cache
+    torch.cuda.empty_cache()
+    return per_token
+
+
+def largest(model, new: int, dtype, tp_size: int, reserve_gib: float, tries: int = 3) -> dict:
+    """The largest context, in 64K steps, that every rank fills and decodes; what was tried, in order."""
+    step = 65536
+    free = torch.tensor([torch.cuda.mem_get_info(model.device)[0]], device=model.device, dtype=torch.float64)
+    dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    per_token = bytes_per_token(model)
+    context = int((free.item() - reserve_gib * 2**30) / per_token) // step * step
+    tried = []
+    for _ in range(tries):
+        if context < step:
+            break
+        row = hold(model, context, new, dtype, tp_size)
+        tried.append({k: row.get(k) for k in ("context", "fits", "all_ranks_fit", "ms", "peak_gib")})
+        if row["all_ranks_fit"]:
+            return dict(row, predicted_from_free_gib=free.item() / 2**30, bytes_per_token=per_token, tried=tried)
+        context = int(context * 0.9) // step * step
+    return dict(context=None, fits=False, predicted_from_free_gib=free.item() / 2**30, bytes_per_token=per_token,
+                tried=tried)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = setup()
@@ -177,6 +244,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         dist.barrier()
         result[f"tp{world}"] = decode_ms(tp_model, args.speed_context, args.speed_tokens, dtype, world)
+    if args.hold_context:
+        result["hold"] = hold(tp_model, args.hold_context, args.speed_tokens, dtype, world)
+    if args.largest:
+        result["largest"] = largest(tp_model, args.speed_tokens, dtype, world, args.reserve_gib)
     gathered = [None] * world
     dist.all_gather_object(gathered, dict(rows=rows, ok=ok, result=result))
     if rank == 0:
@@ -194,6 +265,14 @@ def main(argv=None) -> int:
                 m = gathered[0]["result"].get(key)
                 if m:
                     print(f"| {key.upper()} | {m['ms']:.2f} | {m['kv_allocated_gib']:.2f} | {m['first_gaps_s']} |")
+        for key in ("hold", "largest"):
+            m = gathered[0]["result"].get(key)
+            if m:
+                ms = f"{m['ms']:.2f} ms/token" if m.get("ms") else "-"
+                print(f"\n{key}: context {m.get('context')} tokens per sequence, TP {world}: "
+                      f"{'held by every rank' if m.get('all_ranks_fit') else 'did not fit'}; {ms}; "
+                      f"peak {m.get('peak_gib') or 0:.1f} GiB on rank 0"
+                      + (f"; tried {m['tried']}" if m.get("tried") else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(dict(ranks=gathered, args=vars(args)), indent=1, default=str))
         print("\nall checks passed" if all_ok else "\nSOME CHECKS FAILED")

@@ -297,7 +297,8 @@ def test_tp_plan_auto_ranks_give_the_one_process_logits(tensor_parallel_run, kin
 
 def test_tensor_parallel_benchmark_dry_run(tmp_path):
     """benchmarks/multi_gpu_tp.py (issue 22's GPU script) on two gloo ranks: its checks pass with Hadamard rotations
-    and a per-head bundle, each rank holds half the KV bytes, and the TP 1 / TP 2 timing rows come out."""
+    and a per-head bundle, each rank holds half the KV bytes, and the TP 1 / TP 2 timing and the held-context rows
+    come out."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -311,7 +312,7 @@ def test_tensor_parallel_benchmark_dry_run(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(REPO / "benchmarks" / "multi_gpu_tp.py"), str(tmp_path / "model"), "--bundle", str(tmp_path / "bundle"),
          "--dtype", "float32", "--prompt-tokens", "400", "--new-tokens", "6", "--speed-context", "448",
-         "--speed-tokens", "6", "--json", str(tmp_path / "tp.json")],
+         "--speed-tokens", "6", "--hold-context", "640", "--json", str(tmp_path / "tp.json")],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -323,3 +324,6 @@ def test_tensor_parallel_benchmark_dry_run(tmp_path):
     assert "greedy tokens TP 2 == one device (bundle)" in names and "KV bytes per rank = 1/2 (bundle)" in names
     timing = ranks[0]["result"]
     assert timing["tp1"]["ms"] > 0 and timing["tp2"]["ms"] > 0 and timing["tp2"]["kv_heads"] == HEADS // 2
+    held = [r["result"]["hold"] for r in ranks]
+    assert all(h["context"] == 640 and h["fits"] and h["all_ranks_fit"] and h["ms"] > 0 for h in held)
+    assert "hold: context 640 tokens per sequence, TP 2: held by every rank" in done.stdout
