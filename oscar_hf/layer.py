@@ -44,6 +44,7 @@ from .quantization import (
     metric_from_factor,
     read_token_pairs,
     rotate,
+    rotate_new_states,
     unrotate,
 )
 from .storage import dequantize_segments, quantize_into_body, recall_demoted, remember_demoted
@@ -372,11 +373,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ writes
     def rotate_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values in the layer's rotated space, in the model dtype."""
-        keys = key_states if self.k_rotation is None else rotate(key_states, self.k_rotation)
-        if self.k_mean_rotated is not None:
-            keys = keys.float() - self.k_mean_rotated
-        values = value_states if self.v_rotation is None else rotate(value_states, self.v_rotation).to(self.dtype)
-        return keys.to(self.dtype), values
+        return rotate_new_states(key_states, value_states, self.k_rotation, self.v_rotation, self.k_mean_rotated,
+                                 self.dtype)
 
     def centered_keys(self, key_states: torch.Tensor) -> torch.Tensor:
         """New key states as the layer stores them, un-rotated: minus the mean key when the bundle has one (the same
