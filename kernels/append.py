@@ -1,12 +1,12 @@
 """Triton window write of a static layer's decode step: the new tokens into the sink or the recent window, the window
 shifted when its oldest block was just demoted, and the lengths advanced, all read from and written to device memory.
 
-`oscar_hf.ops.append_device` runs a step as three kernels: the write kernel of `kernels/quantize.py` twice (keys and
+`oscar_hf.ops.append_device` runs a step as three launches: the write kernel of `kernels/quantize.py` twice (keys and
 values of the oldest window block into the 2-bit body and the undo ring, predicated on a `DemoteSchedule`: it returns
-at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head) for
-the rows, then one program for the lengths, so no program reads lengths another has already advanced). The reference
-of the whole step is `oscar_hf.ops.append_host`; a step never reads anything back to the host, so it is captured in
-CUDA graphs once and replayed across demotions.
+at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head)).
+Every program reads the lengths before any is advanced: the last program to finish, counted in the lengths' reserved
+slot, advances them and clears the count. The reference of the whole step is `oscar_hf.ops.append_host`; a step
+never reads anything back to the host, so it is captured in CUDA graphs once and replayed across demotions.
 """
 
 from __future__ import annotations
@@ -98,17 +98,19 @@ def _append_rows_kernel(
         at_w = (r_base + (kept + i - to_sink) * sr_t)[:, None] + cols
         tl.store(rec_k + at_w, k.to(rec_k.dtype.element_ty), mask=to_w[:, None])
         tl.store(rec_v + at_w, v.to(rec_v.dtype.element_ty), mask=to_w[:, None])
+    # The lengths advance once every program has read them: the last program to finish (the one that counts the
+    # others' arrivals in the reserved slot) writes them and clears the count for the next step. The barrier keeps
+    # this program's own step_plan reads, in every warp, before its arrival.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lengths_ptr + 3, 1, sem="acq_rel")
+    if arrived == tl.num_programs(0) - 1:
+        if fits:
+            tl.store(lengths_ptr, sink_len + to_sink)
+            tl.store(lengths_ptr + 1, tl.where(demote, body_len + block, body_len))
+            tl.store(lengths_ptr + 2, kept + n_new - to_sink)
+        tl.store(lengths_ptr + 3, 0)
 
 
-@triton.jit(do_not_specialize=["n_new", "sink_cap", "window", "body_cap", "block", "max_tokens"])
-def _advance_lengths_kernel(lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens):
-    sink_len, body_len, recent_len, to_sink, demote, fits = step_plan(
-        lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
-    if fits:
-        kept = tl.where(demote, recent_len - block, recent_len)
-        tl.store(lengths_ptr, sink_len + to_sink)
-        tl.store(lengths_ptr + 1, tl.where(demote, body_len + block, body_len))
-        tl.store(lengths_ptr + 2, kept + n_new - to_sink)
 
 
 def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, sink_keys: torch.Tensor,
@@ -116,7 +118,7 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
                   body_capacity: int, max_tokens: int) -> None:
     """Write a decode step's rotated rows `[B, H, n, D]` (n <= min(demote_block, recent capacity)) into the sink and
     the recent window and advance `lengths`, after the write kernel has demoted the window's oldest block when the step
-    overflows it (see the module docstring). Two launches whose grids depend on shapes only."""
+    overflows it (see the module docstring). One launch whose grid depends on shapes only."""
     batch, heads, n, d = keys.shape
     if values.shape != keys.shape or values.stride() != keys.stride() or keys.stride(-1) != 1:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must share one layout, "
@@ -126,6 +128,9 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
             raise ValueError("the sink and window buffers must be [B, H, capacity, D], K and V in one layout.")
     if d & (d - 1):
         raise ValueError(f"head_dim {d} is not a power of two.")
+    if lengths.dtype != torch.int32 or lengths.numel() < 4:
+        raise ValueError("lengths must be int32 (sink, body, recent, reserved): the kernel counts its programs in "
+                         "the reserved slot.")
     args = (n, sink_keys.shape[2], recent_keys.shape[2], body_capacity, demote_block, max_tokens)
     _append_rows_kernel[(batch * heads,)](
         keys, values, *keys.stride()[:3],
@@ -133,4 +138,3 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
         recent_keys, recent_values, *recent_keys.stride()[:3],
         lengths, heads, *args, D=d, ROWS=16, num_warps=4,
     )
-    _advance_lengths_kernel[(1,)](lengths, *args, num_warps=1)

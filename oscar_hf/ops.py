@@ -5,16 +5,16 @@
   `min(demote_block, recent_tokens)` rotated rows: into the sink while it is not full, else into the recent window;
   when the window would overflow it first quantizes its oldest `demote_block` tokens into the 2-bit body at `body_len`
   (keeping exact copies in the undo ring, for `crop`) and shifts the rest left. It mutates the segment buffers, the
-  ring and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`).
+  ring and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`; the reserved slot is 0 between steps).
 - `oscar_hf::decode_attention(query, <ten segment buffers>, lengths, k_rotation?, v_rotation?, attention_mask?,
   scaling?, launch) -> Tensor` attends over the segments and returns the un-rotated output `[B, Hq, q_len, D]`
   (a view of `[B, q_len, Hq, D]` memory). `launch` is `kernels.decode_attention.DecodeOptions.to_ints()`.
 
 The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off)
 they read the lengths on the host and call the PyTorch reference (`storage.quantize_into_body`,
-`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is device-side tensor arithmetic
-plus the Triton
-write kernel in its predicated mode (it launches every step and returns at once unless a block is waiting), and
+`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is three Triton launches, the write
+kernel in its predicated mode twice (it launches every step and returns at once unless a block is waiting) and the
+window write (`kernels.append`), and
 `decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the
 buffers' capacity. Call them through `append(layer, ...)` and `decode_attention(query, layer, ...)`.
 """
@@ -75,7 +75,7 @@ def append_host(keys, values, lengths, segments, undo, demote_block, max_tokens,
 
 def append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
                   k_feedback=None, v_feedback=None, k_tilt=None) -> None:
-    """`append` without reading anything back, in three kernels: the Triton write kernel twice, predicated on the
+    """`append` without reading anything back, in three launches: the Triton write kernel twice, predicated on the
     lengths (`kernels.append.DemoteSchedule`: the window's oldest block into the 2-bit body and its exact rows into the
     undo ring, only when the step overflows the window), then `kernels.append.append_window` (the new rows, the
     window shift, the lengths). Runs on CUDA, and on the CPU under `TRITON_INTERPRET=1` (tests). The caller

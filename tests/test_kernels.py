@@ -549,6 +549,37 @@ def _undo(layer):
     return layer.undo_keys, layer.undo_values
 
 
+def _static_layer_pair(d, factor):
+    layers = []
+    for _ in range(2):
+        layer = OscarQuantizedLayer(None, None, 0.96, 0.92, sink_tokens=5, recent_tokens=6, demote_block=3,
+                                    max_cache_len=80, k_feedback=factor, v_feedback=factor)
+        layer.lazy_initialization(*(2 * [torch.zeros(2, 2, 0, d, dtype=torch.bfloat16, device=DEVICE)]))
+        layers.append(layer)
+    return layers
+
+
+def _assert_same_state(layer_a, layer_b):
+    """Equal lengths and, bit for bit, the valid rows of every segment (slots past a segment's length may hold
+    different leftovers) and of the undo ring; the lengths' reserved slot (the window write's program count) is back
+    to 0 on both."""
+    assert layer_a.lengths.tolist() == layer_b.lengths.tolist()
+    assert layer_b.lengths[3] == 0
+    sink, body, recent = layer_a.lengths.tolist()[:3]
+    (ka, va), (kb, vb) = layer_a.body_rows(), layer_b.body_rows()
+    for a, b in [(ka.codes, kb.codes), (ka.scale, kb.scale), (ka.offset, kb.offset), (va.codes, vb.codes),
+                 (va.scale, vb.scale), (va.offset, vb.offset)]:
+        assert a.shape[2] == body and torch.equal(a, b)
+    for name, count in (("sink_keys", sink), ("sink_values", sink), ("recent_keys", recent),
+                        ("recent_values", recent)):
+        assert torch.equal(getattr(layer_a, name)[:, :, :count], getattr(layer_b, name)[:, :, :count])
+    # The undo ring holds the newest demoted rows exactly (what `crop` brings back), in the same slots.
+    held = min(body, layer_a.undo_capacity)
+    for a, b in zip(recall_demoted(*_undo(layer_a), body - held, body), recall_demoted(*_undo(layer_b),
+                                                                                       body - held, body)):
+        assert torch.equal(a, b)
+
+
 @in_process
 @pytest.mark.parametrize("feedback", [False, True])
 def test_device_append_equals_host_append(feedback):
@@ -563,12 +594,7 @@ def test_device_append_equals_host_append(feedback):
     if feedback:
         x = torch.randn(4 * d, d, generator=gen, dtype=torch.float64)
         factor = error_feedback_factor((x.T @ x / (4 * d)).float()[None]).to(DEVICE)
-    layers = []
-    for _ in range(2):
-        layer = OscarQuantizedLayer(None, None, 0.96, 0.92, sink_tokens=5, recent_tokens=6, demote_block=3,
-                                    max_cache_len=80, k_feedback=factor, v_feedback=factor)
-        layer.lazy_initialization(*(2 * [torch.zeros(2, 2, 0, d, dtype=torch.bfloat16, device=DEVICE)]))
-        layers.append(layer)
+    layers = _static_layer_pair(d, factor)
     demotions = 0
     for n in [3, 3, 1, 2, 1, 1, 3, 1, 1, 1, 2, 3, 1, 1, 1, 1, 2, 3, 1]:
         keys, values = _rows((2, 2, n, d), gen), _rows((2, 2, n, d), gen)
@@ -577,22 +603,7 @@ def test_device_append_equals_host_append(feedback):
             fn(keys, values, layer.lengths, layer.segment_tensors(), _undo(layer), layer.demote_block, 80, 0.96, 0.92,
                factor, factor)
         demotions += layers[0].body_len > body
-        assert layers[0].lengths.tolist() == layers[1].lengths.tolist()
-        # The valid rows of every segment (slots past a segment's length may hold different leftovers).
-        sink, body, recent = layers[0].lengths.tolist()[:3]
-        for layer_a, layer_b in [layers]:
-            (ka, va), (kb, vb) = layer_a.body_rows(), layer_b.body_rows()
-            for a, b in [(ka.codes, kb.codes), (ka.scale, kb.scale), (ka.offset, kb.offset), (va.codes, vb.codes),
-                         (va.scale, vb.scale), (va.offset, vb.offset)]:
-                assert a.shape[2] == body and torch.equal(a, b)
-            for name, count in (("sink_keys", sink), ("sink_values", sink), ("recent_keys", recent),
-                                ("recent_values", recent)):
-                assert torch.equal(getattr(layer_a, name)[:, :, :count], getattr(layer_b, name)[:, :, :count])
-            # The undo ring holds the newest demoted rows exactly (what `crop` brings back), in the same slots.
-            held = min(body, layer_a.undo_capacity)
-            for a, b in zip(recall_demoted(*_undo(layer_a), body - held, body), recall_demoted(*_undo(layer_b),
-                                                                                               body - held, body)):
-                assert torch.equal(a, b)
+        _assert_same_state(*layers)
     assert demotions >= 3 and layers[0].sink_len == 5
     # Past max_cache_len: the reference raises; the device path fires a device-side assertion (a trap that ends the
     # CUDA context, so not provoked on a GPU here) and, where assertions are compiled out (the interpreter), writes
