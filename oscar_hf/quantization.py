@@ -384,7 +384,8 @@ def rotate_new_states(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New key and value states as a layer stores them, in `dtype`: keys `keys @ R_K - mean` and values `values @ R_V`,
-    both in float32 and rounded once (a missing rotation or mean is skipped)."""
+    both in float32 and rounded once (a missing rotation or mean is skipped). `kernels.append.append_window` computes
+    the same rows inside its write kernel; this is its reference."""
     if k_rotation is not None:
         keys = rotate(keys, k_rotation)
     if k_mean_rotated is not None:
