@@ -1,21 +1,27 @@
-"""Triton window write of a static layer's decode step: the new tokens into the sink or the recent window, the window
-shifted when its oldest block was just demoted, and the lengths advanced, all read from and written to device memory.
+"""Triton window write of a static layer's decode step: the new tokens, rotated into the layer's stored space, into
+the sink or the recent window, the window shifted when its oldest block was just demoted, and the lengths advanced,
+all read from and written to device memory.
 
-`oscar_hf.ops.append_device` runs a step as three kernels: the write kernel of `kernels/quantize.py` twice (keys and
+`oscar_hf.ops.append_device` runs a step as three launches: the write kernel of `kernels/quantize.py` twice (keys and
 values of the oldest window block into the 2-bit body and the undo ring, predicated on a `DemoteSchedule`: it returns
-at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head) for
-the rows, then one program for the lengths, so no program reads lengths another has already advanced). The reference
-of the whole step is `oscar_hf.ops.append_host`; a step never reads anything back to the host, so it is captured in
-CUDA graphs once and replayed across demotions.
+at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head)).
+The window write takes the model's states and rotates them itself (`quantization.rotate_new_states` is the
+reference), so that a compiled step has no separate rotation kernels. Every program reads the lengths before any is
+advanced: the last program to finish, counted in the lengths' reserved slot, advances them and clears the count. The
+reference of the whole step is `oscar_hf.ops.append_host` after `rotate_new_states`; a step never reads anything back
+to the host, so it is captured in CUDA graphs once and replayed across demotions.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from oscar_hf.kernels.decode_attention import _round
 
 
 class DemoteSchedule(NamedTuple):
@@ -46,13 +52,39 @@ def step_plan(lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
     return sink_len, body_len, recent_len, to_sink, demote, fits
 
 
+@triton.jit
+def _write_new_rows(src, src_rows, src_col, sink, window, sink_rows, window_rows, valid, to_sink, to_window, rotation,
+                    mean, D: tl.constexpr, COLS: tl.constexpr, ROTATE: tl.constexpr, CENTER: tl.constexpr,
+                    INTERPRETING: tl.constexpr):
+    """Rows `src_rows` of `src` as the layer stores them (`quantization.rotate_new_states`: `x @ rotation - mean` in
+    float32, one rounding) into the sink or the window. `COLS` output columns at a time, so that only a `[D, COLS]`
+    slice of the rotation is live in registers."""
+    if ROTATE:
+        x = tl.load(src + src_rows[:, None] + tl.arange(0, D)[None, :] * src_col, mask=valid[:, None], other=0.0)
+        x = x.to(tl.float32)
+    for c in tl.static_range(0, D, COLS):
+        cols = c + tl.arange(0, COLS)
+        if ROTATE:
+            y = tl.dot(x, tl.load(rotation + tl.arange(0, D)[:, None] * D + cols[None, :]), input_precision="ieee")
+        else:
+            y = tl.load(src + src_rows[:, None] + cols[None, :] * src_col, mask=valid[:, None], other=0.0)
+        if CENTER:
+            y = y.to(tl.float32) - tl.load(mean + cols)[None, :]
+        if y.dtype == tl.float32:  # `_round`: the interpreter would truncate to bf16 where torch and the GPU round
+            y = _round(y, sink.dtype.element_ty, INTERPRETING)
+        tl.store(sink + sink_rows[:, None] + cols[None, :], y, mask=to_sink[:, None])
+        tl.store(window + window_rows[:, None] + cols[None, :], y, mask=to_window[:, None])
+
+
 @triton.jit(debug=True, do_not_specialize=["n_new", "sink_cap", "window", "body_cap", "block", "max_tokens"])
 def _append_rows_kernel(
-    new_k, new_v, sn_b, sn_h, sn_t,
+    new_k, sk_b, sk_h, sk_t, sk_d, new_v, sv_b, sv_h, sv_t, sv_d,
     sink_k, sink_v, ss_b, ss_h, ss_t,
     rec_k, rec_v, sr_b, sr_h, sr_t,
+    k_rot, v_rot, k_rot_h, v_rot_h, k_mean, k_mean_h,
     lengths_ptr, num_heads, n_new, sink_cap, window, body_cap, block, max_tokens,
-    D: tl.constexpr, ROWS: tl.constexpr,
+    D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    HAS_RK: tl.constexpr, HAS_RV: tl.constexpr, HAS_KMEAN: tl.constexpr, INTERPRETING: tl.constexpr,
 ):
     sink_len, body_len, recent_len, to_sink, demote, fits = step_plan(
         lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
@@ -64,7 +96,6 @@ def _append_rows_kernel(
     h = (pid % num_heads).to(tl.int64)
     cols = tl.arange(0, D)[None, :]
     rows = tl.arange(0, ROWS)
-    n_base = b * sn_b + h * sn_h
     s_base = b * ss_b + h * ss_h
     r_base = b * sr_b + h * sr_h
     # The window's oldest block went to the body (the write kernel ran first): the rest moves down by `block`. Each
@@ -87,50 +118,78 @@ def _append_rows_kernel(
     for start in range(0, n_new, ROWS):
         i = start + rows
         ok = tl.where(fits, i < n_new, False)
-        src = (n_base + i * sn_t)[:, None] + cols
-        k = tl.load(new_k + src, mask=ok[:, None], other=0.0)
-        v = tl.load(new_v + src, mask=ok[:, None], other=0.0)
+        sink_rows = s_base + (sink_len + i) * ss_t
+        window_rows = r_base + (kept + i - to_sink) * sr_t
         to_s = ok & (i < to_sink)
-        at_s = (s_base + (sink_len + i) * ss_t)[:, None] + cols
-        tl.store(sink_k + at_s, k.to(sink_k.dtype.element_ty), mask=to_s[:, None])
-        tl.store(sink_v + at_s, v.to(sink_v.dtype.element_ty), mask=to_s[:, None])
         to_w = ok & (i >= to_sink)
-        at_w = (r_base + (kept + i - to_sink) * sr_t)[:, None] + cols
-        tl.store(rec_k + at_w, k.to(rec_k.dtype.element_ty), mask=to_w[:, None])
-        tl.store(rec_v + at_w, v.to(rec_v.dtype.element_ty), mask=to_w[:, None])
+        _write_new_rows(new_k, b * sk_b + h * sk_h + i * sk_t, sk_d, sink_k, rec_k, sink_rows, window_rows, ok, to_s,
+                        to_w, k_rot + h * k_rot_h, k_mean + h * k_mean_h, D, COLS, HAS_RK, HAS_KMEAN, INTERPRETING)
+        _write_new_rows(new_v, b * sv_b + h * sv_h + i * sv_t, sv_d, sink_v, rec_v, sink_rows, window_rows, ok, to_s,
+                        to_w, v_rot + h * v_rot_h, k_mean, D, COLS, HAS_RV, False, INTERPRETING)
+    # The lengths advance once every program has read them: the last program to finish (the one that counts the
+    # others' arrivals in the reserved slot) writes them and clears the count for the next step. The barrier keeps
+    # this program's own step_plan reads, in every warp, before its arrival.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lengths_ptr + 3, 1, sem="acq_rel")
+    if arrived == tl.num_programs(0) - 1:
+        if fits:
+            tl.store(lengths_ptr, sink_len + to_sink)
+            tl.store(lengths_ptr + 1, tl.where(demote, body_len + block, body_len))
+            tl.store(lengths_ptr + 2, kept + n_new - to_sink)
+        tl.store(lengths_ptr + 3, 0)
 
 
-@triton.jit(do_not_specialize=["n_new", "sink_cap", "window", "body_cap", "block", "max_tokens"])
-def _advance_lengths_kernel(lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens):
-    sink_len, body_len, recent_len, to_sink, demote, fits = step_plan(
-        lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
-    if fits:
-        kept = tl.where(demote, recent_len - block, recent_len)
-        tl.store(lengths_ptr, sink_len + to_sink)
-        tl.store(lengths_ptr + 1, tl.where(demote, body_len + block, body_len))
-        tl.store(lengths_ptr + 2, kept + n_new - to_sink)
+def _per_head_operand(t: torch.Tensor | None, name: str, shape: str, heads: int, size: int, absent: torch.Tensor):
+    """`(tensor, per-head stride)` of a float32 operand of `size` elements per group, one group or one per head, that
+    the kernel reads in place; `(absent, 0)` for None (a pointer the kernel never reads)."""
+    if t is None:
+        return absent, 0
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() not in (size, heads * size):
+        raise ValueError(f"{name} must be a contiguous float32 {shape}, got {tuple(t.shape)} {t.dtype}.")
+    return t, (size if t.numel() > size else 0)
 
 
 def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, sink_keys: torch.Tensor,
                   sink_values: torch.Tensor, recent_keys: torch.Tensor, recent_values: torch.Tensor, demote_block: int,
-                  body_capacity: int, max_tokens: int) -> None:
-    """Write a decode step's rotated rows `[B, H, n, D]` (n <= min(demote_block, recent capacity)) into the sink and
-    the recent window and advance `lengths`, after the write kernel has demoted the window's oldest block when the step
-    overflows it (see the module docstring). Two launches whose grids depend on shapes only."""
+                  body_capacity: int, max_tokens: int, k_rotation: torch.Tensor | None = None,
+                  v_rotation: torch.Tensor | None = None, k_mean: torch.Tensor | None = None) -> None:
+    """Write a decode step's rows `[B, H, n, D]` (n <= min(demote_block, recent capacity)) into the sink and the
+    recent window and advance `lengths`, after the write kernel has demoted the window's oldest block when the step
+    overflows it (see the module docstring). One launch whose grid depends on shapes only.
+
+    The rows are written as given, or, with `k_rotation` / `v_rotation` (float32 `[groups, D, D]`, groups 1 or H) and
+    `k_mean` (float32 `[1, 1 or H, 1, D]`), rotated and centred on the way as `quantization.rotate_new_states` does:
+    keys `x @ R_K[h] - mean[h]`, values `x @ R_V[h]`, in float32, rounded once to the buffers' dtype."""
     batch, heads, n, d = keys.shape
-    if values.shape != keys.shape or values.stride() != keys.stride() or keys.stride(-1) != 1:
-        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must share one layout, "
-                         "contiguous in head_dim.")
+    if values.shape != keys.shape:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have one shape.")
     for a, b_ in ((sink_keys, sink_values), (recent_keys, recent_values)):
-        if a.stride() != b_.stride() or a.stride(-1) != 1 or a.shape[:2] != keys.shape[:2] or a.shape[-1] != d:
-            raise ValueError("the sink and window buffers must be [B, H, capacity, D], K and V in one layout.")
+        if (a.stride() != b_.stride() or a.stride(-1) != 1 or a.shape[:2] != keys.shape[:2] or a.shape[-1] != d
+                or a.dtype != sink_keys.dtype or b_.dtype != sink_keys.dtype):
+            raise ValueError("the sink and window buffers must be [B, H, capacity, D] of one dtype, K and V in one "
+                             "layout.")
     if d & (d - 1):
         raise ValueError(f"head_dim {d} is not a power of two.")
+    if lengths.dtype != torch.int32 or lengths.numel() < 4:
+        raise ValueError("lengths must be int32 (sink, body, recent, reserved): the kernel counts its programs in "
+                         "the reserved slot.")
+    rotation_shape = f"[1 or {heads}, {d}, {d}] rotation"
+    k_rot, k_rot_h = _per_head_operand(k_rotation, "k_rotation", rotation_shape, heads, d * d, keys)
+    v_rot, v_rot_h = _per_head_operand(v_rotation, "v_rotation", rotation_shape, heads, d * d, keys)
+    mean, mean_h = _per_head_operand(k_mean, "k_mean", f"[1, 1 or {heads}, 1, {d}]", heads, d, keys)
+    if (k_rotation is not None or v_rotation is not None) and d < 16:
+        raise ValueError(f"A rotation needs head_dim >= 16 (a tl.dot operand), got {d}.")
     args = (n, sink_keys.shape[2], recent_keys.shape[2], body_capacity, demote_block, max_tokens)
     _append_rows_kernel[(batch * heads,)](
-        keys, values, *keys.stride()[:3],
+        keys, *keys.stride(), values, *values.stride(),
         sink_keys, sink_values, *sink_keys.stride()[:3],
         recent_keys, recent_values, *recent_keys.stride()[:3],
-        lengths, heads, *args, D=d, ROWS=16, num_warps=4,
+        k_rot, v_rot, k_rot_h, v_rot_h, mean, mean_h,
+        lengths, heads, *args, D=d, ROWS=16, COLS=min(32, d),
+        HAS_RK=k_rotation is not None, HAS_RV=v_rotation is not None, HAS_KMEAN=k_mean is not None,
+        INTERPRETING=_interpreting(), num_warps=4,
     )
-    _advance_lengths_kernel[(1,)](lengths, *args, num_warps=1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -44,6 +44,7 @@ from .quantization import (
     metric_from_factor,
     read_token_pairs,
     rotate,
+    rotate_new_states,
     unrotate,
 )
 from .storage import dequantize_segments, quantize_into_body, recall_demoted, remember_demoted
@@ -63,13 +64,16 @@ class OscarSegments:
 
     `num_new` tokens were just appended; `new_keys`/`new_values` are their rotated rows in the model dtype. The layer
     may already have demoted some of them to 2 bits (a long chunk), but the tokens of the current forward attend to
-    each other exactly, so attention reads them from here rather than from the body.
+    each other exactly, so attention reads them from here rather than from the body. They are None after a static
+    layer's `oscar_hf::append`, which rotated the rows itself: that append never demotes a token of its own chunk
+    (at most `max_append` tokens arrive and only a block already in the window leaves), so the new tokens are exact
+    in the sink or the window.
     """
 
     layer: OscarQuantizedLayer
     num_new: int
-    new_keys: torch.Tensor
-    new_values: torch.Tensor
+    new_keys: torch.Tensor | None
+    new_values: torch.Tensor | None
     # Appended through `oscar_hf::append`: the new tokens sit in the exact windows and attention reads the lengths on
     # the device (the `"oscar"` attention function then calls `oscar_hf::decode_attention`, compiled or not).
     device_lengths: bool = False
@@ -86,8 +90,10 @@ class OscarSegments:
 
     def rotated_keys_values(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All `kv_length` rotated keys and values, the 2-bit body dequantized and the new tokens exact."""
-        keys, values = self.layer.dequantized_rotated(dtype or self.new_keys.dtype)
-        if self.num_new:
+        if dtype is None:
+            dtype = self.layer.dtype if self.new_keys is None else self.new_keys.dtype
+        keys, values = self.layer.dequantized_rotated(dtype)
+        if self.num_new and self.new_keys is not None:
             keys[..., -self.num_new :, :] = self.new_keys.to(keys.dtype)
             values[..., -self.num_new :, :] = self.new_values.to(values.dtype)
         return keys, values
@@ -372,11 +378,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ writes
     def rotate_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values in the layer's rotated space, in the model dtype."""
-        keys = key_states if self.k_rotation is None else rotate(key_states, self.k_rotation)
-        if self.k_mean_rotated is not None:
-            keys = keys.float() - self.k_mean_rotated
-        values = value_states if self.v_rotation is None else rotate(value_states, self.v_rotation).to(self.dtype)
-        return keys.to(self.dtype), values
+        return rotate_new_states(key_states, value_states, self.k_rotation, self.v_rotation, self.k_mean_rotated,
+                                 self.dtype)
 
     def centered_keys(self, key_states: torch.Tensor) -> torch.Tensor:
         """New key states as the layer stores them, un-rotated: minus the mean key when the bundle has one (the same
@@ -390,12 +393,13 @@ class OscarQuantizedLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[OscarSegments, OscarSegments]:
         """Append new states and return what attention needs for this forward.
 
-        A static layer appends a chunk of up to `max_append` tokens through the `oscar_hf::append` op (no host read:
-        this is what a compiled decode step runs) and hands back `OscarSegments`. Otherwise the append is driven from
-        the host, and the first forward (empty layer) gets its own key and value states back untouched: prefill
-        attention is exact. Later forwards get either `OscarSegments` (when the `"oscar"` attention function will read
-        the mixed storage) or the whole history dequantized and un-rotated, followed by the new states (any other
-        attention function; a static layer pads it with zeros to `max_cache_len`, the width of its mask).
+        A static layer appends a chunk of up to `max_append` tokens through the `oscar_hf::append` op, which rotates
+        them too (no host read: this is what a compiled decode step runs), and hands back `OscarSegments`. Otherwise
+        the append is driven from the host, and the first forward (empty layer) gets its own key and value states back
+        untouched: prefill attention is exact. Later forwards get either `OscarSegments` (when the `"oscar"` attention
+        function will read the mixed storage) or the whole history dequantized and un-rotated, followed by the new
+        states (any other attention function; a static layer pads it with zeros to `max_cache_len`, the width of its
+        mask).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -415,7 +419,6 @@ class OscarQuantizedLayer(CacheLayerMixin):
             self._raise_if_not_finite(key_states, "keys")
             self._raise_if_not_finite(value_states, "values")
         num_new = key_states.shape[-2]
-        rot_keys, rot_values = self.rotate_states(key_states, value_states)
         # A short multi-token forward (at most an exact crop long) remembers what it demotes (`OscarSegments.demoted`);
         # a compiled step cannot read the lengths back, and a decode step (one token) or a long chunk has no need to.
         track = return_segments and 1 < num_new <= self.exact_crop_tokens and not torch.compiler.is_compiling()
@@ -423,12 +426,15 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if self.static and 1 <= num_new <= self.max_append:
             from .ops import append
 
-            append(self, rot_keys, rot_values)
+            # The op rotates the states (on CUDA inside its window-write kernel, so a compiled step launches no
+            # rotation kernels of its own).
+            append(self, key_states, value_states)
             if return_segments:
-                segments = OscarSegments(self, num_new, rot_keys, rot_values, device_lengths=True,
+                segments = OscarSegments(self, num_new, None, None, device_lengths=True,
                                          demoted=self._demoted_since(body_before))
                 return segments, segments
             return self._dense_history(key_states, value_states, num_new)
+        rot_keys, rot_values = self.rotate_states(key_states, value_states)
         had_history = self.get_seq_length() > 0
         self._append(rot_keys, rot_values)
         if not had_history and (return_segments or not self.static):

@@ -1,20 +1,22 @@
 """The two torch ops a decode step runs, so that `torch.compile` (and `generate()`'s compiled step) sees them:
 
 - `oscar_hf::append(keys, values, lengths, <ten segment buffers>, undo_keys, undo_values, demote_block, max_tokens,
-  k_clip_ratio, v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?) -> ()` appends up to
-  `min(demote_block, recent_tokens)` rotated rows: into the sink while it is not full, else into the recent window;
-  when the window would overflow it first quantizes its oldest `demote_block` tokens into the 2-bit body at `body_len`
-  (keeping exact copies in the undo ring, for `crop`) and shifts the rest left. It mutates the segment buffers, the
-  ring and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`).
+  k_clip_ratio, v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?, k_rotation?,
+  v_rotation?, k_mean_rotated?) -> ()` appends up to `min(demote_block, recent_tokens)` new tokens, given as the
+  model's key and value states and stored rotated (`quantization.rotate_new_states`): into the sink while it is not
+  full, else into the recent window; when the window would overflow it first quantizes its oldest `demote_block`
+  tokens into the 2-bit body at `body_len` (keeping exact copies in the undo ring, for `crop`) and shifts the rest
+  left. It mutates the segment buffers, the ring and `lengths` (int32 `(sink_len, body_len, recent_len, reserved)`;
+  the reserved slot is 0 between steps).
 - `oscar_hf::decode_attention(query, <ten segment buffers>, lengths, k_rotation?, v_rotation?, attention_mask?,
   scaling?, launch) -> Tensor` attends over the segments and returns the un-rotated output `[B, Hq, q_len, D]`
   (a view of `[B, q_len, Hq, D]` memory). `launch` is `kernels.decode_attention.DecodeOptions.to_ints()`.
 
 The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off)
-they read the lengths on the host and call the PyTorch reference (`storage.quantize_into_body`,
-`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is device-side tensor arithmetic
-plus the Triton
-write kernel in its predicated mode (it launches every step and returns at once unless a block is waiting), and
+they read the lengths on the host and call the PyTorch reference (`rotate_new_states`, `storage.quantize_into_body`,
+`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is three Triton launches, the write
+kernel in its predicated mode twice (it launches every step and returns at once unless a block is waiting) and the
+window write, which rotates the new rows itself (`kernels.append`), and
 `decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the
 buffers' capacity. Call them through `append(layer, ...)` and `decode_attention(query, layer, ...)`.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantization import KeyTilt
+from .quantization import KeyTilt, rotate_new_states
 from .reference_attention import attend_rotated
 from .storage import dequantize_segments, quantize_into_body, remember_demoted
 
@@ -74,13 +76,14 @@ def append_host(keys, values, lengths, segments, undo, demote_block, max_tokens,
 
 
 def append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
-                  k_feedback=None, v_feedback=None, k_tilt=None) -> None:
-    """`append` without reading anything back, in three kernels: the Triton write kernel twice, predicated on the
+                  k_feedback=None, v_feedback=None, k_tilt=None, *, k_rotation=None, v_rotation=None,
+                  k_mean_rotated=None) -> None:
+    """`append` without reading anything back, in three launches: the Triton write kernel twice, predicated on the
     lengths (`kernels.append.DemoteSchedule`: the window's oldest block into the 2-bit body and its exact rows into the
-    undo ring, only when the step overflows the window), then `kernels.append.append_window` (the new rows, the
-    window shift, the lengths). Runs on CUDA, and on the CPU under `TRITON_INTERPRET=1` (tests). The caller
-    guarantees `n <= min(demote_block, recent_tokens)`. Past `max_tokens` a device-side assertion fires (compiled in
-    on the GPU) and nothing is written."""
+    undo ring, only when the step overflows the window), then `kernels.append.append_window` (the new rows, rotated
+    and centred there when the rotations and the mean key are given, the window shift, the lengths). Runs on CUDA, and
+    on the CPU under `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block, recent_tokens)`. Past
+    `max_tokens` a device-side assertion fires (compiled in on the GPU) and nothing is written."""
     from .kernels.append import DemoteSchedule, append_window
     from .kernels.quantize import quantize_rows_into
 
@@ -91,7 +94,8 @@ def append_device(keys, values, lengths, segments, undo, demote_block, max_token
                        ring=undo[0])
     quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,
                        device_offset=when, ring=undo[1])
-    append_window(keys, values, lengths, sink_k, sink_v, rec_k, rec_v, demote_block, kc.shape[2], max_tokens)
+    append_window(keys, values, lengths, sink_k, sink_v, rec_k, rec_v, demote_block, kc.shape[2], max_tokens,
+                  k_rotation, v_rotation, k_mean_rotated)
 
 
 def _append_impl(
@@ -119,6 +123,9 @@ def _append_impl(
     k_tilt_means: torch.Tensor | None,
     k_tilt_maps: torch.Tensor | None,
     k_metric: torch.Tensor | None,
+    k_rotation: torch.Tensor | None = None,
+    v_rotation: torch.Tensor | None = None,
+    k_mean_rotated: torch.Tensor | None = None,
 ) -> None:
     segments = (sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale, body_key_offset,
                 body_value_codes, body_value_scale, body_value_offset)
@@ -127,9 +134,11 @@ def _append_impl(
     if keys.is_cuda and k_metric is None and _kernels_on() and _can_write(keys, tilt, k_feedback):
         with torch.cuda.device(keys.device):
             append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
-                          k_feedback, v_feedback, tilt)
+                          k_feedback, v_feedback, tilt, k_rotation=k_rotation, v_rotation=v_rotation,
+                          k_mean_rotated=k_mean_rotated)
         return
     _refuse_if_capturing(keys, "the append (the Triton write kernel cannot serve this layer's coder)")
+    keys, values = rotate_new_states(keys, values, k_rotation, v_rotation, k_mean_rotated, sink_keys.dtype)
     append_host(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio, k_feedback,
                 v_feedback, tilt, k_metric)
 
@@ -146,18 +155,20 @@ def _(*args, **kwargs) -> None:
 def _eager_or_op(impl, op):
     """The op while torch.compile traces; its implementation, called directly, otherwise. Eagerly the op's dispatch
     adds nothing a decode step needs (no autograd through the cache) and costs host time: a mutating custom op
-    re-reads its 24-argument schema on every call (`torch._library.utils.fill_defaults`, ~0.2 ms a call on a CPU,
+    re-reads its 27-argument schema on every call (`torch._library.utils.fill_defaults`, ~0.2 ms a call on a CPU,
     36 layers a step)."""
     return op if torch.compiler.is_compiling() else impl
 
 
 def append(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Append rotated rows to a static layer through `oscar_hf::append`."""
+    """Append a static layer's new (unrotated) key and value states through `oscar_hf::append`, which stores them
+    rotated (`quantization.rotate_new_states`; on CUDA inside the window-write kernel)."""
     tilt = layer.k_tilt
     _eager_or_op(_append_impl, torch.ops.oscar_hf.append)(
         keys, values, layer.lengths, *layer.segment_tensors(), layer.undo_keys, layer.undo_values, layer.demote_block,
         layer.max_cache_len, layer.k_clip_ratio, layer.v_clip_ratio, layer.k_feedback, layer.v_feedback,
         None if tilt is None else tilt.means, None if tilt is None else tilt.maps, layer.k_metric,
+        layer.k_rotation, layer.v_rotation, layer.k_mean_rotated,
     )
 
 

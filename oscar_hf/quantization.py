@@ -375,6 +375,26 @@ def unrotate(rows: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.matmul(rows.float(), r.transpose(-1, -2))
 
 
+def rotate_new_states(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_rotation: torch.Tensor | None,
+    v_rotation: torch.Tensor | None,
+    k_mean_rotated: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New key and value states as a layer stores them, in `dtype`: keys `keys @ R_K - mean` and values `values @ R_V`,
+    both in float32 and rounded once (a missing rotation or mean is skipped). `kernels.append.append_window` computes
+    the same rows inside its write kernel; this is its reference."""
+    if k_rotation is not None:
+        keys = rotate(keys, k_rotation)
+    if k_mean_rotated is not None:
+        keys = keys.float() - k_mean_rotated
+    if v_rotation is not None:
+        values = rotate(values, v_rotation)
+    return keys.to(dtype), values.to(dtype)
+
+
 def _pair_view(plane: torch.Tensor) -> torch.Tensor:
     """`[..., capacity, B]` codes stored token-pair interleaved -> a `[..., capacity / 2, 2, B]` view indexed
     (pair, token parity, byte)."""
