@@ -58,11 +58,13 @@ def _write_new_rows(src, src_rows, src_col, sink, window, sink_rows, window_rows
                     INTERPRETING: tl.constexpr):
     """Rows `src_rows` of `src` as the layer stores them (`quantization.rotate_new_states`: `x @ rotation - mean` in
     float32, one rounding) into the sink or the window. `COLS` output columns at a time, so that only a `[D, COLS]`
-    slice of the rotation is live in registers."""
+    slice of the rotation is live in registers. A loop, not unrolled: unrolled, each chunk's float32 dot kept its own
+    shared-memory operand buffers (264 KiB for K and V, more than an H100 block may have; 41 KiB as a loop: Triton
+    3.6, offline sm_90 compile)."""
     if ROTATE:
         x = tl.load(src + src_rows[:, None] + tl.arange(0, D)[None, :] * src_col, mask=valid[:, None], other=0.0)
         x = x.to(tl.float32)
-    for c in tl.static_range(0, D, COLS):
+    for c in range(0, D, COLS):
         cols = c + tl.arange(0, COLS)
         if ROTATE:
             y = tl.dot(x, tl.load(rotation + tl.arange(0, D)[:, None] * D + cols[None, :]), input_precision="ieee")
