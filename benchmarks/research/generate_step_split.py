@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_e2e as be  # noqa: E402
 
+from oscar_hf import cache_keyword  # noqa: E402
+
 
 class Probe:
     """Wraps the compiled call generate() fetches, and is also generate()'s streamer."""
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
     probe = Probe(model, profile_from=new // 3, profile_to=new - 4)
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+        model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        streamer=probe, attention_mask=torch.ones_like(ids), pad_token_id=0)
     total = time.perf_counter() - t0
 
