@@ -67,3 +67,19 @@ def test_sass_loop_finds_the_tensor_core_body_loop(capsys):
     m = re.search(r"body loop: (\d+) instructions per warp per iteration, ([\d.]+) warp instructions per key", out)
     assert m, out
     assert "HMMA" in out and int(m.group(1)) > 100
+
+
+def test_generate_step_split_dry_run(capsys, tmp_path):
+    """benchmarks/research/generate_step_split.py (issue 19's diagnosis of a compiled generate() step) end to end on
+    the CPU: both caches measured, every timing row present and positive."""
+    spec = importlib.util.spec_from_file_location("generate_step_split",
+                                                  REPO / "benchmarks" / "research" / "generate_step_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out_json = tmp_path / "split.json"
+    assert module.main(["--tiny", "--context", "600", "--new", "12", "--replays", "4", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["oscar", "static"]
+    for r in rows:
+        assert all(r[key] > 0 for key, _ in module.ROWS), r
+    assert "| generate() step (streamer gaps) |" in capsys.readouterr().out
