@@ -65,8 +65,12 @@ def check_attention_call(module: torch.nn.Module, key, dropout: float, kwargs: d
             f"The \"oscar\" attention path of {type(module).__name__} has no attention dropout (dropout={dropout}: "
             f"the module is training). Call model.eval(), or set the config's attention_dropout to 0. {_WAY_OUT}"
         )
+    # The verdict is cached on the module for eager calls only. Traced, the checks cost nothing at replay. A cached
+    # verdict would also put a guard on a value the trace itself rewrites: a compiled step whose keywords differ from
+    # the eager prefill's (no position_ids there, say) then compiled twice.
+    compiling = torch.compiler.is_compiling()
     verdict_key = _verdict_key(kwargs)
-    if getattr(module, _VERDICT, None) == verdict_key:
+    if not compiling and getattr(module, _VERDICT, None) == verdict_key:
         return
     for name, value in kwargs.items():
         if value is None:
@@ -91,7 +95,8 @@ def check_attention_call(module: torch.nn.Module, key, dropout: float, kwargs: d
             'The "oscar" attention does not return attention weights (output_attentions=True gives None); use '
             'attn_implementation="eager" for them.'
         )
-    setattr(module, _VERDICT, verdict_key)
+    if not compiling:
+        setattr(module, _VERDICT, verdict_key)
 
 
 def segments_misused(what: str) -> str:

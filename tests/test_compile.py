@@ -55,6 +55,28 @@ def test_decode_step_compiles_once_across_demotions_and_equals_eager(family):
     assert layer.lengths.tolist()[:3] == eager_cache.layers[0].lengths.tolist()[:3]
 
 
+@torch.no_grad()
+def test_a_step_whose_keywords_differ_from_the_prefill_compiles_once():
+    """The attention checks' cached verdict must not be guarded on: a compiled step passing a keyword the eager prefill
+    did not (here `cache_position`) compiled twice while the trace rewrote the verdict it was guarded on."""
+    torch._dynamo.reset()
+    model = tiny_model("qwen3")
+    cache = static_cache(model)
+    prompt = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    model(input_ids=prompt, **{cache_keyword(model): cache})
+    counter = CompileCounter()
+
+    def step(ids, positions):
+        return model(input_ids=ids, position_ids=positions, cache_position=positions[0],
+                     **{cache_keyword(model): cache}).logits
+
+    step = torch.compile(step, backend=counter, fullgraph=True)
+    token = torch.full((1, 1), int(prompt[0, -1]))  # (a fresh tensor: a slice would keep the prompt's strides)
+    for t in range(6):
+        token = step(token, torch.full_like(token, 20 + t))[:, -1:].argmax(-1)
+    assert counter.frame_count == 1
+
+
 class Collect(BaseStreamer):
     def __init__(self):
         self.chunks = []
