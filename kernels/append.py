@@ -14,14 +14,13 @@ to the host, so it is captured in CUDA graphs once and replayed across demotions
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from oscar_hf.kernels.decode_attention import _round
+from oscar_hf.kernels.decode_attention import _interpreting, _round
 
 
 class DemoteSchedule(NamedTuple):
@@ -191,7 +190,3 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
         HAS_RK=k_rotation is not None, HAS_RV=v_rotation is not None, HAS_KMEAN=k_mean is not None,
         INTERPRETING=_interpreting(), num_warps=4,
     )
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
