@@ -123,7 +123,7 @@ def replay(env, compiled, kwargs, steps: int, sync_each: bool) -> float:
     return a.elapsed_time(b) / steps
 
 
-def measure(env, bw, kind: str, args) -> tuple[dict, str]:
+def measure(env, kind: str, args) -> tuple[dict, str]:
     """One cache kind: the generate() probe, then the replays; returns the row and the cProfile listing."""
     model, new = env.model, args.new
     be.set_attention(model, "oscar" if kind == "oscar" else "sdpa")
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                bf16_floor_ms=floor.get("bf16_floor_ms"), rows=[])
     listings = []
     for kind in kinds:
-        row, listing = measure(env, bw, kind, args)
+        row, listing = measure(env, kind, args)
         out["rows"].append(row)
         listings.append(listing)
         if args.json:
