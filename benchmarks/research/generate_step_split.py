@@ -13,7 +13,12 @@ default, random weights) is filled to `--context` tokens through its write path;
     python benchmarks/research/generate_step_split.py [--context 131072] [--layers 36] [--new 48] [--json f]
     python benchmarks/research/generate_step_split.py --tiny --context 600 --new 12 --replays 4   # CPU dry run
 
-A short table is printed last; `--profile-out` keeps the cProfile listing.
+A short table is printed last; `--profile-out` keeps the cProfile listing. The host's timeline of a step (from the sync
+ending the previous step to the CUDA-graph launch, the only span in which the device idles) is split at the points
+generate() and torch pass through: preparing the inputs (masks included), dynamo's guards and wrappers, the CUDA-graph
+tree's bookkeeping, and the launch. The second half of the steady steps runs with dynamo's guard evaluation skipped
+(`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, a measurement only: it is unsafe in general), which
+prices the guards in place.
 """
 
 from __future__ import annotations
@@ -60,11 +65,85 @@ class Stamp:
         return (later.t - self.t) * 1e3
 
 
+class HostTimeline:
+    """Host timestamps at named points of each generate() step, taken by patching the functions it passes through.
+
+    A step runs from the sync that ends the previous token (the streamer's `put`) to the next one; only the first
+    time a point is passed in a step counts, except the ends of spans (`*_out`), where the last does.
+    """
+
+    SPANS = (("sync", "prepare_in", "generate()'s loop before preparing inputs"),
+             ("prepare_in", "prepare_out", "prepare_inputs_for_generation (masks included)"),
+             ("prepare_out", "call_in", "generate()'s loop after preparing inputs"),
+             ("call_in", "fx_in", "dynamo guards and wrappers, to inductor's compiled graph"),
+             ("fx_in", "replay_in", "CUDA-graph tree bookkeeping before the launch"),
+             ("replay_in", "replay_out", "cudaGraphLaunch"),
+             ("sync", "replay_out", "host time from the sync to the launch (device idle)"))
+
+    def __init__(self):
+        self.steps, self.current, self.undo = [], {}, []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        if name.endswith("_out") or name not in self.current:
+            self.current[name] = now
+
+    def step(self) -> None:
+        """The sync ending a step: close it and open the next."""
+        now = time.perf_counter()
+        if self.current:
+            self.steps.append(self.current)
+        self.current = {"sync": now}
+
+    def patch(self, owner, attr: str, name: str) -> None:
+        real = getattr(owner, attr)
+
+        def stamped(*args, **kwargs):
+            self.mark(name + "_in")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.mark(name + "_out")
+
+        self.undo.append((owner, attr, owner.__dict__.get(attr, None) if isinstance(owner, type) else None))
+        setattr(owner, attr, stamped)
+
+    def install(self, model) -> None:
+        self.patch(model, "prepare_inputs_for_generation", "prepare")
+        try:
+            from torch._inductor.output_code import CompiledFxGraph
+
+            self.patch(CompiledFxGraph, "__call__", "fx")
+        except ImportError:  # pragma: no cover - older torch
+            pass
+        if torch.cuda.is_available():
+            self.patch(torch.cuda.CUDAGraph, "replay", "replay")
+
+    def uninstall(self, model) -> None:
+        for owner, attr, real in reversed(self.undo):
+            if isinstance(owner, type):
+                setattr(owner, attr, real)
+            else:
+                delattr(owner, attr)  # an instance attribute shadowing the class's
+        self.undo = []
+
+    def medians(self, steps) -> dict:
+        """Median ms of each span over `steps` (indices into self.steps), for the spans every such step passed."""
+        out = {}
+        for start, end, label in self.SPANS:
+            values = [(self.steps[i][end] - self.steps[i][start]) * 1e3 for i in steps
+                      if start in self.steps[i] and end in self.steps[i]]
+            if values and len(values) == len(steps):
+                out[label] = statistics.median(values)
+        return out
+
+
 class Probe:
     """Wraps the compiled call generate() fetches, and is also generate()'s streamer."""
 
-    def __init__(self, model, profile_from: int, profile_to: int):
+    def __init__(self, model, profile_from: int, profile_to: int, skip_guards_from: int, timeline: HostTimeline):
         self.model, self.cuda = model, model.device.type == "cuda"
+        self.timeline, self.skip_guards_from = timeline, skip_guards_from
         self.calls = []  # (host start, host end, event before, event after)
         self.syncs = []  # host time after each token's sync
         self.last_kwargs = None
@@ -82,6 +161,7 @@ class Probe:
     def wrapped(self, **kwargs):
         a, b = Stamp(self.cuda), Stamp(self.cuda)
         t0 = time.perf_counter()
+        self.timeline.mark("call_in")
         a.record()
         out = self.compiled(**kwargs)
         b.record()
@@ -95,11 +175,14 @@ class Probe:
         if self.cuda:
             torch.cuda.synchronize()
         self.syncs.append(time.perf_counter())
+        self.timeline.step()
         n = len(self.syncs)
         if n == self.profile_from:
             self.profile.enable()
         elif n == self.profile_to:
             self.profile.disable()
+        if n == self.skip_guards_from:
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def end(self) -> None:
         pass
@@ -131,7 +214,14 @@ def measure(env, kind: str, args) -> tuple[dict, str]:
     with torch.no_grad():
         be.fill_context(env, cache, kind, 1, args.context)
     ids = torch.randint(0, env.vocab, (1, args.context + 1), device=env.device)
-    probe = Probe(model, profile_from=new // 3, profile_to=new - 4)
+    # The compiled calls (new - 1 of them) in phases: warm-up, timed, cProfiled, timed with dynamo's guards skipped.
+    # Call i runs after the (i + 2)-th streamer put (the prompt, then the prefill's token).
+    calls = new - 1
+    timed, profiled, unguarded = (range(calls // 4, calls // 2), range(calls // 2, 3 * calls // 4),
+                                  range(3 * calls // 4, calls - 1))
+    timeline = HostTimeline()
+    probe = Probe(model, profile_from=profiled.start + 2, profile_to=profiled.stop + 2,
+                  skip_guards_from=unguarded.start + 2, timeline=timeline)
     kwargs = {}
     if not env.cuda:  # CPU dry run: transformers compiles on the CPU only when asked, here with dynamo alone
         from transformers import CompileConfig
@@ -139,24 +229,31 @@ def measure(env, kind: str, args) -> tuple[dict, str]:
         kwargs["compile_config"] = config = CompileConfig(backend="eager", mode=None)
         config._compile_all_devices = True
     t0 = time.perf_counter()
+    timeline.install(model)
     try:
         with torch.no_grad():
             model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, streamer=probe, attention_mask=torch.ones_like(ids), pad_token_id=0,
                            **kwargs)
     finally:
+        torch.compiler.set_stance("default")
+        timeline.uninstall(model)
         del model.get_compiled_call  # the class's again
     total = time.perf_counter() - t0
 
-    steady = range(len(probe.calls) // 3, len(probe.calls) - 1)
-    # syncs[0] is the prompt, syncs[1] the first new token (prefill); call i makes token i + 2
-    row = dict(kind=kind, generate_total_s=total,
-               generate_step_ms=statistics.median((probe.syncs[i + 2] - probe.syncs[i + 1]) * 1e3 for i in steady),
-               compiled_call_host_ms=statistics.median((probe.calls[i][1] - probe.calls[i][0]) * 1e3 for i in steady),
-               loop_host_ms=statistics.median((probe.calls[i][0] - probe.syncs[i + 1]) * 1e3 for i in steady),
-               call_span_gpu_ms=statistics.median(probe.calls[i][2].elapsed_time(probe.calls[i][3]) for i in steady),
+    def step_ms(phase):
+        return statistics.median((probe.syncs[i + 2] - probe.syncs[i + 1]) * 1e3 for i in phase)
+
+    # syncs[0] is the prompt, syncs[1] the first new token (prefill); call i makes token i + 2 (timeline step i + 1)
+    row = dict(kind=kind, generate_total_s=total, generate_step_ms=step_ms(timed),
+               generate_step_unguarded_ms=step_ms(unguarded),
+               compiled_call_host_ms=statistics.median((probe.calls[i][1] - probe.calls[i][0]) * 1e3 for i in timed),
+               loop_host_ms=statistics.median((probe.calls[i][0] - probe.syncs[i + 1]) * 1e3 for i in timed),
+               call_span_gpu_ms=statistics.median(probe.calls[i][2].elapsed_time(probe.calls[i][3]) for i in timed),
                between_calls_gpu_ms=statistics.median(
-                   probe.calls[i][3].elapsed_time(probe.calls[i + 1][2]) for i in steady))
+                   probe.calls[i][3].elapsed_time(probe.calls[i + 1][2]) for i in timed),
+               host_timeline_ms=timeline.medians([i + 1 for i in timed]),
+               host_timeline_unguarded_ms=timeline.medians([i + 1 for i in unguarded]))
     with torch.no_grad():
         row["replay_back_to_back_ms"] = replay(env, probe.compiled, probe.last_kwargs, args.replays, sync_each=False)
         row["replay_synced_ms"] = replay(env, probe.compiled, probe.last_kwargs, args.replays, sync_each=True)
@@ -164,7 +261,7 @@ def measure(env, kind: str, args) -> tuple[dict, str]:
 
     s = io.StringIO()
     stats = pstats.Stats(probe.profile, stream=s)
-    n_prof = max(1, probe.profile_to - probe.profile_from)
+    n_prof = len(profiled)
     s.write(f"# {kind}: cProfile over {n_prof} steady generate() steps (per-step host ms = cumtime / {n_prof})\n")
     stats.sort_stats("cumulative").print_stats(45)
     stats.sort_stats("tottime").print_stats(30)
@@ -175,6 +272,7 @@ def measure(env, kind: str, args) -> tuple[dict, str]:
 
 
 ROWS = (("generate_step_ms", "generate() step (streamer gaps)"),
+        ("generate_step_unguarded_ms", "generate() step, dynamo's guards skipped"),
         ("replay_back_to_back_ms", "compiled call replayed back to back, no sync"),
         ("replay_synced_ms", "compiled call replayed, sync after each"),
         ("call_span_gpu_ms", "device time from before the call to after it (in generate)"),
@@ -230,6 +328,10 @@ def main(argv=None) -> int:
     print("|---|" + "---|" * len(out["rows"]))
     for key, label in ROWS:
         print(f"| {label} | " + " | ".join(f"{r[key]:.3f}" for r in out["rows"]) + " |")
+    for key, suffix in (("host_timeline_ms", ""), ("host_timeline_unguarded_ms", ", guards skipped")):
+        for _, _, label in HostTimeline.SPANS:
+            print(f"| host: {label}{suffix} | "
+                  + " | ".join(f"{r[key][label]:.3f}" if label in r[key] else "-" for r in out["rows"]) + " |")
     return 0
 
 
