@@ -525,15 +525,15 @@ def annotate(rows: list[dict], floor: dict, bw: float | None) -> None:
 
 
 class StepClock:
-    """A generate() streamer that timestamps every token it is handed (the prompt first). Device work is waited for,
-    so a gap is one whole decode step; generate() synchronises every step anyway (its stopping check)."""
+    """A generate() streamer that timestamps every token it is handed (the prompt first). A token reaches the host only
+    once the device has computed it, so a gap is one whole decode step. It does not synchronise with the device
+    itself: with an OSCAR cache on CUDA, generate() hands each token over one step late while the next step already
+    runs (`oscar_hf.deferred_stop`), and a sync here would take that overlap away."""
 
     def __init__(self, cuda: bool):
         self.cuda, self.stamps = cuda, []
 
     def put(self, value) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
 
     def end(self) -> None:

@@ -92,7 +92,14 @@ class OscarQuantizedCache(Cache):
     sliding-window layer, which is already bounded in size. Use `attn_implementation="oscar"` when loading the model
     so that decode reads the 2-bit storage directly; with another attention implementation the cache still works but
     hands attention a dequantized copy of the history at every step.
+
+    On CUDA, `generate()` reads its stop decision one step late with this cache (`defer_stop_check`, on by default;
+    `oscar_hf.deferred_stop`): the host queues the next step while the GPU runs this one, and a step decoded past the
+    end is undone with `crop`. The tokens and the cache generate() returns are those of the per-step check.
     """
+
+    # generate() defers its stop check with this cache on CUDA (oscar_hf.deferred_stop); False: it checks every step.
+    defer_stop_check = True
 
     def __init__(
         self,

@@ -616,6 +616,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
         undo ring. A crop deeper than the ring (more than `max(recent_tokens, 64)` tokens) leaves the oldest of those
         tokens 2-bit, with a warning."""
         check_positive_crop(tokens_to_remove)  # refused where transformers' own layers refuse it
+        if tokens_to_remove == 0:  # generate()'s deferred stop check calls crop(0) every step: no host read of lengths
+            return
         length = self.get_seq_length()
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
         keep = max(0, min(keep, length))

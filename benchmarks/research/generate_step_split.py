@@ -138,12 +138,51 @@ class HostTimeline:
         return out
 
 
+class SyncLog:
+    """Where a step makes the host wait for the device: CUDA's sync debug mode warns at each synchronising call, and
+    the Python stack at the warning says who made it."""
+
+    def __init__(self):
+        self.sites, self.shown = {}, None
+
+    def start(self) -> None:
+        import traceback
+        import warnings
+
+        self.shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self.shown(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-3:]
+            site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+            self.sites[site] = self.sites.get(site, 0) + 1
+
+        warnings.showwarning, self.filters = show, warnings.filters[:]
+        warnings.simplefilter("always")  # every sync, not the first from each line
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import warnings
+
+        if self.shown is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning, self.shown = self.shown, None
+            warnings.filters[:] = self.filters
+
+    def report(self, steps: int) -> str:
+        if not self.sites:
+            return f"no synchronising call in {steps} steps"
+        return "\n".join(f"{n} in {steps} steps: {site}" for site, n in sorted(self.sites.items(), key=lambda x: -x[1]))
+
+
 class Probe:
     """Wraps the compiled call generate() fetches, and is also generate()'s streamer."""
 
     def __init__(self, model, profile_from: int, profile_to: int, skip_guards_from: int, timeline: HostTimeline):
         self.model, self.cuda = model, model.device.type == "cuda"
         self.timeline, self.skip_guards_from = timeline, skip_guards_from
+        self.sync_watch, self.sync_log = range(profile_from - 4, profile_from), SyncLog()
         self.calls = []  # (host start, host end, event before, event after)
         self.syncs = []  # host time after each token's sync
         self.last_kwargs = None
@@ -170,10 +209,8 @@ class Probe:
         self.last_kwargs = kwargs
         return out
 
-    # streamer
+    # streamer: a token reaches the host once the device computed it (one step late with the deferred stop check)
     def put(self, value) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
         self.syncs.append(time.perf_counter())
         self.timeline.step()
         n = len(self.syncs)
@@ -183,6 +220,10 @@ class Probe:
             self.profile.disable()
         if n == self.skip_guards_from:
             torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        if self.cuda and n == self.sync_watch.start:
+            self.sync_log.start()
+        elif self.cuda and n == self.sync_watch.stop:
+            self.sync_log.stop()
 
     def end(self) -> None:
         pass
@@ -240,6 +281,8 @@ def measure(env, kind: str, args) -> tuple[dict, str]:
         timeline.uninstall(model)
         del model.get_compiled_call  # the class's again
     total = time.perf_counter() - t0
+    probe.sync_log.stop()
+    print(f"# {kind}: host syncs\n" + probe.sync_log.report(len(probe.sync_watch)), flush=True)
 
     def step_ms(phase):
         return statistics.median((probe.syncs[i + 2] - probe.syncs[i + 1]) * 1e3 for i in phase)
