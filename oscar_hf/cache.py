@@ -305,6 +305,15 @@ class OscarQuantizedCache(Cache):
             return layer.update(key_states, value_states, return_segments=reads_segments)
         return layer.update(key_states, value_states, *args, **kwargs)
 
+    def get_query_offset(self, layer_idx: int = 0):
+        """Where the next queries start. For a static layer it is a 0-dim device tensor, as transformers'
+        `StaticLayer` gives: generate() builds each step's mask from it before the step, and a host int would wait
+        for the device to finish the previous step (the stall `defer_stop_check` removes)."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, OscarQuantizedLayer) and layer.static and layer.is_initialized:
+            return layer.lengths[:3].sum()
+        return super().get_query_offset(layer_idx)
+
     @property
     def is_compileable(self) -> bool:
         """Whether `generate()` may compile the decode step: every layer static (`max_cache_len`), none checking

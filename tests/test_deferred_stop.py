@@ -171,3 +171,36 @@ def test_compiled_generate_defers_and_compiles_once(monkeypatch):
     for (lengths_a, rows_a), (lengths_b, rows_b) in zip(_state(cache), _state(want_cache)):
         assert lengths_a == lengths_b
         assert all(torch.equal(a, b) for a, b in zip(rows_a, rows_b))
+
+
+@torch.no_grad()
+def test_preparing_a_decode_step_reads_no_lengths_back(monkeypatch):
+    """generate() builds each step's mask before the step (`prepare_inputs_for_generation`); with a static cache it
+    asks for the query offset, which must come as a device tensor, as StaticCache's does: a host read there waits for
+    the previous step and takes the deferral's overlap away (seen on an H100: 7.8 ms of a 10.8 ms step)."""
+    model = tiny_model("qwen3")
+    cache = OscarQuantizedCache(model.config, **WINDOWS, max_cache_len=96)
+    inside, reads = [False], []
+    real_prepare, real_lengths = model.prepare_inputs_for_generation, OscarQuantizedLayer._host_lengths
+
+    def prepare(*args, **kwargs):
+        inside[0] = True
+        try:
+            return real_prepare(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def lengths(layer):
+        if inside[0]:
+            reads.append(layer.layer_idx)
+        return real_lengths(layer)
+
+    monkeypatch.setattr(model, "prepare_inputs_for_generation", prepare)
+    monkeypatch.setattr(OscarQuantizedLayer, "_host_lengths", lengths)
+    ids = torch.randint(3, 128, (1, 21), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                         pad_token_id=0, disable_compile=True)
+    assert out.shape[1] == 33
+    assert reads == []
+    offset = cache.get_query_offset(0)
+    assert isinstance(offset, torch.Tensor) and int(offset) == cache.get_seq_length() == 32
