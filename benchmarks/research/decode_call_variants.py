@@ -23,7 +23,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     d, kvh, group, ctx, b = 128, 8, 4, args.context, args.batch
-    r = hadamard_rotation(d).float()
+    r = hadamard_rotation(d).float()[None]  # one rotation shared by every KV head: (1, D, D)
     layer = OscarQuantizedLayer(r, r, 0.96, 0.92, max_cache_len=ctx + 64)
     for s in range(0, ctx, 8192):
         k = torch.randn(b, kvh, min(8192, ctx - s), d, device="cuda", dtype=torch.bfloat16) * 2
