@@ -154,7 +154,7 @@ class SyncLog:
         def show(message, category, filename, lineno, file=None, line=None):
             if "synchroniz" not in str(message):
                 return self.shown(message, category, filename, lineno, file, line)
-            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-3:]
+            frames = [f for f in traceback.extract_stack()[:-1] if "site-packages/torch/" not in f.filename][-3:]
             site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
             self.sites[site] = self.sites.get(site, 0) + 1
 
