@@ -54,7 +54,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from oscar_hf.kernels.decode_attention import _unpack_asm
+from oscar_hf.kernels.decode_attention import _interpreting, _unpack_asm
 
 ENV_FLAG = "OSCAR_HF_HOPPER_KERNEL"
 MAX_ROWS = 64  # query rows per KV head (GQA group x q_len): one warp per 16
@@ -487,10 +487,6 @@ def supported(query: torch.Tensor, segments, attention_mask=None) -> str | None:
     if any(t.data_ptr() % 16 for t in segments[4:]):
         return "body buffers not 16-byte aligned"
     return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def launch_body(q_rot, segments, part_o, part_m, part_l, *, sink_len, body_len, q_len, num_kv_heads, group,

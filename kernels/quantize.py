@@ -41,6 +41,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from oscar_hf.kernels.append import DemoteSchedule, step_plan
+from oscar_hf.kernels.decode_attention import _interpreting
 from oscar_hf.quantization import CODES_PER_BYTE, PARAM_DTYPE
 
 _FP16_MAX = tl.constexpr(65504.0)
@@ -370,12 +371,6 @@ def can_quantize(rows: torch.Tensor, tilt=None) -> bool:
         and rows.dim() <= 4
         and (tilt is None or 1 <= tilt.means.shape[-2] <= MAX_TILT_GROUPS)
     )
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def quantize_rows_into(
