@@ -53,8 +53,9 @@ def _state(cache: OscarQuantizedCache):
     return out
 
 
-def _generate(model, ids, eos: int, defer: bool, static: bool, crops=None, **kwargs):
-    """Greedy generate() stopping at `eos`; with `crops`, layer 0's crops are logged as (n, body before, after)."""
+def _generate(model, ids, eos: int, defer: bool, static: bool, crops=None, crops_layer=0, **kwargs):
+    """Greedy generate() stopping at `eos`; with `crops`, layer `crops_layer`'s crops are logged as
+    (n, body before, after)."""
     cache = OscarQuantizedCache(model.config, **WINDOWS, **({"max_cache_len": 96} if static else {}))
     cache.defer_stop_check = defer
     streamer = Tokens()
@@ -65,7 +66,7 @@ def _generate(model, ids, eos: int, defer: bool, static: bool, crops=None, **kwa
             def spy(layer, n):
                 before = layer.body_len if n else None
                 real(layer, n)
-                if layer.layer_idx == 0:
+                if layer.layer_idx == crops_layer:
                     crops.append((n, before, layer.body_len if n else None))
 
             patch.setattr(OscarQuantizedLayer, "crop", spy)
@@ -204,3 +205,31 @@ def test_preparing_a_decode_step_reads_no_lengths_back(monkeypatch):
     assert reads == []
     offset = cache.get_query_offset(0)
     assert isinstance(offset, torch.Tensor) and int(offset) == cache.get_seq_length() == 32
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2"])
+@torch.no_grad()
+def test_deferral_with_sliding_window_layers_continues_like_the_per_step_check(family, monkeypatch):
+    """A cache with transformers' sliding-window layers beside the OSCAR ones is croppable too (transformers records
+    their past while the stop is deferred), so it defers: after EOS stops at several points, a second turn on the
+    returned cache gives the per-step check's tokens."""
+    monkeypatch.setattr(deferred_stop, "DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(torch, "Event", HostEvent)
+    model = tiny_model(family, layers=3)
+    ids = torch.randint(3, 128, (1, 21), generator=torch.Generator().manual_seed(1))
+    turn2 = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    reference, _, _ = _generate(model, ids, eos=model.config.vocab_size + 1, defer=False, static=False)
+    new = reference[0, ids.shape[1]:].tolist()
+    stops = list(dict.fromkeys(new[3:-1]))[:4]
+    assert len(stops) >= 3
+    for eos in stops:
+        crops = []
+        oscar_layer = model.config.layer_types.index("full_attention")
+        got, got_streamed, got_cache = _generate(model, ids, eos, True, False, crops, crops_layer=oscar_layer)
+        want, want_streamed, want_cache = _generate(model, ids, eos, False, False)
+        assert torch.equal(got, want) and len(got_streamed) == len(want_streamed)
+        assert [n for n, _, _ in crops if n] == [-1]
+        follow = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, disable_compile=True)
+        a = model.generate(torch.cat([got, turn2], 1), **{cache_keyword(model): got_cache}, **follow)
+        b = model.generate(torch.cat([want, turn2], 1), **{cache_keyword(model): want_cache}, **follow)
+        assert torch.equal(a, b)
