@@ -16,6 +16,7 @@ CUDA we turn it on too. Set `cache.defer_stop_check = False` to keep generate()'
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,19 @@ def install() -> bool:
     if getattr(original.__func__, "_oscar_wrapped", None) is not None:
         return True
     decide = original.__func__
+    signature = inspect.signature(decide)
+    if not {"device", "cache", "is_assistant"} <= set(signature.parameters):
+        logger.debug("transformers' DeferredStopCheck.is_supported changed its arguments; generate() left as it is")
+        return False
 
-    def is_supported(device, cache, cache_is_returned, is_assistant):
-        if _defers(device, cache, is_assistant):
+    def is_supported(*args, **kwargs):
+        # Bound by name, so that an argument transformers adds later passes through untouched.
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        given = call.arguments
+        if _defers(given["device"], given["cache"], given["is_assistant"]):
             return True
-        return decide(device, cache, cache_is_returned, is_assistant)
+        return decide(*args, **kwargs)
 
     is_supported._oscar_wrapped = decide
     is_supported.__doc__ = decide.__doc__
