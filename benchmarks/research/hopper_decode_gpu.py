@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write every number here")
     p.add_argument("--quick", action="store_true", help="8K and 32K batch 1 only")
+    p.add_argument("--shapes", help="batch x context pairs instead of the default, e.g. 2x131072,4x131072,8x32768")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("needs an sm_90 GPU (H100 / H200)")
@@ -49,7 +50,10 @@ def main(argv=None) -> int:
     print(f"Gluon body: {cfg.warps} warp(s), {cfg.j} x {cfg.sb} keys per iteration, {cfg.stages} stages", flush=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for batch, context in SHAPES[:2] if args.quick else SHAPES:
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in pair.split("x")) for pair in args.shapes.split(",")]
+    for batch, context in shapes:
         layer = bk.make_layer(batch, context, gen)
         query = torch.randn(batch, bk.HQ, 1, bk.D, dtype=torch.bfloat16, device="cuda")
         seg = OscarSegments(layer, 1, layer.recent_keys[:, :, bk.RECENT - 1 : bk.RECENT],
