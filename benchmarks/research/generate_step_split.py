@@ -108,7 +108,8 @@ class HostTimeline:
             finally:
                 self.mark(name + "_out")
 
-        self.undo.append((owner, attr, owner.__dict__.get(attr, None) if isinstance(owner, type) else None))
+        own = attr in vars(owner)  # else inherited (or the class's, for an instance): deleting the patch restores it
+        self.undo.append((owner, attr, own, vars(owner).get(attr)))
         setattr(owner, attr, stamped)
 
     def install(self, model) -> None:
@@ -122,12 +123,12 @@ class HostTimeline:
         if torch.cuda.is_available():
             self.patch(torch.cuda.CUDAGraph, "replay", "replay")
 
-    def uninstall(self, model) -> None:
-        for owner, attr, real in reversed(self.undo):
-            if isinstance(owner, type):
-                setattr(owner, attr, real)
+    def uninstall(self) -> None:
+        for owner, attr, own, previous in reversed(self.undo):
+            if own:
+                setattr(owner, attr, previous)
             else:
-                delattr(owner, attr)  # an instance attribute shadowing the class's
+                delattr(owner, attr)
         self.undo = []
 
     def medians(self, steps) -> dict:
@@ -281,7 +282,7 @@ def measure(env, kind: str, args) -> tuple[dict, str]:
                            **kwargs)
     finally:
         torch.compiler.set_stance("default")
-        timeline.uninstall(model)
+        timeline.uninstall()
         del model.get_compiled_call  # the class's again
     total = time.perf_counter() - t0
     probe.sync_log.stop()
