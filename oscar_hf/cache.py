@@ -311,7 +311,7 @@ class OscarQuantizedCache(Cache):
         for the device to finish the previous step (the stall `defer_stop_check` removes)."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         if isinstance(layer, OscarQuantizedLayer) and layer.static and layer.is_initialized:
-            return layer.lengths[:3].sum()
+            return layer.device_seq_length()
         return super().get_query_offset(layer_idx)
 
     @property

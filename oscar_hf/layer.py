@@ -552,8 +552,12 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         if torch.compiler.is_compiling():
-            return self.lengths[:3].sum()
+            return self.device_seq_length()
         return sum(self._host_lengths())
+
+    def device_seq_length(self) -> torch.Tensor:
+        """Tokens held, as a 0-dim tensor on the lengths' device: read without waiting for the device."""
+        return self.lengths[:3].sum()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.static:
