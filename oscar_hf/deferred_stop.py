@@ -17,9 +17,10 @@ CUDA we turn it on too. Set `cache.defer_stop_check = False` to keep generate()'
 from __future__ import annotations
 
 import inspect
-import logging
 
-logger = logging.getLogger(__name__)
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Where the deferral pays: on the CPU every op has already run when the host reads the flag (tests widen this).
 DEVICES = frozenset({"cuda"})
