@@ -7,6 +7,7 @@ even where that step demoted a block). On the CPU the tests widen `deferred_stop
 import pytest
 import torch
 from conftest import tiny_model
+from test_crop import _assert_same as assert_same_layer
 from transformers.generation.utils import DeferredStopCheck
 
 from oscar_hf import OscarQuantizedCache, cache_keyword, deferred_stop
@@ -39,18 +40,6 @@ class Tokens:
 
     def end(self):
         pass
-
-
-def _state(cache: OscarQuantizedCache):
-    """Everything a later forward reads from each layer: lengths and held rows (the body as codes and grids)."""
-    out = []
-    for layer in cache.layers:
-        sink, body, recent = layer.lengths[:3].tolist()
-        k, v = layer.body_rows()
-        out.append(((sink, body, recent), [layer.sink_keys[:, :, :sink], layer.recent_keys[:, :, :recent],
-                                           layer.recent_values[:, :, :recent], k.codes, k.scale, k.offset, v.codes,
-                                           v.scale, v.offset]))
-    return out
 
 
 def _generate(model, ids, eos: int, defer: bool, static: bool, crops=None, crops_layer=0, **kwargs):
@@ -96,9 +85,8 @@ def test_deferred_stop_gives_the_tokens_streamer_and_cache_of_the_per_step_check
         assert torch.equal(got, want)
         assert len(got_streamed) == len(want_streamed)
         assert all(torch.equal(a, b) for a, b in zip(got_streamed, want_streamed))
-        for (lengths_a, rows_a), (lengths_b, rows_b) in zip(_state(got_cache), _state(want_cache)):
-            assert lengths_a == lengths_b
-            assert all(torch.equal(a, b) for a, b in zip(rows_a, rows_b))
+        for a, b in zip(got_cache.layers, want_cache.layers, strict=True):
+            assert_same_layer(a, b)  # lengths and every held row, bit for bit
         assert any(n == 0 for n, _, _ in crops)  # the deferred check ran: it calls crop(0) every step
         undo = [(before, after) for n, before, after in crops if n == -1]
         assert len(undo) == 1  # stopped at an EOS before max_new_tokens: one step undone
@@ -169,9 +157,8 @@ def test_compiled_generate_defers_and_compiles_once(monkeypatch):
     assert torch.equal(got, want)
     assert counter.frame_count == 1
     assert [n for n, _, _ in crops if n] == [-1]  # deferred: one step past the EOS, undone
-    for (lengths_a, rows_a), (lengths_b, rows_b) in zip(_state(cache), _state(want_cache)):
-        assert lengths_a == lengths_b
-        assert all(torch.equal(a, b) for a, b in zip(rows_a, rows_b))
+    for a, b in zip(cache.layers, want_cache.layers, strict=True):
+        assert_same_layer(a, b)
 
 
 @torch.no_grad()
