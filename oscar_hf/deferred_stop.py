@@ -4,7 +4,7 @@ between decode steps.
 `generate()` asks the host after every token whether to stop (`unfinished_sequences.max() == 0`) and hands the token
 to the streamer (`.cpu()`). Both wait for the device to finish the step. The host then prepares the next step (the
 loop, the inputs and masks, the compiled call's guards and CUDA-graph launch) while the GPU has nothing queued: about
-3 ms a step for the Qwen3-8B shape on an H100, against 10-11 ms of graph (`benchmarks/RESULTS.md`).
+3 ms a step for the Qwen3-8B shape on an H100, against 8.0 (8K) to 10.6 ms (128K) of graph (`benchmarks/RESULTS.md`).
 
 transformers has the remedy, `DeferredStopCheck`: the flag and the token are copied to pinned memory without waiting
 and read on the following step, so the host queues step n + 1 while the device runs step n; when the flag says stop,
