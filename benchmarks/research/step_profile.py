@@ -1,12 +1,16 @@
 """Where a compiled OSCAR decode step spends its time: a Qwen3-8B-shaped model cut to `--layers` layers, a static cache
 filled to `--context` tokens through its write path, the decode step compiled by inductor without CUDA graphs (so the
-profiler sees each kernel), and the top kernels of a few steps. Also reports why the eager step (if at all) declines
-the decode kernel. Research tool, device only:
+profiler sees each kernel), and the top kernels of a few steps, then the device time of one layer's step by kind of
+kernel (the model's matrix products, the decode attention, the cache's write, inductor's fused kernels, copies).
+Kernel durations do not depend on whether a CUDA graph launches them; the gaps between kernels do, so the sum is the
+graph step's device time less its gaps. Also reports why the eager step (if at all) declines the decode kernel.
+Research tool, device only:
 
-    python benchmarks/research/step_profile.py --layers 4 --context 131072
+    python benchmarks/research/step_profile.py --layers 4 --contexts 32768,131072
 """
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,14 +27,43 @@ from oscar_hf import attention as attn_mod  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--contexts", default="131072", help="comma-separated token counts")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
+    rows = {}
+    for context in (int(c) for c in args.contexts.split(",")):
+        rows[context] = profile_context(args, context)
+    kinds = sorted({k for r in rows.values() for k in r}, key=lambda k: -max(r.get(k, 0.0) for r in rows.values()))
+    print("\ndevice us per layer per step, by kind of kernel (lm_head and the final norm spread over the layers)")
+    print("| kind | " + " | ".join(f"{c // 1024}K" for c in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for kind in kinds + ["total"]:
+        vals = [sum(r.values()) if kind == "total" else r.get(kind, 0.0) for r in rows.values()]
+        print(f"| {kind} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+
+
+# Checked in order: the first pattern that matches a kernel's name names its kind.
+KINDS = [
+    ("cuBLAS split-K reduce", r"splitKreduce"),
+    ("matrix products (cuBLAS)", r"nvjet|gemv|gemm|cutlass|xmma|cublas"),
+    ("decode attention", r"_decode_stage|_rotate_query|hopper|gluon"),
+    ("cache write", r"_write|append|quantize|advance|demote|_plan"),
+    ("inductor fused", r"^triton_"),
+    ("copies and fills", r"Memcpy|Memset|fill|copy"),
+]
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other: " + name[:40])
+
+
+def profile_context(args, context: int) -> dict[str, float]:
+    print(f"\n## context {context}")
     config = be.make_config(False, args.layers)
     model = be.build_model(config, "cuda", torch.bfloat16)
     be.set_attention(model, "oscar")
-    cache = OscarQuantizedCache(model.config, method="hadamard", max_cache_len=args.context + 64)
-    for _ in range(0, args.context, 8192):
+    cache = OscarQuantizedCache(model.config, method="hadamard", max_cache_len=context + 64)
+    for _ in range(0, context, 8192):
         for layer in cache.layers:
             k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
             layer.update(k, k.clone(), return_segments=True)
@@ -47,9 +80,9 @@ def main() -> None:
         return reference(query, segments, mask, scaling, softcap)
 
     attn_mod.segment_attention_reference = spy
-    pos = args.context
+    pos = context
     ids = torch.tensor([[7]], device="cuda")
-    mask2d = torch.ones(1, args.context + 64, dtype=torch.long, device="cuda")
+    mask2d = torch.ones(1, context + 64, dtype=torch.long, device="cuda")
 
     def kw(position):
         out = be.forward_kwargs(model, ids, cache, position)
@@ -88,7 +121,17 @@ def main() -> None:
                 step(**kw(pos))
                 pos += 1
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+    attn_mod.segment_attention_reference = reference
+    averages = prof.key_averages()
+    print(averages.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+    by_kind: dict[str, float] = {}
+    for event in averages:
+        us = getattr(event, "self_device_time_total", None)
+        us = event.self_cuda_time_total if us is None else us
+        if us > 0:  # the kernels (operators' own device time is their kernels')
+            kind = kind_of(event.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + us / (args.steps * args.layers)
+    return by_kind
 
 
 if __name__ == "__main__":
