@@ -606,8 +606,10 @@ def _decode_stage2(
 # ---------------------------------------------------------------------------------------------------------- launcher
 def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_mask):
     """The Gluon body kernel's configuration (`kernels/hopper_decode.py`) when this call uses it, else None.
-    `wanted` None follows `OSCAR_HF_HOPPER_KERNEL` and falls back silently; True raises where it cannot serve."""
-    if wanted is False or (wanted is None and os.environ.get("OSCAR_HF_HOPPER_KERNEL", "0") != "1"):
+    `wanted` True raises where it cannot serve; None follows `OSCAR_HF_HOPPER_KERNEL` (`1`: wherever it can serve,
+    `0`: never) and, unset, takes it where it was measured faster (`hopper_decode.measured_faster`); both fall back
+    to this module's kernel silently."""
+    if wanted is False or not (wanted or query.is_cuda):
         return None
     try:
         from oscar_hf.kernels import hopper_decode
@@ -615,6 +617,13 @@ def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_ma
         if wanted:
             raise ValueError(f"hopper_body needs Triton's Gluon (triton.experimental.gluon): {e}") from e
         return None
+    if wanted is None:
+        chosen = hopper_decode.env_choice()
+        if chosen is None:
+            codes = segments[4]
+            chosen = hopper_decode.measured_faster(codes.shape[0] * codes.shape[1], codes.shape[2], rows)
+        if not chosen:
+            return None
     reason = hopper_decode.supported(query, segments, attention_mask)
     if reason is not None:
         if wanted:
@@ -662,9 +671,10 @@ class DecodeOptions:
     shapes allow), `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on
     an SM, `dependent_launch` launches stage 2 as a programmatic dependent of stage 1 (sm_90+; off by default until
     timed, see benchmarks/RESULTS.md). `hopper_body` serves the 2-bit body splits with the Gluon kernel of
-    `kernels/hopper_decode.py` (sm_90; **never run on a GPU yet**): True asks for it (an error where it cannot
-    serve), None follows the environment variable `OSCAR_HF_HOPPER_KERNEL=1` (and falls back to this kernel where
-    it cannot serve), False never; off by default. `block_n` and `stack` then apply to the exact segments only.
+    `kernels/hopper_decode.py` (sm_90, Triton 3.6): True asks for it (an error where it cannot serve), False never,
+    None (the default) where it was measured faster (`hopper_decode.measured_faster`) unless the environment
+    variable `OSCAR_HF_HOPPER_KERNEL` says otherwise (`1` wherever it can serve, `0` never). `block_n` and `stack`
+    then apply to the exact segments only.
     """
 
     block_n: int | None = None
@@ -845,8 +855,12 @@ def decode_attention(
     if body_blocks:
         programs_per_sm = o.programs_per_sm
         if programs_per_sm is None:
-            # The Gluon body's programs are one warp of 255 registers: 8 fit on an SM (a guess, not yet timed).
-            programs_per_sm = 8 if hopper is not None else 3 if n_bh < 32 else 16
+            if hopper is not None:
+                from oscar_hf.kernels.hopper_decode import programs_per_sm as gluon_programs_per_sm
+
+                programs_per_sm = gluon_programs_per_sm(n_bh)
+            else:
+                programs_per_sm = 3 if n_bh < 32 else 16
         want = triton.cdiv(programs_per_sm * _sm_count(dev), n_bh)
         splits = max(1, min(want, body_blocks // max(1, o.min_blocks_per_split)))
         chunk = triton.cdiv(body_blocks, splits) * body_block

@@ -1,6 +1,8 @@
 """Stage 1 of the decode attention for the 2-bit body on Hopper (sm_90), written in Gluon: explicit layouts and an
-asynchronous copy pipeline. **Never run on a GPU yet; opt-in only** (`DecodeOptions(hopper_body=True)` or
-`OSCAR_HF_HOPPER_KERNEL=1`; see `kernels/decode_attention.py`).
+asynchronous copy pipeline. **The default where it was measured faster** (`measured_faster`: on an H100 with
+Triton 3.6, batch 1-4 at 128K and batch 4-8 at 32K, 4-26% faster than the Triton body; benchmarks/RESULTS.md,
+"Fifth run"); elsewhere the Triton kernel of `kernels/decode_attention.py` serves. `DecodeOptions(hopper_body=...)`
+or `OSCAR_HF_HOPPER_KERNEL` (`1`: wherever it can serve, `0`: never) override the choice.
 
 It replaces the body programs of `decode_attention._decode_stage1` and writes the same partials (output, running
 max, running sum of a base-2 online softmax) into the same buffers, so stage 0 (the rotated query) and stage 2 (the
@@ -62,9 +64,33 @@ _MASKED = gl.constexpr(-1.0e30)  # the Triton kernel's finite "minus infinity"
 _CODE_BASE = gl.constexpr(4.0)
 
 
-def env_enabled() -> bool:
-    """Whether `OSCAR_HF_HOPPER_KERNEL=1` asks for this kernel by default (off unless set)."""
-    return os.environ.get(ENV_FLAG, "0") == "1"
+def env_choice() -> bool | None:
+    """`OSCAR_HF_HOPPER_KERNEL`: `1` asks for this kernel wherever it can serve, `0` never; unset (None) leaves the
+    choice to `measured_faster`."""
+    value = os.environ.get(ENV_FLAG, "")
+    return None if value == "" else value != "0"
+
+
+# The Triton releases whose Gluon API this kernel is written against (3.9 renamed and removed calls it makes).
+MEASURED_TRITON = ("3.6.",)
+
+
+def measured_faster(kv_rows: int, body_capacity: int, rows: int) -> bool:
+    """Whether this kernel beat the Triton body for `kv_rows` (batch x KV heads) rows of `body_capacity` 2-bit tokens
+    each and `rows` query rows per KV head. H100, Triton 3.6, 4 query rows, device lengths (benchmarks/RESULTS.md,
+    "Fifth run", 2026-12-07; Gluon against Triton us per call): faster at 8 x 128K (63.0 against 67.4), 16 x 128K
+    (105.9 / 140.2), 32 x 128K (186.8 / 228.1), 64 x 128K (356.6 / 421.0, 16 programs per SM), 32 x 32K
+    (66.1 / 74.6) and 64 x 32K (119.0 / 124.5, 16 per SM); slower at 8 x 8K (17.8 / 15.1), 8 x 32K (26.4 / 23.4)
+    and 128 x 32K (248.8 / 239.6). So: at least 2^20 (row, token) pairs over at most 64 rows. Not measured with more
+    than 4 query rows per KV head."""
+    return (triton.__version__.startswith(MEASURED_TRITON) and rows <= 4 and kv_rows <= 64
+            and kv_rows * body_capacity >= 1 << 20)
+
+
+def programs_per_sm(kv_rows: int) -> int:
+    """Programs per SM of the split-K grid: 8 for up to 32 (batch x KV head) rows, 16 above (the runs of
+    `measured_faster`: 16 per SM took 64 x 128K from 509.0 to 356.6 us; 4 per SM was slower everywhere)."""
+    return 8 if kv_rows <= 32 else 16
 
 
 # ------------------------------------------------------------------------------------------------------ layouts

@@ -1,7 +1,9 @@
-"""The Gluon body kernel (`kernels/hopper_decode.py`, opt-in) against the PyTorch reference and the Triton kernel.
+"""The Gluon body kernel (`kernels/hopper_decode.py`, the default where it was measured faster) against the PyTorch
+reference and the Triton kernel.
 
-The comparisons need an sm_90 GPU (H100 / H200) and skip elsewhere with the reason. What runs without one: the opt-in
-plumbing (`DecodeOptions.hopper_body`, the environment variable, the refusal where the kernel cannot serve) and, where
+The comparisons need an sm_90 GPU (H100 / H200) and skip elsewhere with the reason. What runs without one: the
+dispatch (`DecodeOptions.hopper_body`, the measured rule, the environment variable, the refusal where the kernel
+cannot serve) and, where
 the Triton wheel ships `ptxas`, an offline sm_90 compile of the kernel (the Gluon API changes between Triton
 releases; the GPU image has 3.6).
 """
@@ -152,11 +154,58 @@ def test_hopper_body_option_round_trips_through_the_op_ints():
     assert ops._DEFAULT_LAUNCH == dk.DecodeOptions().to_ints()
 
 
-def test_hopper_body_is_off_unless_asked(monkeypatch):
+def test_hopper_body_is_off_on_the_cpu_and_when_refused(monkeypatch):
     monkeypatch.delenv("OSCAR_HF_HOPPER_KERNEL", raising=False)
     q = torch.zeros(1, 4, 1, 128)
     assert dk._hopper_config(None, q, None, 4, None) is None
     assert dk._hopper_config(False, q, None, 4, None) is None
+
+
+def test_hopper_body_default_rule_is_the_measured_one(monkeypatch):
+    """Every (rows x capacity) shape of the fifth run's sweep (RESULTS.md) lands on the side it was measured on."""
+    from oscar_hf.kernels import hopper_decode as hd
+
+    monkeypatch.setattr(hd, "MEASURED_TRITON", (triton_version(),))
+    faster = [(8, 131072), (16, 131072), (32, 131072), (64, 131072), (32, 32768), (64, 32768)]
+    slower = [(8, 8192), (8, 32768), (128, 32768)]
+    assert all(hd.measured_faster(n, cap, 4) for n, cap in faster)
+    assert not any(hd.measured_faster(n, cap, 4) for n, cap in slower)
+    assert not hd.measured_faster(8, 131072, 8), "more query rows than were measured"
+    monkeypatch.setattr(hd, "MEASURED_TRITON", ("0.0.",))
+    assert not hd.measured_faster(8, 131072, 4), "a Triton whose Gluon API the kernel was not written against"
+    assert [hd.programs_per_sm(n) for n in (8, 32, 64)] == [8, 8, 16]
+
+
+class _CudaLike:
+    """A query that says it is on CUDA, for the dispatch alone (the kernel's own checks are stubbed)."""
+
+    is_cuda = True
+    shape = (1, 4, 1, 128)
+
+
+def test_hopper_body_default_and_environment(monkeypatch):
+    from oscar_hf.kernels import hopper_decode as hd
+
+    monkeypatch.setattr(hd, "MEASURED_TRITON", (triton_version(),))
+    monkeypatch.setattr(hd, "supported", lambda *a: None)
+    long = [None] * 4 + [torch.empty(1, 8, 131072, 32, dtype=torch.uint8, device="meta")]
+    short = [None] * 4 + [torch.empty(1, 8, 8192, 32, dtype=torch.uint8, device="meta")]
+    q = _CudaLike()
+    monkeypatch.delenv("OSCAR_HF_HOPPER_KERNEL", raising=False)
+    assert dk._hopper_config(None, q, long, 4, None) is not None
+    assert dk._hopper_config(None, q, short, 4, None) is None
+    assert dk._hopper_config(True, q, short, 4, None) is not None
+    assert dk._hopper_config(False, q, long, 4, None) is None
+    monkeypatch.setenv("OSCAR_HF_HOPPER_KERNEL", "0")
+    assert dk._hopper_config(None, q, long, 4, None) is None
+    monkeypatch.setenv("OSCAR_HF_HOPPER_KERNEL", "1")
+    assert dk._hopper_config(None, q, short, 4, None) is not None
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def test_hopper_body_declines_what_it_cannot_serve(monkeypatch):
