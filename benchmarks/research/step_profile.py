@@ -46,7 +46,7 @@ def main() -> None:
 KINDS = [
     ("cuBLAS split-K reduce", r"splitKreduce"),
     ("matrix products (cuBLAS)", r"nvjet|gemv|gemm|cutlass|xmma|cublas"),
-    ("decode attention", r"_decode_stage|_rotate_query|hopper|gluon"),
+    ("decode attention", r"_decode_stage|_rotate_query|_body_stage1"),
     ("cache write", r"_write|append|quantize|advance|demote|_plan"),
     ("inductor fused", r"^triton_"),
     ("copies and fills", r"Memcpy|Memset|fill|copy"),
