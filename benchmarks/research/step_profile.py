@@ -131,6 +131,8 @@ def profile_context(args, context: int) -> dict[str, float]:
         if us > 0:  # the kernels (operators' own device time is their kernels')
             kind = kind_of(event.key)
             by_kind[kind] = by_kind.get(kind, 0.0) + us / (args.steps * args.layers)
+    print(f"context {context}, device us per layer per step: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])), flush=True)
     return by_kind
 
 
