@@ -4,7 +4,7 @@ all read from and written to device memory.
 
 `oscar_hf.ops.append_device` runs a step as three launches: the write kernel of `kernels/quantize.py` twice (keys and
 values of the oldest window block into the 2-bit body and the undo ring, predicated on a `DemoteSchedule`: it returns
-at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head)).
+at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head, slice of 32 columns)).
 The window write takes the model's states and rotates them itself (`quantization.rotate_new_states` is the
 reference), so that a compiled step has no separate rotation kernels. Every program reads the lengths before any is
 advanced: the last program to finish, counted in the lengths' reserved slot, advances them and clears the count. The
@@ -53,28 +53,23 @@ def step_plan(lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
 
 @triton.jit
 def _write_new_rows(src, src_rows, src_col, sink, window, sink_rows, window_rows, valid, to_sink, to_window, rotation,
-                    mean, D: tl.constexpr, COLS: tl.constexpr, ROTATE: tl.constexpr, CENTER: tl.constexpr,
+                    mean, cols, D: tl.constexpr, ROTATE: tl.constexpr, CENTER: tl.constexpr,
                     INTERPRETING: tl.constexpr):
-    """Rows `src_rows` of `src` as the layer stores them (`quantization.rotate_new_states`: `x @ rotation - mean` in
-    float32, one rounding) into the sink or the window. `COLS` output columns at a time, so that only a `[D, COLS]`
-    slice of the rotation is live in registers. A loop, not unrolled: unrolled, each chunk's float32 dot kept its own
-    shared-memory operand buffers (264 KiB for K and V, more than an H100 block may have; 41 KiB as a loop: Triton
-    3.6, offline sm_90 compile)."""
+    """Columns `cols` of rows `src_rows` of `src` as the layer stores them (`quantization.rotate_new_states`:
+    `x @ rotation - mean` in float32, one rounding) into the sink or the window: each program writes one slice of
+    columns, so only a `[D, len(cols)]` slice of the rotation is loaded and live in registers."""
     if ROTATE:
         x = tl.load(src + src_rows[:, None] + tl.arange(0, D)[None, :] * src_col, mask=valid[:, None], other=0.0)
-        x = x.to(tl.float32)
-    for c in range(0, D, COLS):
-        cols = c + tl.arange(0, COLS)
-        if ROTATE:
-            y = tl.dot(x, tl.load(rotation + tl.arange(0, D)[:, None] * D + cols[None, :]), input_precision="ieee")
-        else:
-            y = tl.load(src + src_rows[:, None] + cols[None, :] * src_col, mask=valid[:, None], other=0.0)
-        if CENTER:
-            y = y.to(tl.float32) - tl.load(mean + cols)[None, :]
-        if y.dtype == tl.float32:  # `_round`: the interpreter would truncate to bf16 where torch and the GPU round
-            y = _round(y, sink.dtype.element_ty, INTERPRETING)
-        tl.store(sink + sink_rows[:, None] + cols[None, :], y, mask=to_sink[:, None])
-        tl.store(window + window_rows[:, None] + cols[None, :], y, mask=to_window[:, None])
+        y = tl.dot(x.to(tl.float32), tl.load(rotation + tl.arange(0, D)[:, None] * D + cols[None, :]),
+                   input_precision="ieee")
+    else:
+        y = tl.load(src + src_rows[:, None] + cols[None, :] * src_col, mask=valid[:, None], other=0.0)
+    if CENTER:
+        y = y.to(tl.float32) - tl.load(mean + cols)[None, :]
+    if y.dtype == tl.float32:  # `_round`: the interpreter would truncate to bf16 where torch and the GPU round
+        y = _round(y, sink.dtype.element_ty, INTERPRETING)
+    tl.store(sink + sink_rows[:, None] + cols[None, :], y, mask=to_sink[:, None])
+    tl.store(window + window_rows[:, None] + cols[None, :], y, mask=to_window[:, None])
 
 
 @triton.jit(debug=True, do_not_specialize=["n_new", "sink_cap", "window", "body_cap", "block", "max_tokens"])
@@ -92,10 +87,14 @@ def _append_rows_kernel(
     # Past max_cache_len: a device-side assertion (as an out-of-range index_copy_ in transformers' StaticCache), and
     # nothing written where assertions are compiled out (the interpreter).
     tl.device_assert(fits, "OscarQuantizedCache is full: build it with a larger max_cache_len")
+    # One program per (batch x head, slice of COLS output columns): a row's columns are independent (its rotation
+    # reads the whole input row, which every slice loads), so the shift and the write split along them too, and a
+    # decode step of few (batch x head) rows still spreads over D / COLS times as many SMs.
     pid = tl.program_id(0)
     b = (pid // num_heads).to(tl.int64)
     h = (pid % num_heads).to(tl.int64)
-    cols = tl.arange(0, D)[None, :]
+    col_slice = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    cols = col_slice[None, :]
     rows = tl.arange(0, ROWS)
     s_base = b * ss_b + h * ss_h
     r_base = b * sr_b + h * sr_h
@@ -124,15 +123,16 @@ def _append_rows_kernel(
         to_s = ok & (i < to_sink)
         to_w = ok & (i >= to_sink)
         _write_new_rows(new_k, b * sk_b + h * sk_h + i * sk_t, sk_d, sink_k, rec_k, sink_rows, window_rows, ok, to_s,
-                        to_w, k_rot + h * k_rot_h, k_mean + h * k_mean_h, D, COLS, HAS_RK, HAS_KMEAN, INTERPRETING)
+                        to_w, k_rot + h * k_rot_h, k_mean + h * k_mean_h, col_slice, D, HAS_RK, HAS_KMEAN,
+                        INTERPRETING)
         _write_new_rows(new_v, b * sv_b + h * sv_h + i * sv_t, sv_d, sink_v, rec_v, sink_rows, window_rows, ok, to_s,
-                        to_w, v_rot + h * v_rot_h, k_mean, D, COLS, HAS_RV, False, INTERPRETING)
+                        to_w, v_rot + h * v_rot_h, k_mean, col_slice, D, HAS_RV, False, INTERPRETING)
     # The lengths advance once every program has read them: the last program to finish (the one that counts the
     # others' arrivals in the reserved slot) writes them and clears the count for the next step. The barrier keeps
     # this program's own step_plan reads, in every warp, before its arrival.
     tl.debug_barrier()
     arrived = tl.atomic_add(lengths_ptr + 3, 1, sem="acq_rel")
-    if arrived == tl.num_programs(0) - 1:
+    if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
         if fits:
             tl.store(lengths_ptr, sink_len + to_sink)
             tl.store(lengths_ptr + 1, tl.where(demote, body_len + block, body_len))
@@ -181,12 +181,13 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
     if (k_rotation is not None or v_rotation is not None) and d < 16:
         raise ValueError(f"A rotation needs head_dim >= 16 (a tl.dot operand), got {d}.")
     args = (n, sink_keys.shape[2], recent_keys.shape[2], body_capacity, demote_block, max_tokens)
-    _append_rows_kernel[(batch * heads,)](
+    cols = min(32, d)
+    _append_rows_kernel[(batch * heads, d // cols)](
         keys, *keys.stride(), values, *values.stride(),
         sink_keys, sink_values, *sink_keys.stride()[:3],
         recent_keys, recent_values, *recent_keys.stride()[:3],
         k_rot, v_rot, k_rot_h, v_rot_h, mean, mean_h,
-        lengths, heads, *args, D=d, ROWS=16, COLS=min(32, d),
+        lengths, heads, *args, D=d, ROWS=16, COLS=cols,
         HAS_RK=k_rotation is not None, HAS_RV=v_rotation is not None, HAS_KMEAN=k_mean is not None,
         INTERPRETING=_interpreting(), num_warps=4,
     )
