@@ -4,12 +4,13 @@ all read from and written to device memory.
 
 `oscar_hf.ops.append_device` runs a step as three launches: the write kernel of `kernels/quantize.py` twice (keys and
 values of the oldest window block into the 2-bit body and the undo ring, predicated on a `DemoteSchedule`: it returns
-at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head, slice of 32 columns)).
-The window write takes the model's states and rotates them itself (`quantization.rotate_new_states` is the
-reference), so that a compiled step has no separate rotation kernels. Every program reads the lengths before any is
-advanced: the last program to finish, counted in the lengths' reserved slot, advances them and clears the count. The
-reference of the whole step is `oscar_hf.ops.append_host` after `rotate_new_states`; a step never reads anything back
-to the host, so it is captured in CUDA graphs once and replayed across demotions.
+at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head,
+slice of 32 columns)). The window write takes the model's states and rotates them itself
+(`quantization.rotate_new_states` is the reference), so that a compiled step has no separate rotation kernels.
+Every program reads the lengths before any is advanced: the last program to finish, counted in the lengths' reserved
+slot, advances them and clears the count. The reference of the whole step is `oscar_hf.ops.append_host` after
+`rotate_new_states`; a step never reads anything back to the host, so it is captured in CUDA graphs once and replayed
+across demotions.
 """
 
 from __future__ import annotations
