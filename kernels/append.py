@@ -5,7 +5,7 @@ all read from and written to device memory.
 `oscar_hf.ops.append_device` runs a step as three launches: the write kernel of `kernels/quantize.py` twice (keys and
 values of the oldest window block into the 2-bit body and the undo ring, predicated on a `DemoteSchedule`: it returns
 at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head,
-slice of 32 columns)). The window write takes the model's states and rotates them itself
+slice of 16 columns)). The window write takes the model's states and rotates them itself
 (`quantization.rotate_new_states` is the reference), so that a compiled step has no separate rotation kernels.
 Every program reads the lengths before any is advanced: the last program to finish, counted in the lengths' reserved
 slot, advances them and clears the count. The reference of the whole step is `oscar_hf.ops.append_host` after
@@ -182,7 +182,8 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
     if (k_rotation is not None or v_rotation is not None) and d < 16:
         raise ValueError(f"A rotation needs head_dim >= 16 (a tl.dot operand), got {d}.")
     args = (n, sink_keys.shape[2], recent_keys.shape[2], body_capacity, demote_block, max_tokens)
-    cols = min(32, d)
+    # 16 columns a program: 40 KiB of shared memory on sm_90 (Triton 3.6), as the per-head kernel took; 32 took 72.
+    cols = 16
     _append_rows_kernel[(batch * heads, d // cols)](
         keys, *keys.stride(), values, *values.stride(),
         sink_keys, sink_values, *sink_keys.stride()[:3],
