@@ -1,8 +1,9 @@
 """Stage 1 of the decode attention for the 2-bit body on Hopper (sm_90), written in Gluon: explicit layouts and an
 asynchronous copy pipeline. **The default where it was measured faster** (`measured_faster`: on an H100 with
-Triton 3.6, batch 1-4 at 128K and batch 4-8 at 32K, 4-26% faster than the Triton body; benchmarks/RESULTS.md,
-"Fifth run"); elsewhere the Triton kernel of `kernels/decode_attention.py` serves. `DecodeOptions(hopper_body=...)`
-or `OSCAR_HF_HOPPER_KERNEL` (`1`: wherever it can serve, `0`: never) override the choice.
+Triton 3.6, batch 1-8 at 128K and batch 4-8 at 32K, 4-25% less time than the Triton body; benchmarks/RESULTS.md,
+"Fourth run" and "Fifth run"); elsewhere the Triton kernel of `kernels/decode_attention.py` serves.
+`DecodeOptions(hopper_body=...)` or `OSCAR_HF_HOPPER_KERNEL` (`1`: wherever it can serve, `0`: never) override the
+choice.
 
 It replaces the body programs of `decode_attention._decode_stage1` and writes the same partials (output, running
 max, running sum of a base-2 online softmax) into the same buffers, so stage 0 (the rotated query) and stage 2 (the
@@ -78,7 +79,8 @@ MEASURED_TRITON = ("3.6.",)
 def measured_faster(kv_rows: int, body_capacity: int, rows: int) -> bool:
     """Whether this kernel beat the Triton body for `kv_rows` (batch x KV heads) rows of `body_capacity` 2-bit tokens
     each and `rows` query rows per KV head. H100, Triton 3.6, 4 query rows, device lengths (benchmarks/RESULTS.md,
-    "Fifth run", 2026-12-07; Gluon against Triton us per call): faster at 8 x 128K (63.0 against 67.4), 16 x 128K
+    "Fourth run" call 2 for 8 x 8K and 8 x 32K, "Fifth run" call 3 for the rest, 2026-12-07; Gluon against Triton us
+    per call): faster at 8 x 128K (63.0 against 67.4), 16 x 128K
     (105.9 / 140.2), 32 x 128K (186.8 / 228.1), 64 x 128K (356.6 / 421.0, 16 programs per SM), 32 x 32K
     (66.1 / 74.6) and 64 x 32K (119.0 / 124.5, 16 per SM); slower at 8 x 8K (17.8 / 15.1), 8 x 32K (26.4 / 23.4)
     and 128 x 32K (248.8 / 239.6). So: at least 2^20 (row, token) pairs over at most 64 rows. Not measured with more
