@@ -530,8 +530,8 @@ class StepClock:
     itself: with an OSCAR cache on CUDA, generate() hands each token over one step late while the next step already
     runs (`oscar_hf.deferred_stop`), and a sync here would take that overlap away."""
 
-    def __init__(self, cuda: bool):
-        self.cuda, self.stamps = cuda, []
+    def __init__(self):
+        self.stamps = []
 
     def put(self, value) -> None:
         self.stamps.append(time.perf_counter())
@@ -574,7 +574,7 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
         cache = make_cache(env, kind, context + new + 64)
         fill_context(env, cache, kind, batch, context)
         ids = torch.randint(0, env.vocab, (batch, context + 1), device=env.device)
-        clock = StepClock(env.cuda)
+        clock = StepClock()
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock,
                       attention_mask=torch.ones_like(ids), pad_token_id=0)
         if mode == "eager":

@@ -139,7 +139,7 @@ def decode_ms(model, context: int, new: int, dtype, tp_size: int) -> dict:
             k = torch.randn(shape, device=model.device, dtype=dtype).mul_(be.KV_SCALE)
             cache.update(k, torch.randn_like(k).mul_(be.KV_SCALE), idx)
     ids = torch.randint(0, model.config.vocab_size, (1, context + 1), device=model.device)
-    clock = be.StepClock(model.device.type == "cuda")
+    clock = be.StepClock()
     t0 = time.perf_counter()
     model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                    streamer=clock, attention_mask=torch.ones_like(ids), pad_token_id=0)
