@@ -69,7 +69,10 @@ def env_choice() -> bool | None:
     """`OSCAR_HF_HOPPER_KERNEL`: `1` asks for this kernel wherever it can serve, `0` never; unset (None) leaves the
     choice to `measured_faster`."""
     value = os.environ.get(ENV_FLAG, "")
-    return None if value == "" else value != "0"
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV_FLAG}={value!r}: use 1 (the Gluon body wherever it can serve), 0 (never) or leave it "
+                         "unset (where it was measured faster).")
+    return None if value == "" else value == "1"
 
 
 # The Triton releases whose Gluon API this kernel is written against (3.9 renamed and removed calls it makes).

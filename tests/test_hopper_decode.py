@@ -200,6 +200,9 @@ def test_hopper_body_default_and_environment(monkeypatch):
     assert dk._hopper_config(None, q, long, 4, None) is None
     monkeypatch.setenv("OSCAR_HF_HOPPER_KERNEL", "1")
     assert dk._hopper_config(None, q, short, 4, None) is not None
+    monkeypatch.setenv("OSCAR_HF_HOPPER_KERNEL", "false")
+    with pytest.raises(ValueError, match="OSCAR_HF_HOPPER_KERNEL='false'"):
+        dk._hopper_config(None, q, long, 4, None)
 
 
 def triton_version() -> str:
