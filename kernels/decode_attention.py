@@ -207,6 +207,21 @@ def _visible(pos, n_ok, qi, row_ok, b, kv_len, q_len, mask_ptr, sm_b, sm_q, sm_t
 
 
 @triton.jit
+def _any_hidden(mask_ptr, b, sm_b, sm_q, sm_t, q_len, lo, hi, QP: tl.constexpr, SCAN: tl.constexpr):
+    """Whether the mask hides any column in `[lo, hi)` from one of the `q_len` query rows. A compiled generate() passes
+    a boolean mask although, unpadded, it hides nothing in the body; one contiguous scan here spares the loop a
+    dependent per-score mask load wherever nothing is hidden."""
+    qi = tl.arange(0, QP)
+    hidden = tl.zeros([QP, SCAN], dtype=tl.int32)
+    for start in range(lo, hi, SCAN):
+        col = start + tl.arange(0, SCAN)
+        ok = (qi < q_len)[:, None] & (col < hi)[None, :]
+        allowed = tl.load(mask_ptr + b * sm_b + qi[:, None] * sm_q + col[None, :] * sm_t, mask=ok, other=1)
+        hidden += (allowed == 0).to(tl.int32)
+    return tl.sum(tl.sum(hidden, axis=1), axis=0) > 0
+
+
+@triton.jit
 def _online_softmax(scores, vis, m_i, l_i):
     """Base-2 online softmax step: returns (p, alpha, new max, new sum); masked entries get p = 0."""
     scores = tl.where(vis, scores, _MASKED)
@@ -423,7 +438,7 @@ def _decode_stage1(
     D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     EXACT_CHUNK: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr, KEY_PAIRS: tl.constexpr = False, VALUE_PAIRS: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, MASK_SCAN: tl.constexpr = True,
 ):
     QD: tl.constexpr = D // 4
     # The BLOCK_M rows of the score tile are J = BLOCK_M / RP stacked copies of the RP (padded) query rows; in the
@@ -486,13 +501,25 @@ def _decode_stage1(
         hi = tl.minimum(lo + body_chunk, body_len)
         c_off = b * s_c_b + kvh * s_c_h
         p_off = b * s_p_b + kvh * s_p_h
-        for start in range(lo, hi, J * BLOCK_N):
-            m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
-                start, hi, e0, e1, e2, e3, o0, o1, o2, o3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj, b,
-                kc_ptr + c_off, vc_ptr + c_off, ks_ptr + p_off, ko_ptr + p_off, vs_ptr + p_off, vo_ptr + p_off,
-                sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
-                QD, BLOCK_N, J, DT, HAS_MASK, CAUSAL, FP32_DOT, KEY_PAIRS, VALUE_PAIRS,
-            )
+        hidden = HAS_MASK
+        if HAS_MASK and MASK_SCAN:
+            hidden = _any_hidden(mask_ptr, b, sm_b, sm_q, sm_t, q_len, sink_len + lo, sink_len + hi, RP, 512)
+        if hidden:
+            for start in range(lo, hi, J * BLOCK_N):
+                m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
+                    start, hi, e0, e1, e2, e3, o0, o1, o2, o3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj,
+                    b, kc_ptr + c_off, vc_ptr + c_off, ks_ptr + p_off, ko_ptr + p_off, vs_ptr + p_off, vo_ptr + p_off,
+                    sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
+                    QD, BLOCK_N, J, DT, HAS_MASK, CAUSAL, FP32_DOT, KEY_PAIRS, VALUE_PAIRS,
+                )
+        else:
+            for start in range(lo, hi, J * BLOCK_N):
+                m_i, l_i, a0, a1, a2, a3, a_off = _int2_block(
+                    start, hi, e0, e1, e2, e3, o0, o1, o2, o3, qsum, m_i, l_i, a0, a1, a2, a3, a_off, qi, row_ok, rj,
+                    b, kc_ptr + c_off, vc_ptr + c_off, ks_ptr + p_off, ko_ptr + p_off, vs_ptr + p_off, vo_ptr + p_off,
+                    sink_len, kv_len, q_len, sm_scale_log2, mask_ptr, sm_b, sm_q, sm_t,
+                    QD, BLOCK_N, J, DT, False, CAUSAL, FP32_DOT, KEY_PAIRS, VALUE_PAIRS,
+                )
     elif pid_s < body_splits + sink_splits:
         row_ok = row_ok & (rj == 0)  # the exact segments are not stacked: copy 0 of the rows does all the work
         # The exact segments are split too (EXACT_CHUNK tokens a program): one program walking all of them serially
@@ -674,7 +701,8 @@ class DecodeOptions:
     `kernels/hopper_decode.py` (sm_90, Triton 3.6): True asks for it (an error where it cannot serve), False never,
     None (the default) where it was measured faster (`hopper_decode.measured_faster`) unless the environment
     variable `OSCAR_HF_HOPPER_KERNEL` says otherwise (`1` wherever it can serve, `0` never). `block_n` and `stack`
-    then apply to the exact segments only.
+    then apply to the exact segments only. `mask_scan`: with a boolean mask, each body split first scans its columns
+    and reads the mask in its loop only where they hide something (False: always read it, as before).
     """
 
     block_n: int | None = None
@@ -689,6 +717,7 @@ class DecodeOptions:
     max_registers: int | None = None
     dependent_launch: bool = False
     hopper_body: bool | None = None
+    mask_scan: bool = True
 
     def to_ints(self) -> list[int]:
         """The options as a list of ints (-1 for None), the form a `torch.library` op signature can carry."""
@@ -699,7 +728,7 @@ class DecodeOptions:
         kw = {}
         for f, v in zip(fields(cls), values):
             v = None if v == -1 else int(v)
-            if v is not None and f.name in ("key_pairs", "value_pairs", "dependent_launch", "hopper_body"):
+            if v is not None and f.name in ("key_pairs", "value_pairs", "dependent_launch", "hopper_body", "mask_scan"):
                 v = bool(v)
             kw[f.name] = v
         return cls(**kw)
@@ -916,7 +945,7 @@ def decode_attention(
             num_kv_heads=kvh, group=group, body_chunk=chunk, body_splits=splits, num_splits=num_splits,
             block_m_out=block_m, sm_scale_log2=sm_scale_log2, mask_u8=mask_u8, sm_b=sm_b, sm_q=sm_q, sm_t=sm_t,
             has_mask=has_mask, lengths=lengths if device_lengths else None, cfg=hopper, dtype=query.dtype,
-            n_bh=n_bh,
+            n_bh=n_bh, mask_scan=o.mask_scan,
         )
         first_split = splits  # the Triton stage 1 below serves the sink and recent-window splits only
     _decode_stage1[(n_bh, num_splits - first_split)](
@@ -934,7 +963,8 @@ def decode_attention(
         EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
-        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, PDL=pdl, num_warps=o.num_warps, num_stages=o.num_stages,
+        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, PDL=pdl, MASK_SCAN=o.mask_scan,
+        num_warps=o.num_warps, num_stages=o.num_stages,
         **({} if o.max_registers is None else {"maxnreg": o.max_registers}),
     )
     block_e = 32

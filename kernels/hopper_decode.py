@@ -286,7 +286,7 @@ def _body_stage1(
     sm_scale_log2, lengths_ptr,
     D: gl.constexpr, BLOCK_M_OUT: gl.constexpr, RP: gl.constexpr, J: gl.constexpr, SB: gl.constexpr,
     WARPS: gl.constexpr, NUM_STAGES: gl.constexpr, DT: gl.constexpr, HAS_MASK: gl.constexpr,
-    DEVICE_LENGTHS: gl.constexpr, PK_L: gl.constexpr, VP_L: gl.constexpr,
+    DEVICE_LENGTHS: gl.constexpr, MASK_SCAN: gl.constexpr, PK_L: gl.constexpr, VP_L: gl.constexpr,
 ):
     QD: gl.constexpr = D // 4
     M: gl.constexpr = 16 * WARPS
@@ -359,6 +359,10 @@ def _body_stage1(
     a2 = gl.full([M, QD], 0.0, gl.float32, ACC)
     a3 = gl.full([M, QD], 0.0, gl.float32, ACC)
 
+    hidden = HAS_MASK
+    if HAS_MASK and MASK_SCAN:
+        hidden = _any_hidden(mask_ptr, b, sm_b, sm_q, sm_t, q_len, sink_len + lo, sink_len + hi, WARPS)
+
     n_blocks = gl.cdiv(hi - lo, BLOCK)
     # prologue: NUM_STAGES - 1 blocks in flight
     for i in gl.static_range(NUM_STAGES - 1):
@@ -404,7 +408,7 @@ def _body_stage1(
         # q . (4 + code) * scale + (offset - 4 * scale) * sum(q) = q . (code * scale + offset)
         scores = (s * k_scale + qsum[:, None] * (k_off - _CODE_BASE * k_scale)) * sm_scale_log2
         vis = s_key < hi - start
-        if HAS_MASK:
+        if hidden:  # (a uniform branch: the warp skips the load where the scan found nothing hidden)
             allowed = gl.load(mask_ptr + b * sm_b + s_qi[:, None] * sm_q + (sink_len + start + s_key) * sm_t,
                               mask=vis, other=0)
             vis = vis & (allowed != 0)
@@ -463,6 +467,22 @@ def _body_stage1(
 
 
 @gluon.jit
+def _any_hidden(mask_ptr, b, sm_b, sm_q, sm_t, q_len, lo, hi, WARPS: gl.constexpr):
+    """`decode_attention._any_hidden` for one split: does the mask hide any column in `[lo, hi)` from a query row?"""
+    SCAN: gl.constexpr = 512
+    L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, WARPS], [1, 0])
+    QP: gl.constexpr = 8  # q_len <= 8 (at most 64 rows of up to 8 heads)
+    qi = gl.arange(0, QP, layout=gl.SliceLayout(1, L))
+    hidden = gl.full([QP, SCAN], 0, gl.int32, L)
+    for start in range(lo, hi, SCAN):
+        col = start + gl.arange(0, SCAN, layout=gl.SliceLayout(0, L))
+        ok = (qi < q_len)[:, None] & (col < hi)[None, :]
+        allowed = gl.load(mask_ptr + b * sm_b + qi[:, None] * sm_q + col[None, :] * sm_t, mask=ok, other=1)
+        hidden += (allowed == 0).to(gl.int32)
+    return gl.sum(gl.sum(hidden, axis=1), axis=0) > 0
+
+
+@gluon.jit
 def _store_partial(part_o, part_m, part_l, part, n_rows, m, l, off, o0, o1, o2, o3, RP: gl.constexpr,
                    QD: gl.constexpr, D: gl.constexpr, BLOCK_M_OUT: gl.constexpr, L: gl.constexpr):
     """The split's partial as the Triton stage 1 writes it: rows `< n_rows` of `[BLOCK_M_OUT, D]` output (the value
@@ -486,13 +506,15 @@ def config_for(rows: int, head_dim: int, sb: int | None = None, stages: int = 3)
     return cfg
 
 
-def constexprs(cfg: BodyConfig, dtype: torch.dtype, block_m_out: int, has_mask: bool, device_lengths: bool) -> dict:
+def constexprs(cfg: BodyConfig, dtype: torch.dtype, block_m_out: int, has_mask: bool, device_lengths: bool,
+               mask_scan: bool = True) -> dict:
     """The kernel's compile-time arguments for `cfg` (also what `hopper_decode_compile.py` compiles)."""
     qd = cfg.head_dim // 4
     return dict(
         D=cfg.head_dim, BLOCK_M_OUT=block_m_out, RP=cfg.rp, J=cfg.j, SB=cfg.sb, WARPS=cfg.warps,
         NUM_STAGES=cfg.stages, DT=gl.bfloat16 if dtype == torch.bfloat16 else gl.float16, HAS_MASK=has_mask,
-        DEVICE_LENGTHS=device_lengths, PK_L=per_key_layout(cfg, cfg.sb), VP_L=value_pair_layout(cfg, qd),
+        DEVICE_LENGTHS=device_lengths, MASK_SCAN=mask_scan, PK_L=per_key_layout(cfg, cfg.sb),
+        VP_L=value_pair_layout(cfg, qd),
     )
 
 
@@ -522,7 +544,7 @@ def supported(query: torch.Tensor, segments, attention_mask=None) -> str | None:
 
 def launch_body(q_rot, segments, part_o, part_m, part_l, *, sink_len, body_len, q_len, num_kv_heads, group,
                 body_chunk, body_splits, num_splits, block_m_out, sm_scale_log2, mask_u8, sm_b, sm_q, sm_t,
-                has_mask, lengths, cfg: BodyConfig, dtype: torch.dtype, n_bh: int) -> None:
+                has_mask, lengths, cfg: BodyConfig, dtype: torch.dtype, n_bh: int, mask_scan: bool = True) -> None:
     """Launch the body programs `0 .. body_splits - 1` of every (batch x KV head) row; `body_chunk` tokens a split
     (a multiple of `cfg.block`). `lengths` is the device lengths tensor or None (host lengths)."""
     (_, _, _, _, kc, ks, ko, vc, vs, vo) = segments
@@ -536,5 +558,5 @@ def launch_body(q_rot, segments, part_o, part_m, part_l, *, sink_len, body_len, 
         sink_len, body_len, q_len, num_kv_heads, group, body_chunk // cfg.block, num_splits, 0,
         sm_scale_log2, lengths if device_lengths else mask_u8,
         num_warps=cfg.warps,
-        **constexprs(cfg, dtype, block_m_out, has_mask, device_lengths),
+        **constexprs(cfg, dtype, block_m_out, has_mask, device_lengths, mask_scan),
     )

@@ -149,6 +149,7 @@ def test_hopper_body_reads_device_lengths_and_a_static_mask(poisoned_allocations
 def test_hopper_body_option_round_trips_through_the_op_ints():
     for v in (None, True, False):
         assert dk.DecodeOptions.from_ints(dk.DecodeOptions(hopper_body=v).to_ints()).hopper_body == v
+    assert dk.DecodeOptions.from_ints(dk.DecodeOptions(mask_scan=False).to_ints()).mask_scan is False
     from oscar_hf import ops
 
     assert ops._DEFAULT_LAUNCH == dk.DecodeOptions().to_ints()

@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write every number here")
     p.add_argument("--quick", action="store_true", help="8K and 32K batch 1 only")
     p.add_argument("--shapes", help="batch x context pairs instead of the default, e.g. 2x131072,4x131072,8x32768")
+    p.add_argument("--mask", action="store_true",
+                   help="also time both paths with the boolean mask a compiled generate() passes ([B, 1, 1, "
+                        "max_cache_len], True up to the cache's length)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("needs an sm_90 GPU (H100 / H200)")
@@ -60,8 +63,8 @@ def main(argv=None) -> int:
                             layer.recent_values[:, :, bk.RECENT - 1 : bk.RECENT])
         ref = segment_attention_reference(query.float(), seg, None, None)  # float32: see tests/test_hopper_decode.py
 
-        def call(hopper, **kw):
-            return oscar_decode_attention(query, layer, None, None, 1, device_lengths=True, hopper_body=hopper, **kw)
+        def call(hopper, mask=None, **kw):
+            return oscar_decode_attention(query, layer, mask, None, 1, device_lengths=True, hopper_body=hopper, **kw)
 
         tl_out, gl_out = call(False), call(True)
         r = dict(batch=batch, context=context, err_triton=bk.rel_err(tl_out, ref), err_gluon=bk.rel_err(gl_out, ref),
@@ -73,6 +76,16 @@ def main(argv=None) -> int:
             r[f"gluon_p{pps}_us"] = bk.bench_graph(lambda: call(True, programs_per_sm=pps)) * 1e3
         r["gluon_p8_b1_us"] = bk.bench_graph(lambda: call(True, min_blocks_per_split=1)) * 1e3
         r["gluon_best_us"] = min(v for k, v in r.items() if k.startswith("gluon_") and k.endswith("_us"))
+        if args.mask:
+            kv_len = int(layer.lengths[:3].sum())
+            gen_mask = torch.zeros(batch, 1, 1, kv_len + 64, dtype=torch.bool, device="cuda")
+            gen_mask[..., :kv_len] = True
+            r["mask_err"] = bk.rel_err(call(True, gen_mask), call(False))
+            r["triton_mask_us"] = bk.bench_graph(lambda: call(False, gen_mask)) * 1e3
+            r["gluon_mask_us"] = bk.bench_graph(lambda: call(True, gen_mask)) * 1e3
+            r["triton_mask_noscan_us"] = bk.bench_graph(lambda: call(False, gen_mask, mask_scan=False)) * 1e3
+            r["gluon_mask_noscan_us"] = bk.bench_graph(lambda: call(True, gen_mask, mask_scan=False)) * 1e3
+            r["mask_noscan_err"] = bk.rel_err(call(True, gen_mask, mask_scan=False), call(False, gen_mask))
         body_len = int(layer.lengths[1])
         layer.lengths[1] = 0  # sink + recent only: stage 0, the exact splits, stage 2 (grid unchanged)
         r["fixed_us"] = bk.bench_graph(lambda: call(False)) * 1e3
@@ -98,6 +111,15 @@ def main(argv=None) -> int:
               f"{r['gluon_best_us']:.1f} | {r['fixed_us']:.1f} | {r['floor_us']:.1f} | {100 * r['triton_bw']:.0f}% | "
               f"{100 * r['gluon_bw']:.0f}% | {100 * r['gluon_best_bw']:.0f}% | {r['err_triton']:.2e} | "
               f"{r['err_gluon']:.2e} | {r['gluon_vs_triton']:.2e} |")
+    if args.mask:
+        print("\nwith generate()'s boolean mask (scan: the split reads the mask in its loop only where it hides "
+              "something)")
+        print("| batch | context | Triton no mask | Triton scan | Triton no scan | Gluon no mask | Gluon scan | "
+              "Gluon no scan | Gluon vs Triton, masked |")
+        for r in rows:
+            print(f"| {r['batch']} | {r['context'] // 1024}K | {r['triton_us']:.1f} | {r['triton_mask_us']:.1f} | "
+                  f"{r['triton_mask_noscan_us']:.1f} | {r['gluon_us']:.1f} | {r['gluon_mask_us']:.1f} | "
+                  f"{r['gluon_mask_noscan_us']:.1f} | {max(r['mask_err'], r['mask_noscan_err']):.2e} |")
     ok = all(r["finite"] and r["err_gluon"] < 2e-2 and r["gluon_vs_triton"] < 1e-2 for r in rows)
     print("correctness:", "ok" if ok else "FAILED")
     return 0 if ok else 1
