@@ -555,6 +555,11 @@ GENERATE_ROWS = (  # in order of importance: a run cut short by --time-limit kee
     ("static", "compile", "StaticCache generate() compiled"),
     ("oscar", "eager", "OSCAR generate() eager"),
 )
+# Asked for by name only: the compiled OSCAR step with the window write in `update()` (`oscar_hf.cache.
+# DEFER_WINDOW_WRITE = False`: the decode rotates its own query), beside the default row, to time what that costs.
+GENERATE_EXTRA_ROWS = (
+    ("oscar", "compile-write-in-update", "OSCAR generate() compiled, window write in update()"),
+)
 
 
 def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int = 1) -> dict:
@@ -568,6 +573,10 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
         return row
     set_attention(env.model, "oscar" if kind == "oscar" else "sdpa")
     cache = None
+    compiled = mode.startswith("compile")
+    from oscar_hf import cache as cache_module
+
+    cache_module.DEFER_WINDOW_WRITE = mode != "compile-write-in-update"
     try:
         free(env)
         reset_peak(env)
@@ -584,7 +593,7 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
 
             kwargs["compile_config"] = config = CompileConfig(backend="eager", mode=None)
             config._compile_all_devices = True  # (a class attribute: transformers compiles on CPU only when asked)
-        if mode == "compile" and not cache.is_compileable:
+        if compiled and not cache.is_compileable:
             raise RuntimeError(f"{type(cache).__name__} is not compileable: generate() would run eagerly")
         t0 = time.perf_counter()
         env.model.generate(ids, **{cache_keyword(env.model): cache}, **kwargs)
@@ -596,12 +605,13 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
         # arrival instead of the first gap: the time to the second token covers it either way.
         row.update(**timed, tokens_per_s=batch * 1e3 / ms, first_token_s=clock.stamps[1] - t0,
                    second_token_s=clock.stamps[2] - t0 if len(clock.stamps) > 2 else None, total_s=total,
-                   peak_gib=peak_gib(env), compile_impl=env.compile_note if mode == "compile" else None)
+                   peak_gib=peak_gib(env), compile_impl=env.compile_note if compiled else None)
     except Exception as e:  # noqa: BLE001 - an OOM or a failing path is a result, not the end of the run
         row["error"] = "out of memory" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"
     finally:
         cache = None
-        if mode == "compile":
+        cache_module.DEFER_WINDOW_WRITE = True
+        if compiled:
             reset_compiled()
         free(env)
     print(json.dumps(_printable(row)), flush=True)
@@ -611,7 +621,7 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
 def section_generate(env, bw, out) -> None:
     rows = []
     wanted = [tuple(r.split(":")) for r in env.args.generate_rows.split(",") if r]
-    names = {(k, m): n for k, m, n in GENERATE_ROWS}
+    names = {(k, m): n for k, m, n in GENERATE_ROWS + GENERATE_EXTRA_ROWS}
     for context in (int(c) for c in env.args.generate_contexts.split(",") if c):
         block = [generate_row(env, kind, mode, names[kind, mode], context) for kind, mode in wanted]
         dyn = next((r for r in block if r["kind"] == "dynamic" and r.get("ms")), None)
@@ -716,7 +726,7 @@ def section_generate_batch(env, bw, out) -> None:
     context = args.batch_context
     span = context + args.generate_tokens + 64  # the caches' max_cache_len (generate_row)
     per_seq = dict(oscar=env.oscar_allocated_bytes(1, span), static=span * env.bf16_kv_bytes_per_token())
-    names = {(k, m): n for k, m, n in GENERATE_ROWS}
+    names = {(k, m): n for k, m, n in GENERATE_ROWS + GENERATE_EXTRA_ROWS}
     rows, ratio = largest_batch_rows(
         env, bw, context, per_seq,
         lambda kind, batch: generate_row(env, kind, "compile", names[kind, "compile"], context, batch=batch))
@@ -1001,7 +1011,7 @@ def parse_args(argv=None):
     for key, value in FULL.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None, help=f"default {value}")
     args = p.parse_args(argv)
-    known = {f"{k}:{m}" for k, m, _ in GENERATE_ROWS}
+    known = {f"{k}:{m}" for k, m, _ in GENERATE_ROWS + GENERATE_EXTRA_ROWS}
     if not set(r for r in args.generate_rows.split(",") if r) <= known:
         p.error(f"--generate-rows takes a comma list of {sorted(known)}")
     preset = TINY if args.tiny else FULL

@@ -2,15 +2,15 @@
 the sink or the recent window, the window shifted when its oldest block was just demoted, and the lengths advanced,
 all read from and written to device memory.
 
-`oscar_hf.ops.append_device` runs a step as three launches: the write kernel of `kernels/quantize.py` twice (keys and
-values of the oldest window block into the 2-bit body and the undo ring, predicated on a `DemoteSchedule`: it returns
-at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head,
-slice of 16 columns)). The window write takes the model's states and rotates them itself
-(`quantization.rotate_new_states` is the reference), so that a compiled step has no separate rotation kernels.
-Every program reads the lengths before any is advanced: the last program to finish, counted in the lengths' reserved
-slot, advances them and clears the count. The reference of the whole step is `oscar_hf.ops.append_host` after
-`rotate_new_states`; a step never reads anything back to the host, so it is captured in CUDA graphs once and replayed
-across demotions.
+`oscar_hf.ops.append_device` runs a step as two launches: the write kernel of `kernels/quantize.py` (keys and values of
+the oldest window block into the 2-bit body and the undo ring, in one launch unless a key tilt needs its own, predicated
+on a `DemoteSchedule`: it returns at once unless the step overflows the window), then `append_window` (this module: one
+program per (batch, head, slice of 16 columns)). The window write takes the model's states and rotates them itself
+(`quantization.rotate_new_states` is the reference), so that a compiled step has no separate rotation kernels; given the
+step's query, it rotates that too (`decode_attention`'s stage 0). Every program reads the lengths before any is
+advanced: the last program to finish, counted in the lengths' reserved slot, advances them and clears the count. The
+reference of the whole step is `oscar_hf.ops.append_host` after `rotate_new_states`; a step never reads anything back to
+the host, so it is captured in CUDA graphs once and replayed across demotions.
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def _append_rows_kernel(
     rec_k, rec_v, sr_b, sr_h, sr_t,
     k_rot, v_rot, k_rot_h, v_rot_h, k_mean, k_mean_h,
     lengths_ptr, num_heads, n_new, sink_cap, window, body_cap, block, max_tokens,
+    q_ptr, sq_b, sq_h, sq_t, qr_ptr, group,
     D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     HAS_RK: tl.constexpr, HAS_RV: tl.constexpr, HAS_KMEAN: tl.constexpr, INTERPRETING: tl.constexpr,
+    HAS_QUERY: tl.constexpr = False, BLOCK_M: tl.constexpr = 16,
 ):
     sink_len, body_len, recent_len, to_sink, demote, fits = step_plan(
         lengths_ptr, n_new, sink_cap, window, body_cap, block, max_tokens)
@@ -128,6 +130,19 @@ def _append_rows_kernel(
                         INTERPRETING)
         _write_new_rows(new_v, b * sv_b + h * sv_h + i * sv_t, sv_d, sink_v, rec_v, sink_rows, window_rows, ok, to_s,
                         to_w, v_rot + h * v_rot_h, k_mean, col_slice, D, HAS_RV, False, INTERPRETING)
+    if HAS_QUERY:
+        # The step's query rows of this KV head, rotated by R_K as `decode_attention`'s stage 0 would (its layout: the
+        # `group * n_new` rows zero-padded to BLOCK_M), so that the decode launches no rotation of its own.
+        m = tl.arange(0, BLOCK_M)
+        m_ok = m < group * n_new
+        q_rows = q_ptr + b * sq_b + (h * group + m // n_new) * sq_h + (m % n_new) * sq_t
+        if HAS_RK:
+            q = tl.load(q_rows[:, None] + tl.arange(0, D)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+            q_s = tl.dot(q, tl.load(k_rot + h * k_rot_h + tl.arange(0, D)[:, None] * D + cols), input_precision="ieee")
+        else:
+            q_s = tl.load(q_rows[:, None] + cols, mask=m_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(qr_ptr + pid.to(tl.int64) * BLOCK_M * D + m[:, None] * D + cols,
+                 _round(q_s, qr_ptr.dtype.element_ty, INTERPRETING))
     # The lengths advance once every program has read them: the last program to finish (the one that counts the
     # others' arrivals in the reserved slot) writes them and clears the count for the next step. The barrier keeps
     # this program's own step_plan reads, in every warp, before its arrival.
@@ -154,14 +169,19 @@ def _per_head_operand(t: torch.Tensor | None, name: str, shape: str, heads: int,
 def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, sink_keys: torch.Tensor,
                   sink_values: torch.Tensor, recent_keys: torch.Tensor, recent_values: torch.Tensor, demote_block: int,
                   body_capacity: int, max_tokens: int, k_rotation: torch.Tensor | None = None,
-                  v_rotation: torch.Tensor | None = None, k_mean: torch.Tensor | None = None) -> None:
+                  v_rotation: torch.Tensor | None = None, k_mean: torch.Tensor | None = None,
+                  query: torch.Tensor | None = None) -> torch.Tensor | None:
     """Write a decode step's rows `[B, H, n, D]` (n <= min(demote_block, recent capacity)) into the sink and the
     recent window and advance `lengths`, after the write kernel has demoted the window's oldest block when the step
     overflows it (see the module docstring). One launch whose grid depends on shapes only.
 
     The rows are written as given, or, with `k_rotation` / `v_rotation` (float32 `[groups, D, D]`, groups 1 or H) and
     `k_mean` (float32 `[1, 1 or H, 1, D]`), rotated and centred on the way as `quantization.rotate_new_states` does:
-    keys `x @ R_K[h] - mean[h]`, values `x @ R_V[h]`, in float32, rounded once to the buffers' dtype."""
+    keys `x @ R_K[h] - mean[h]`, values `x @ R_V[h]`, in float32, rounded once to the buffers' dtype.
+
+    With `query` (the step's `[B, H * group, n, D]` query states, not rotated) the same launch also rotates it by R_K
+    into `decode_attention`'s stage-0 layout and returns that buffer, for `decode_attention(..., rotated_query=...)`:
+    the decode step then launches no rotation of its own."""
     batch, heads, n, d = keys.shape
     if values.shape != keys.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have one shape.")
@@ -182,6 +202,19 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
     if (k_rotation is not None or v_rotation is not None) and d < 16:
         raise ValueError(f"A rotation needs head_dim >= 16 (a tl.dot operand), got {d}.")
     args = (n, sink_keys.shape[2], recent_keys.shape[2], body_capacity, demote_block, max_tokens)
+    rotated = None
+    q_args, group, block_m = (keys, 0, 0, 0, keys), 0, 16
+    if query is not None:
+        from oscar_hf.kernels.decode_attention import query_tile_rows
+
+        if (query.dim() != 4 or query.shape[0] != batch or query.shape[1] % heads or query.shape[2] != n
+                or query.shape[3] != d or query.stride(-1) != 1):
+            raise ValueError(f"query {tuple(query.shape)} does not fit keys {tuple(keys.shape)}: it must be "
+                             f"[{batch}, a multiple of {heads} heads, {n}, {d}], contiguous in head_dim.")
+        group = query.shape[1] // heads
+        block_m = query_tile_rows(group * n)
+        rotated = torch.empty(batch * heads * block_m * d, dtype=query.dtype, device=query.device)
+        q_args = (query, query.stride(0), query.stride(1), query.stride(2), rotated)
     # 16 columns a program: 40 KiB of shared memory on sm_90 (Triton 3.6), as the per-head kernel took; 32 took 72.
     cols = 16
     _append_rows_kernel[(batch * heads, d // cols)](
@@ -189,7 +222,8 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
         sink_keys, sink_values, *sink_keys.stride()[:3],
         recent_keys, recent_values, *recent_keys.stride()[:3],
         k_rot, v_rot, k_rot_h, v_rot_h, mean, mean_h,
-        lengths, heads, *args, D=d, ROWS=16, COLS=cols,
+        lengths, heads, *args, *q_args, group, D=d, ROWS=16, COLS=cols,
         HAS_RK=k_rotation is not None, HAS_RV=v_rotation is not None, HAS_KMEAN=k_mean is not None,
-        INTERPRETING=_interpreting(), num_warps=4,
+        INTERPRETING=_interpreting(), HAS_QUERY=query is not None, BLOCK_M=block_m, num_warps=4,
     )
+    return rotated

@@ -659,6 +659,12 @@ def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_ma
     return hopper_decode.config_for(rows, query.shape[-1])
 
 
+def query_tile_rows(rows: int) -> int:
+    """Rows of the query tile of one KV head (`group * q_len` query rows, zero-padded): stage 0's output layout is
+    `[batch * kv_heads, query_tile_rows(rows), head_dim]`."""
+    return max(16, triton.next_power_of_2(rows))
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -823,6 +829,7 @@ def decode_attention(
     attention_mask: torch.Tensor | None = None,
     scaling: float | None = None,
     options: DecodeOptions = DecodeOptions(),
+    rotated_query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of `query` `[B, Hq, q_len, D]` (not rotated) over a mixed-precision cache; the last `q_len` tokens
     held are the query's own positions. Returns `[B, Hq, q_len, D]` un-rotated, in the query dtype (a view of
@@ -835,6 +842,8 @@ def decode_attention(
     captured graph) serves every step.
     `attention_mask`: None (causal among the new tokens) or a boolean `[B or 1, 1, q_len, >= kv_len]` mask whose column
     p is cache position p (sink, then body, then recent, in token order), True = attend.
+    `rotated_query`: stage 0's output computed elsewhere (`kernels.append.append_window` with `query`); stage 0 is
+    then not launched.
     """
     (sink_k, sink_v, rec_k, rec_v, kc, ks, ko, vc, vs, vo) = segments
     o = options
@@ -851,7 +860,7 @@ def decode_attention(
     else:
         sink_len, body_len, recent_len = (int(x) for x in lengths)
     rows_pow2 = triton.next_power_of_2(group * q_len)
-    block_m = max(16, rows_pow2)
+    block_m = query_tile_rows(group * q_len)
 
     n_bh = bsz * kvh
     # `block_n` keys per iteration are `stack` sub-blocks of at least 16 keys, one per stacked copy of the query rows
@@ -923,15 +932,21 @@ def decode_attention(
 
     scale = scaling if scaling is not None else head_dim**-0.5
     dt = tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16
-    q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
     pdl = bool(o.dependent_launch)
     if pdl and not _pdl_supported(dev):
         raise ValueError("dependent_launch needs an sm_90 or newer GPU (and not the Triton interpreter).")
-    _rotate_query[(n_bh, 4)](
-        query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
-        D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=k_rotation is not None, FP32_DOT=_interpreting(),
-        num_warps=4,
-    )
+    if rotated_query is not None:
+        if rotated_query.numel() != n_bh * block_m * head_dim or rotated_query.dtype != query.dtype:
+            raise ValueError(f"rotated_query must hold {n_bh} x {block_m} x {head_dim} {query.dtype} values (stage "
+                             f"0's layout), got {rotated_query.numel()} {rotated_query.dtype}.")
+        q_rot = rotated_query
+    else:
+        q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
+        _rotate_query[(n_bh, 4)](
+            query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
+            D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=k_rotation is not None, FP32_DOT=_interpreting(),
+            num_warps=4,
+        )
     # Stage 1 is launched normally: launched as a dependent of stage 0 it was 18% slower at 128K batch 1 (H200,
     # 2026-12-01; its programs are likely placed unevenly on the SMs). With `dependent_launch`, stage 2's launch
     # overlaps stage 1's last stores.

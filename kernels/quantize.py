@@ -35,6 +35,8 @@ reference uses the same order, so codes agree bit for bit.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -204,6 +206,13 @@ def _quantize_rows_kernel(
     window,
     body_cap,
     max_tokens,
+    x2_ptr,
+    codes2_ptr,
+    scale2_ptr,
+    offset2_ptr,
+    clip2,
+    fb2_ptr,
+    ring2_ptr,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_FEEDBACK: tl.constexpr,
@@ -215,6 +224,7 @@ def _quantize_rows_kernel(
     DEVICE_OFFSET: tl.constexpr = False,
     RING: tl.constexpr = False,
     SCHEDULE: tl.constexpr = False,
+    PAIRED: tl.constexpr = False,
 ):
     if SCHEDULE:
         # A decode step's demotion (`append.DemoteSchedule`): `ctrl` is the layer's lengths (sink, body, recent); the
@@ -231,6 +241,14 @@ def _quantize_rows_kernel(
         t0 = tl.load(ctrl_ptr + 1).to(tl.int64)
         if go == 0:
             return
+    second = False
+    if PAIRED:
+        # Keys and values of a demotion in one launch (`quantize_rows_into(..., values=...)`): programs with
+        # program_id(2) = 1 code the second rows, of the same shapes and strides, into their token-pair code plane.
+        second = tl.program_id(2) == 1
+        if second:
+            x_ptr, codes_ptr, scale_ptr, offset_ptr = x2_ptr, codes2_ptr, scale2_ptr, offset2_ptr
+            clip_ratio, fb_ptr, ring_ptr = clip2, fb2_ptr, ring2_ptr
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -326,6 +344,10 @@ def _quantize_rows_kernel(
     if PAIRS:  # token-pair interleaved codes (`quantization.write_token_pairs`); token t is t0 + t of the plane
         tt = t0 + t
         code_at = (tt // 2)[:, None] * (2 * sc_t) + 2 * tl.arange(0, QD)[None, :] + (tt % 2)[:, None]
+    elif PAIRED:  # (DEVICE_OFFSET) the first rows' plane is plain, the second's token-pair interleaved
+        tt = t0 + t
+        code_at = tl.where(second, (tt // 2)[:, None] * (2 * sc_t) + 2 * tl.arange(0, QD)[None, :] + (tt % 2)[:, None],
+                           tt[:, None] * sc_t + tl.arange(0, QD)[None, :])
     else:
         if DEVICE_OFFSET:
             code_at = (t0 + t)[:, None] * sc_t + tl.arange(0, QD)[None, :]
@@ -386,6 +408,7 @@ def quantize_rows_into(
     token_pairs_from: int | None = None,
     device_offset: torch.Tensor | None = None,
     ring: torch.Tensor | None = None,
+    values: ValueRows | None = None,
 ) -> None:
     """Quantize `rows` `[..., T, D]` (already rotated) into `codes` `[..., T, D/4]` uint8 and `scale`/`offset`
     `[..., T]` float16, which may be strided views of a larger buffer (the layer's body at `body_len`).
@@ -403,7 +426,10 @@ def quantize_rows_into(
     kernel then derives `go` and `first` from the lengths itself (a block is demoted when the step would overflow the
     window), so a decode step computes nothing for it on the host or in other kernels.
     `ring` (with `device_offset` only): a `[..., capacity, D]` buffer of the rows' dtype that also receives each row
-    exact, row t at slot `(first + t) % capacity` (the layer's undo ring, for an exact `crop`), under the same `go`."""
+    exact, row t at slot `(first + t) % capacity` (the layer's undo ring, for an exact `crop`), under the same `go`.
+    `values` (a `ValueRows`; with a `DemoteSchedule`, no tilt and no `token_pairs_from`): a demotion's value rows,
+    coded in the same launch into their token-pair plane, with their own clip ratio, factor and ring. They must have
+    the keys' shapes, strides and kind of factor; `can_pair` says whether they do (else launch twice)."""
     if ring is not None:
         if device_offset is None:
             raise ValueError("ring needs device_offset: its slots follow the body position `first`.")
@@ -503,6 +529,16 @@ def quantize_rows_into(
         default_rows, default_warps = _tilt_launch(padded_groups, b * h * n)
         block_rows, num_warps = block_rows or default_rows, num_warps or default_warps
     grid = (b * h, triton.cdiv(n, block_rows))
+    second = (x, c, s, o, float(clip_ratio), fb, ring if ring is not None else x)
+    if values is not None:
+        reason = _unpaired_reason(rows, codes, scale, offset, feedback, tilt, token_pairs_from, schedule, ring, values)
+        if reason is not None:
+            raise ValueError(f"values cannot be coded in the keys' launch: {reason}.")
+        grid = grid + (2,)
+        v_fb = values.feedback.to(device=rows.device, dtype=torch.float32).reshape(-1, d, d).contiguous() \
+            if values.feedback is not None else fb
+        second = (_as_4d(values.rows, 1), _as_4d(values.codes, 1), _as_4d(values.scale, 0), _as_4d(values.offset, 0),
+                  float(values.clip_ratio), v_fb, values.ring)
     _quantize_rows_kernel[grid](
         x,
         c,
@@ -531,6 +567,7 @@ def quantize_rows_into(
         schedule.window_capacity if schedule is not None else 0,
         s.shape[2],
         schedule.max_tokens if schedule is not None else 0,
+        *second,
         D=d,
         BLOCK_R=block_rows,
         HAS_FEEDBACK=feedback is not None,
@@ -542,8 +579,53 @@ def quantize_rows_into(
         DEVICE_OFFSET=device_offset is not None,
         RING=ring is not None,
         SCHEDULE=schedule is not None,
+        PAIRED=values is not None,
         num_warps=num_warps,
     )
+
+
+class ValueRows(NamedTuple):
+    """A demotion's value rows for `quantize_rows_into(..., values=...)`: `codes` is their whole token-pair plane."""
+
+    rows: torch.Tensor
+    clip_ratio: float
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    feedback: torch.Tensor | None
+    ring: torch.Tensor
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+
+
+def _unpaired_reason(rows, codes, scale, offset, feedback, tilt, token_pairs_from, schedule, ring,
+                     values: ValueRows) -> str | None:
+    """Why `values` cannot share the keys' launch (None when they can): the kernel reads both through one set of
+    shapes and strides."""
+    if schedule is None or tilt is not None or token_pairs_from is not None or ring is None:
+        return "a paired launch is a demotion's (a DemoteSchedule and a ring, no tilt, plain key codes)"
+    if not 0.0 < float(values.clip_ratio) <= 1.0:
+        return f"the values' clip_ratio {values.clip_ratio} is not in (0, 1]"
+    if (feedback is None) != (values.feedback is None):
+        return "one of keys and values has an error-feedback factor and the other has not"
+    if feedback is not None and feedback.reshape(-1, *feedback.shape[-2:]).shape[0] != \
+            values.feedback.reshape(-1, *values.feedback.shape[-2:]).shape[0]:
+        return "the keys' and the values' factors have different head groups"
+    pairs = (rows, values.rows), (codes, values.codes), (scale, values.scale), (offset, values.offset), \
+        (ring, values.ring)
+    if not all(_same_layout(a, b) for a, b in pairs):
+        return "the value tensors differ from the keys' in shape, strides, dtype or device"
+    if not values.codes.is_contiguous() or values.codes.shape[-2] % 2:
+        return "the value code plane must be contiguous with an even capacity (token pairs)"
+    return None
+
+
+def can_pair(rows, codes, scale, offset, feedback, tilt, schedule, ring, values: ValueRows) -> bool:
+    """Whether `quantize_rows_into(rows, ..., values=values)` takes both in one launch."""
+    return (can_quantize(rows, tilt) and can_quantize(values.rows)
+            and _unpaired_reason(rows, codes, scale, offset, feedback, tilt, None, schedule, ring, values) is None)
 
 
 def quantize_rows(rows: torch.Tensor, clip_ratio: float = 1.0, feedback: torch.Tensor | None = None, tilt=None):

@@ -108,6 +108,8 @@ def oscar_attention_forward(
     """
     check_attention_call(module, key, dropout, kwargs)
     softcap = kwargs.pop("softcap", None)
+    if isinstance(key, OscarSegments) and key.pending is not None and not (key.device_lengths and softcap is None):
+        key.flush()  # only the decode op below writes the pending states itself
     if not isinstance(key, OscarSegments):
         if attention_mask is not None:
             # Column p is cache position p: a static cache's mask spans max_cache_len columns, a prefill's keys fewer.
@@ -143,9 +145,13 @@ def oscar_attention_forward(
                         " Pass disable_compile=True to generate(), or build the cache without max_cache_len."
                     )
                 warn_declined(reason)
+                key.flush()
                 out = segment_attention_reference(query, key, attention_mask, scaling)
                 return out.transpose(1, 2).contiguous(), None
-        out = ops.decode_attention(query, layer, attention_mask, scaling)
+        if key.pending is not None:
+            out = ops.append_decode_attention(query, layer, *key.take_pending(), attention_mask, scaling)
+        else:
+            out = ops.decode_attention(query, layer, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
     out = None
     # The kernels compute plain softmax attention; soft-capped scores go through the reference.

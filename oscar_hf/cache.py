@@ -26,6 +26,11 @@ from .tensor_parallel import configured_tp_size, heads_mismatch, infer_shard
 
 logger = logging.get_logger(__name__)
 
+# With the "oscar" attention function, a static layer's decode step is written by that function, in the launch that
+# also rotates the query (`oscar_hf::append_decode_attention`): one launch fewer a layer. False writes it in `update`
+# (two ops, the same tokens); research scripts flip it to time both.
+DEFER_WINDOW_WRITE = True
+
 # The exact windows of a bundle that records none, and of the calibration-free baselines.
 DEFAULT_SINK_TOKENS = 64
 DEFAULT_RECENT_TOKENS = 256
@@ -302,7 +307,8 @@ class OscarQuantizedCache(Cache):
                 self._match_kv_heads(layer_idx, key_states.shape[1])
                 layer = self.layers[layer_idx]  # rebuilt when the cache has just cut its tensor-parallel shard
             reads_segments = getattr(self.config, "_attn_implementation", None) == OSCAR_ATTENTION
-            return layer.update(key_states, value_states, return_segments=reads_segments)
+            return layer.update(key_states, value_states, return_segments=reads_segments,
+                                defer_write=reads_segments and DEFER_WINDOW_WRITE)
         return layer.update(key_states, value_states, *args, **kwargs)
 
     def get_query_offset(self, layer_idx: int = 0):

@@ -81,12 +81,32 @@ class OscarSegments:
     # verification forward of assisted decoding): its earlier queries must see some of them exact, as they would
     # when decoding token by token (`query_body_lengths`). None when it demoted nothing, or for long chunks.
     demoted: tuple[int, int] | None = None
+    # The step's `(key_states, value_states)` when the cache left their write to the "oscar" attention function
+    # (`update(..., defer_write=True)`): `oscar_hf::append_decode_attention` writes them and rotates the query in one
+    # launch. Anything else that reads the layer calls `flush()` first.
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def flush(self) -> None:
+        """Write the pending states now (`oscar_hf::append`), if any."""
+        if self.pending is not None:
+            from .ops import append
+
+            keys, values = self.take_pending()
+            append(self.layer, keys, values)
+
+    def take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending states, which the caller now writes."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            raise RuntimeError("These segments hold no pending states: they were written already.")
+        return pending
 
     @property
     def shape(self) -> torch.Size:
         """`[batch, kv_heads, kv_length, head_dim]`, as the key tensor it stands for."""
         layer = self.layer
-        return torch.Size((layer.batch_size, layer.num_heads, layer.get_seq_length(), layer.head_dim))
+        length = layer.get_seq_length() + (self.num_new if self.pending is not None else 0)
+        return torch.Size((layer.batch_size, layer.num_heads, length, layer.head_dim))
 
     def rotated_keys_values(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All `kv_length` rotated keys and values, the 2-bit body dequantized and the new tokens exact."""
@@ -389,7 +409,8 @@ class OscarQuantizedLayer(CacheLayerMixin):
         return (key_states.float() - self.k_mean).to(key_states.dtype)
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, return_segments: bool = False, **kwargs
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, return_segments: bool = False,
+        defer_write: bool = False, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[OscarSegments, OscarSegments]:
         """Append new states and return what attention needs for this forward.
 
@@ -400,6 +421,11 @@ class OscarQuantizedLayer(CacheLayerMixin):
         function will read the mixed storage) or the whole history dequantized and un-rotated, followed by the new
         states (any other attention function; a static layer pads it with zeros to `max_cache_len`, the width of its
         mask).
+
+        With `defer_write` (and `return_segments`), a static layer's decode step is not written here: the segments
+        carry the states (`OscarSegments.pending`) to the `"oscar"` attention function, which writes them in the
+        launch that rotates the query (`oscar_hf::append_decode_attention`). Only the cache passes it, for the
+        attention function it knows will run; a caller that reads the layer otherwise leaves it False.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -425,6 +451,11 @@ class OscarQuantizedLayer(CacheLayerMixin):
         body_before = self.body_len if track else None
         if self.static and 1 <= num_new <= self.max_append:
             from .ops import append
+
+            if return_segments and defer_write and body_before is None:
+                segments = OscarSegments(self, num_new, None, None, device_lengths=True,
+                                         pending=(key_states, value_states))
+                return segments, segments
 
             # The op rotates the states (on CUDA inside its window-write kernel, so a compiled step launches no
             # rotation kernels of its own).

@@ -1,4 +1,4 @@
-"""The two torch ops a decode step runs, so that `torch.compile` (and `generate()`'s compiled step) sees them:
+"""The torch ops a decode step runs, so that `torch.compile` (and `generate()`'s compiled step) sees them:
 
 - `oscar_hf::append(keys, values, lengths, <ten segment buffers>, undo_keys, undo_values, demote_block, max_tokens,
   k_clip_ratio, v_clip_ratio, k_feedback?, v_feedback?, k_tilt_means?, k_tilt_maps?, k_metric?, k_rotation?,
@@ -11,14 +11,20 @@
 - `oscar_hf::decode_attention(query, <ten segment buffers>, lengths, k_rotation?, v_rotation?, attention_mask?,
   scaling?, launch) -> Tensor` attends over the segments and returns the un-rotated output `[B, Hq, q_len, D]`
   (a view of `[B, q_len, Hq, D]` memory). `launch` is `kernels.decode_attention.DecodeOptions.to_ints()`.
+- `oscar_hf::append_decode_attention(query, keys, values, <append's other arguments>, attention_mask?, scaling?,
+  launch) -> Tensor` is `append` then `decode_attention`, what the `"oscar"` attention function runs for a static
+  layer's step (`OscarQuantizedCache` leaves the write to it, `OscarSegments.pending`): on CUDA the window write also
+  rotates the query, so the decode launches no rotation kernel.
 
-The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off)
-they read the lengths on the host and call the PyTorch reference (`rotate_new_states`, `storage.quantize_into_body`,
-`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is three Triton launches, the write
-kernel in its predicated mode twice (it launches every step and returns at once unless a block is waiting) and the
-window write, which rotates the new rows itself (`kernels.append`), and
-`decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the
-buffers' capacity. Call them through `append(layer, ...)` and `decode_attention(query, layer, ...)`.
+The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off) they
+read the lengths on the host and call the PyTorch reference (`rotate_new_states`, `storage.quantize_into_body`,
+`reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is two Triton launches, the write kernel
+in its predicated mode for keys and values (it launches every step and returns at once unless a block is waiting; two
+launches with a key tilt) and the window write, which rotates the new rows itself (`kernels.append`), and
+`decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the buffers'
+capacity (query rotation, body, windows, merge; `append_decode_attention` leaves the rotation to the window write). Call
+them through `append(layer, ...)`, `decode_attention(query, layer, ...)` and `append_decode_attention(query, layer,
+keys, values, ...)`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ import torch
 from .quantization import KeyTilt, rotate_new_states
 from .reference_attention import attend_rotated
 from .storage import dequantize_segments, quantize_into_body, remember_demoted
+
+# A decode step's demotion codes keys and values in one launch where their coders allow (no key tilt); False: two
+# launches, as before (for timing one against the other).
+PAIRED_DEMOTION = True
 
 SEGMENT_NAMES = (
     "sink_keys", "sink_values", "recent_keys", "recent_values",
@@ -77,25 +87,34 @@ def append_host(keys, values, lengths, segments, undo, demote_block, max_tokens,
 
 def append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
                   k_feedback=None, v_feedback=None, k_tilt=None, *, k_rotation=None, v_rotation=None,
-                  k_mean_rotated=None) -> None:
-    """`append` without reading anything back, in three launches: the Triton write kernel twice, predicated on the
+                  k_mean_rotated=None, query=None) -> torch.Tensor | None:
+    """`append` without reading anything back, in two launches: the Triton write kernel for keys and values (two
+    launches with a key tilt, whose coder runs one warp a program), predicated on the
     lengths (`kernels.append.DemoteSchedule`: the window's oldest block into the 2-bit body and its exact rows into the
     undo ring, only when the step overflows the window), then `kernels.append.append_window` (the new rows, rotated
     and centred there when the rotations and the mean key are given, the window shift, the lengths). Runs on CUDA, and
     on the CPU under `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block, recent_tokens)`. Past
-    `max_tokens` a device-side assertion fires (compiled in on the GPU) and nothing is written."""
+    `max_tokens` a device-side assertion fires (compiled in on the GPU) and nothing is written. With `query` the
+    window write also rotates the step's query for the decode kernel and returns it (`append_window`)."""
     from .kernels.append import DemoteSchedule, append_window
-    from .kernels.quantize import quantize_rows_into
+    from .kernels.quantize import ValueRows, can_pair, quantize_rows_into
 
     sink_k, sink_v, rec_k, rec_v = segments[:4]
     kc, ks, ko, vc, vs, vo = segments[4:]
     when = DemoteSchedule(lengths, keys.shape[2], sink_k.shape[2], rec_k.shape[2], max_tokens)
-    quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt, device_offset=when,
-                       ring=undo[0])
-    quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,
-                       device_offset=when, ring=undo[1])
-    append_window(keys, values, lengths, sink_k, sink_v, rec_k, rec_v, demote_block, kc.shape[2], max_tokens,
-                  k_rotation, v_rotation, k_mean_rotated)
+    demoted_values = ValueRows(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, undo[1])
+    if PAIRED_DEMOTION and can_pair(rec_k[:, :, :demote_block], kc, ks, ko, k_feedback, k_tilt, when, undo[0],
+                                    demoted_values):
+        # Keys and values in one launch: it returns at once in all but one step of `demote_block`.
+        quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, None, device_offset=when,
+                           ring=undo[0], values=demoted_values)
+    else:  # (a key tilt codes keys on one warp a program, values on four: two launches)
+        quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt,
+                           device_offset=when, ring=undo[0])
+        quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,
+                           device_offset=when, ring=undo[1])
+    return append_window(keys, values, lengths, sink_k, sink_v, rec_k, rec_v, demote_block, kc.shape[2], max_tokens,
+                         k_rotation, v_rotation, k_mean_rotated, query)
 
 
 def _append_impl(
@@ -129,18 +148,27 @@ def _append_impl(
 ) -> None:
     segments = (sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale, body_key_offset,
                 body_value_codes, body_value_scale, body_value_offset)
-    undo = (undo_keys, undo_values)
+    _append_segments(keys, values, lengths, segments, (undo_keys, undo_values), demote_block, max_tokens,
+                     k_clip_ratio, v_clip_ratio, k_feedback, v_feedback, k_tilt_means, k_tilt_maps, k_metric,
+                     k_rotation, v_rotation, k_mean_rotated)
+
+
+def _append_segments(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
+                     k_feedback, v_feedback, k_tilt_means, k_tilt_maps, k_metric, k_rotation, v_rotation,
+                     k_mean_rotated, query=None) -> torch.Tensor | None:
+    """`oscar_hf::append`'s work: on CUDA the device path (returning the rotated `query` when one is given, else
+    None), elsewhere the reference (returning None)."""
     tilt = None if k_tilt_means is None else KeyTilt(k_tilt_means, k_tilt_maps)
     if keys.is_cuda and k_metric is None and _kernels_on() and _can_write(keys, tilt, k_feedback):
         with torch.cuda.device(keys.device):
-            append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
-                          k_feedback, v_feedback, tilt, k_rotation=k_rotation, v_rotation=v_rotation,
-                          k_mean_rotated=k_mean_rotated)
-        return
+            return append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio,
+                                 v_clip_ratio, k_feedback, v_feedback, tilt, k_rotation=k_rotation,
+                                 v_rotation=v_rotation, k_mean_rotated=k_mean_rotated, query=query)
     _refuse_if_capturing(keys, "the append (the Triton write kernel cannot serve this layer's coder)")
-    keys, values = rotate_new_states(keys, values, k_rotation, v_rotation, k_mean_rotated, sink_keys.dtype)
+    keys, values = rotate_new_states(keys, values, k_rotation, v_rotation, k_mean_rotated, segments[0].dtype)
     append_host(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio, k_feedback,
                 v_feedback, tilt, k_metric)
+    return None
 
 
 _append_op = torch.library.custom_op(
@@ -160,16 +188,21 @@ def _eager_or_op(impl, op):
     return op if torch.compiler.is_compiling() else impl
 
 
-def append(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Append a static layer's new (unrotated) key and value states through `oscar_hf::append`, which stores them
-    rotated (`quantization.rotate_new_states`; on CUDA inside the window-write kernel)."""
+def _layer_append_args(layer) -> tuple:
+    """`oscar_hf::append`'s arguments after the new states, from `layer`."""
     tilt = layer.k_tilt
-    _eager_or_op(_append_impl, torch.ops.oscar_hf.append)(
-        keys, values, layer.lengths, *layer.segment_tensors(), layer.undo_keys, layer.undo_values, layer.demote_block,
+    return (
+        layer.lengths, *layer.segment_tensors(), layer.undo_keys, layer.undo_values, layer.demote_block,
         layer.max_cache_len, layer.k_clip_ratio, layer.v_clip_ratio, layer.k_feedback, layer.v_feedback,
         None if tilt is None else tilt.means, None if tilt is None else tilt.maps, layer.k_metric,
         layer.k_rotation, layer.v_rotation, layer.k_mean_rotated,
     )
+
+
+def append(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Append a static layer's new (unrotated) key and value states through `oscar_hf::append`, which stores them
+    rotated (`quantization.rotate_new_states`; on CUDA inside the window-write kernel)."""
+    _eager_or_op(_append_impl, torch.ops.oscar_hf.append)(keys, values, *_layer_append_args(layer))
 
 
 # ---------------------------------------------------------------------------------------------------------- attention
@@ -215,6 +248,77 @@ _decode_attention_op = torch.library.custom_op("oscar_hf::decode_attention", mut
 def _(query, *args, **kwargs):
     b, h, q, d = query.shape
     return query.new_empty(b, q, h, d).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------ append, then attention
+def _append_decode_attention_impl(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    sink_keys: torch.Tensor,
+    sink_values: torch.Tensor,
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    body_key_codes: torch.Tensor,
+    body_key_scale: torch.Tensor,
+    body_key_offset: torch.Tensor,
+    body_value_codes: torch.Tensor,
+    body_value_scale: torch.Tensor,
+    body_value_offset: torch.Tensor,
+    undo_keys: torch.Tensor,
+    undo_values: torch.Tensor,
+    demote_block: int,
+    max_tokens: int,
+    k_clip_ratio: float,
+    v_clip_ratio: float,
+    k_feedback: torch.Tensor | None,
+    v_feedback: torch.Tensor | None,
+    k_tilt_means: torch.Tensor | None,
+    k_tilt_maps: torch.Tensor | None,
+    k_metric: torch.Tensor | None,
+    k_rotation: torch.Tensor | None,
+    v_rotation: torch.Tensor | None,
+    k_mean_rotated: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    launch: list[int],
+) -> torch.Tensor:
+    segments = (sink_keys, sink_values, recent_keys, recent_values, body_key_codes, body_key_scale, body_key_offset,
+                body_value_codes, body_value_scale, body_value_offset)
+    rotated = _append_segments(keys, values, lengths, segments, (undo_keys, undo_values), demote_block, max_tokens,
+                               k_clip_ratio, v_clip_ratio, k_feedback, v_feedback, k_tilt_means, k_tilt_maps, k_metric,
+                               k_rotation, v_rotation, k_mean_rotated, query=query if query.is_cuda else None)
+    if rotated is not None and _kernels_on():
+        from .kernels.decode_attention import DecodeOptions
+        from .kernels.decode_attention import decode_attention as kernel
+
+        with torch.cuda.device(query.device):
+            return kernel(query, segments, lengths, k_rotation, v_rotation, attention_mask, scaling,
+                          DecodeOptions.from_ints(launch), rotated_query=rotated)
+    return _decode_attention_impl(query, *segments, lengths, k_rotation, v_rotation, attention_mask, scaling, launch)
+
+
+_append_decode_attention_op = torch.library.custom_op(
+    "oscar_hf::append_decode_attention",
+    mutates_args=("lengths",) + SEGMENT_NAMES + ("undo_keys", "undo_values"))(_append_decode_attention_impl)
+
+
+@_append_decode_attention_op.register_fake
+def _(query, *args, **kwargs):
+    b, h, q, d = query.shape
+    return query.new_empty(b, q, h, d).transpose(1, 2)
+
+
+def append_decode_attention(query: torch.Tensor, layer, keys: torch.Tensor, values: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None, options=None) -> torch.Tensor:
+    """`append(layer, keys, values)` then `decode_attention(query, layer, ...)` as one op,
+    `oscar_hf::append_decode_attention`: on CUDA the window write also rotates the query, so the decode launches no
+    rotation of its own (one launch fewer a layer). The same result as the two ops."""
+    launch = _DEFAULT_LAUNCH if options is None else options.to_ints()
+    return _eager_or_op(_append_decode_attention_impl, torch.ops.oscar_hf.append_decode_attention)(
+        query, keys, values, *_layer_append_args(layer), attention_mask, scaling, launch,
+    )
 
 
 def decode_attention_reference(query, segments, lengths, k_rotation, v_rotation, attention_mask, scaling):

@@ -308,3 +308,36 @@ def test_cuda_generate_compiles_by_default_once_across_demotions():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert cache.layers[0].body_len > 16
     assert (compiled == eager).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+@torch.no_grad()
+def test_the_attention_function_writes_the_step_as_update_would(family, monkeypatch):
+    """With the "oscar" attention function the cache leaves a static layer's step to it
+    (`oscar_hf::append_decode_attention`, which on CUDA also rotates the query in the window write). Written there or
+    in `update()`, the tokens and every layer's stored state are the same, across demotions; Gemma 2's soft-capped
+    scores take the reference path, which writes the step first."""
+    from oscar_hf import cache as cache_module
+    from oscar_hf import ops
+
+    model = tiny_model(family)
+    ids = torch.randint(3, 128, (2, 22), generator=torch.Generator().manual_seed(2))
+    fused_calls = []
+    real = ops._append_decode_attention_impl
+    monkeypatch.setattr(ops, "_append_decode_attention_impl", lambda *a: fused_calls.append(1) or real(*a))
+    runs = []
+    for deferred in (True, False):
+        monkeypatch.setattr(cache_module, "DEFER_WINDOW_WRITE", deferred)
+        cache = static_cache(model)
+        tokens = model.generate(ids, past_key_values=cache, disable_compile=True, **GREEDY)
+        runs.append((tokens, cache))
+        if deferred:
+            assert bool(fused_calls) == (family != "gemma2")
+            fused_calls.clear()
+    assert not fused_calls
+    (tokens_a, cache_a), (tokens_b, cache_b) = runs
+    assert torch.equal(tokens_a, tokens_b)
+    for a, b in zip(cache_a.quantized_layers(), cache_b.quantized_layers()):  # (Gemma 2's sliding layers are not)
+        assert a.lengths.tolist() == b.lengths.tolist() and a.body_len > 0
+        for x, y in zip(a.segment_tensors(), b.segment_tensors()):
+            assert torch.equal(x, y)

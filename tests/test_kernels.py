@@ -625,6 +625,72 @@ def test_device_append_equals_host_append(feedback):
         assert all(torch.equal(a, b) for a, b in zip(state, after))
 
 
+@in_process
+@pytest.mark.parametrize("rotated", [True, False])
+def test_window_write_rotates_the_query_for_the_decode(rotated):
+    """`oscar_hf::append_decode_attention`'s CUDA path: the window write also rotates the step's query into stage 0's
+    layout and the decode launches no rotation. Against the two ops (append, then decode with its own stage 0): the
+    same buffers bit for bit, the same attention (up to a rare ulp of a rotated query element), across demotions and
+    new-token counts 1-3 (GQA 2)."""
+    from oscar_hf import ops
+
+    gen = torch.Generator().manual_seed(60 + rotated)
+    d = 64
+    rot = [_random_rotation(2, d, gen).contiguous().to(DEVICE) if rotated else None for _ in range(2)]
+    layers = []
+    for _ in range(2):
+        layer = OscarQuantizedLayer(*rot, 0.96, 0.92, sink_tokens=5, recent_tokens=6, demote_block=3, max_cache_len=80)
+        layer.lazy_initialization(*(2 * [torch.zeros(2, 2, 0, d, dtype=torch.bfloat16, device=DEVICE)]))
+        layers.append(layer)
+    two_ops, fused = layers
+    demotions = 0
+    for n in [3, 3, 1, 2, 1, 1, 3, 1, 1, 2, 1, 1, 3]:
+        keys, values, query = _rows((2, 2, n, d), gen), _rows((2, 2, n, d), gen), _rows((2, 4, n, d), gen)
+        body = two_ops.body_len
+        outs = []
+        for layer, with_query in ((two_ops, False), (fused, True)):
+            r = ops.append_device(keys, values, layer.lengths, layer.segment_tensors(), _undo(layer), 3, 80, 0.96,
+                                  0.92, k_rotation=layer.k_rotation, v_rotation=layer.v_rotation,
+                                  query=query if with_query else None)
+            assert (r is not None) == with_query
+            outs.append(dk.decode_attention(query, layer.segment_tensors(), layer.lengths, layer.k_rotation,
+                                            layer.v_rotation, rotated_query=r))
+        _assert_same_state(two_ops, fused)
+        assert torch.isfinite(outs[1]).all()
+        assert _rel(outs[1], outs[0]) < 1e-3
+        if DEVICE == "cpu":  # the interpreter sums both rotations' float32 products in one order: no ulp apart
+            assert torch.equal(outs[1], outs[0])
+        demotions += two_ops.body_len > body
+    assert demotions >= 3
+
+
+@in_process
+def test_demotion_codes_keys_and_values_in_one_launch_where_it_can():
+    """A decode step's demotion takes one launch for keys and values (the append tests above check its codes bit for
+    bit against the reference); keys and values with different kinds of coder take two."""
+    from oscar_hf.kernels.append import DemoteSchedule
+
+    gen = torch.Generator().manual_seed(70)
+    d = 64
+    x = torch.randn(4 * d, d, generator=gen, dtype=torch.float64)
+    factor = error_feedback_factor((x.T @ x / (4 * d)).float()[None]).to(DEVICE)
+    layer = _static_layer_pair(d, factor)[0]
+    kc, ks, ko, vc, vs, vo = layer.segment_tensors()[4:]
+    block = layer.demote_block
+    when = DemoteSchedule(layer.lengths, 1, layer.sink_keys.shape[2], layer.recent_keys.shape[2], 80)
+    keys = layer.recent_keys[:, :, :block]
+
+    def values(feedback):
+        return qk.ValueRows(layer.recent_values[:, :, :block], 0.92, vc, vs, vo, feedback, layer.undo_values)
+
+    assert qk.can_pair(keys, kc, ks, ko, factor, None, when, layer.undo_keys, values(factor))
+    assert not qk.can_pair(keys, kc, ks, ko, factor, None, when, layer.undo_keys, values(None))
+    assert not qk.can_pair(keys, kc, ks, ko, factor, None, None, layer.undo_keys, values(factor))
+    with pytest.raises(ValueError, match="one launch|keys' launch"):
+        qk.quantize_rows_into(keys, 0.96, kc, ks, ko, factor, device_offset=when, ring=layer.undo_keys,
+                              values=values(None))
+
+
 def _newest_rows(layer, n):
     """The newest `n` stored keys and values: in the sink and the window, as a decode step never demotes its own."""
     sink, _, recent = layer.lengths.tolist()[:3]

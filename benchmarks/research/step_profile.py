@@ -114,6 +114,30 @@ def profile_context(args, context: int) -> dict[str, float]:
         torch.cuda.synchronize()
         print(f"compiled (inductor, no graphs) step {1e3 * (time.perf_counter() - t) / args.steps:.2f} ms; "
               f"reference calls {len(declined)}")
+        graph_ms = None
+        try:  # the same compiled step replayed as one CUDA graph: its time less the kernels' sum is the gaps
+            static = kw(pos)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step(**static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(**static)
+            graph.replay()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            graph_ms = start.elapsed_time(end) / 20
+            print(f"the compiled step as one CUDA graph: {graph_ms:.3f} ms ({args.layers} layers)", flush=True)
+            pos += 22
+        except Exception as e:  # noqa: BLE001 - research tool: report and go on
+            print(f"CUDA-graph replay failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -133,6 +157,11 @@ def profile_context(args, context: int) -> dict[str, float]:
             by_kind[kind] = by_kind.get(kind, 0.0) + us / (args.steps * args.layers)
     print(f"context {context}, device us per layer per step: "
           + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])), flush=True)
+    if graph_ms is not None:
+        kernels_us = sum(by_kind.values())
+        by_kind["gaps (graph step less kernels)"] = 1e3 * graph_ms / args.layers - kernels_us
+        print(f"context {context}: graph step {1e3 * graph_ms / args.layers:.1f} us per layer, kernels "
+              f"{kernels_us:.1f}, gaps {by_kind['gaps (graph step less kernels)']:.1f}", flush=True)
     return by_kind
 
 
