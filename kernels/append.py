@@ -3,9 +3,9 @@ the sink or the recent window, the window shifted when its oldest block was just
 all read from and written to device memory.
 
 `oscar_hf.ops.append_device` runs a step as two launches: the write kernel of `kernels/quantize.py` (keys and values of
-the oldest window block into the 2-bit body and the undo ring, in one launch unless a key tilt needs its own, predicated
-on a `DemoteSchedule`: it returns at once unless the step overflows the window), then `append_window` (this module: one
-program per (batch, head, slice of 16 columns)). The window write takes the model's states and rotates them itself
+the oldest window block into the 2-bit body and the undo ring, in one launch, predicated on a `DemoteSchedule`: it
+returns at once unless the step overflows the window), then `append_window` (this module: one program per (batch, head,
+slice of 16 columns)). The window write takes the model's states and rotates them itself
 (`quantization.rotate_new_states` is the reference), so that a compiled step has no separate rotation kernels; given the
 step's query, it rotates that too (`decode_attention`'s stage 0). Every program reads the lengths before any is
 advanced: the last program to finish, counted in the lengths' reserved slot, advances them and clears the count. The

@@ -166,6 +166,86 @@ def _tilt_state(x_t, sx_d, row_ok, f_base, m_base, p_base, D: tl.constexpr, BLOC
     return v, y
 
 
+@triton.jit
+def _tilted_codes(x, lo, safe_scale, row_ok, x_t, sx_d, f_base, m_base, p_base, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                  G: tl.constexpr, GP: tl.constexpr, EXACT_PRODUCTS: tl.constexpr):
+    """Packed codes of the rows `x` coded as plain feedback below, in each row's own metric S + W W^T (see the module
+    docstring): channel j's error moves the later channels by move / denom, move = P[:, j] - Z C z_j and
+    denom = P[j, j] - z_j^T C z_j, with P[:, j] = U[j, j] U[j, :], z_j = U[j, j] V[j] and C z_j = Y[j]; then
+    Y -= move (C z_j)^T / denom."""
+    QD: tl.constexpr = D // 4
+    packed = tl.zeros([BLOCK_R, QD], dtype=tl.int32)
+    cols = tl.arange(0, D)
+    byte_cols = tl.arange(0, QD)
+    gi = tl.arange(0, GP)
+    v, y = _tilt_state(x_t, sx_d, row_ok, f_base, m_base, p_base, D, BLOCK_R, G, GP, EXACT_PRODUCTS)
+    f_next = tl.load(f_base + cols, mask=cols > 0, other=0.0)
+    diag_next = tl.load(f_base)
+    for j in range(D):
+        f_row, u_jj = f_next, diag_next
+        f_next = tl.load(f_base + (j + 1) * D + cols, mask=(cols > j + 1) & (j + 1 < D), other=0.0)
+        diag_next = tl.load(f_base + (j + 1) * (D + 1), mask=j + 1 < D, other=1.0)
+        xj = _column(x, j)
+        code = tl.floor(tl.math.div_rn(xj - lo, safe_scale) + 0.5)
+        code = tl.minimum(tl.maximum(code, 0.0), 3.0)
+        err = xj - (code * safe_scale + lo)
+        u = tl.math.div_rn(f_row, u_jj)
+        z_j = _mul(u_jj, _column(v, j), EXACT_PRODUCTS)  # [R, GP]
+        cz = _column(y, j)
+        zcz = tl.zeros([BLOCK_R], dtype=tl.float32)
+        zc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        for g in tl.static_range(GP):
+            z_jg = tl.sum(tl.where(gi[None, :] == g, z_j, 0.0), axis=1)
+            zcz = zcz + _mul(z_jg, tl.sum(tl.where(gi[None, :] == g, cz, 0.0), axis=1), EXACT_PRODUCTS)
+            y_g = tl.sum(tl.where(gi[None, :, None] == g, y, 0.0), axis=1)  # [R, D]
+            zc = zc + _mul(y_g, z_jg[:, None], EXACT_PRODUCTS)
+        p_jj = _mul(u_jj, u_jj, EXACT_PRODUCTS)
+        denom = p_jj - zcz
+        move = tl.where(cols[None, :] > j, _mul(p_jj, u, EXACT_PRODUCTS)[None, :] - zc, 0.0)
+        x = x - _mul(tl.math.div_rn(err, denom)[:, None], move, EXACT_PRODUCTS)
+        y = y - _mul(move[:, None, :], tl.math.div_rn(cz, denom[:, None])[:, :, None], EXACT_PRODUCTS)
+        code = tl.where(code != code, 0.0, code)
+        packed = packed | tl.where(byte_cols[None, :] == j % QD, code.to(tl.int32)[:, None] << (2 * (j // QD)), 0)
+    return packed
+
+
+@triton.jit
+def _feedback_codes(x, lo, safe_scale, f_base, D: tl.constexpr, BLOCK_R: tl.constexpr, EXACT_PRODUCTS: tl.constexpr):
+    """Packed codes of the unclipped rows `x`, coded in sequence (the reference's order of operations, element for
+    element): channel j is read out of the register tile, rounded on the grid, and its error spread over the later
+    channels with F[j, j+1:] / F[j, j]."""
+    QD: tl.constexpr = D // 4
+    packed = tl.zeros([BLOCK_R, QD], dtype=tl.int32)
+    cols = tl.arange(0, D)
+    byte_cols = tl.arange(0, QD)
+    for j in range(D):
+        xj = tl.sum(tl.where(cols[None, :] == j, x, 0.0), axis=1)
+        code = tl.floor(tl.math.div_rn(xj - lo, safe_scale) + 0.5)
+        code = tl.minimum(tl.maximum(code, 0.0), 3.0)
+        err = xj - (code * safe_scale + lo)
+        u = tl.math.div_rn(tl.load(f_base + j * D + cols, mask=cols > j, other=0.0), tl.load(f_base + j * D + j))
+        x = x - _mul(err[:, None], u[None, :], EXACT_PRODUCTS)
+        code = tl.where(code != code, 0.0, code)
+        packed = packed | tl.where(byte_cols[None, :] == j % QD, code.to(tl.int32)[:, None] << (2 * (j // QD)), 0)
+    return packed
+
+
+@triton.jit
+def _plain_codes(x_row, sx_d, row_ok, thr, lo, safe_scale, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Packed codes of the clipped rows at `x_row`, each channel rounded on its row's grid."""
+    QD: tl.constexpr = D // 4
+    packed = tl.zeros([BLOCK_R, QD], dtype=tl.int32)
+    for s in tl.static_range(4):
+        cols = s * QD + tl.arange(0, QD)
+        xq = tl.load(x_row + cols[None, :] * sx_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        xq = tl.minimum(tl.maximum(xq, -thr), thr)
+        code = tl.floor(tl.math.div_rn(xq - lo[:, None], safe_scale[:, None]) + 0.5)
+        code = tl.where(code != code, 0.0, code)
+        code = tl.minimum(tl.maximum(code, 0.0), 3.0)
+        packed = packed | (code.to(tl.int32) << (2 * s))
+    return packed
+
+
 @triton.jit(do_not_specialize=["n_rows", "t0", "n_new", "sink_cap", "window", "body_cap", "max_tokens"])
 def _quantize_rows_kernel(
     x_ptr,
@@ -212,6 +292,7 @@ def _quantize_rows_kernel(
     offset2_ptr,
     clip2,
     fb2_ptr,
+    s_fb2_h,
     ring2_ptr,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -225,6 +306,7 @@ def _quantize_rows_kernel(
     RING: tl.constexpr = False,
     SCHEDULE: tl.constexpr = False,
     PAIRED: tl.constexpr = False,
+    SECOND_FEEDBACK: tl.constexpr = False,
 ):
     if SCHEDULE:
         # A decode step's demotion (`append.DemoteSchedule`): `ctrl` is the layer's lengths (sink, body, recent); the
@@ -248,7 +330,7 @@ def _quantize_rows_kernel(
         second = tl.program_id(2) == 1
         if second:
             x_ptr, codes_ptr, scale_ptr, offset_ptr = x2_ptr, codes2_ptr, scale2_ptr, offset2_ptr
-            clip_ratio, fb_ptr, ring_ptr = clip2, fb2_ptr, ring2_ptr
+            clip_ratio, fb_ptr, s_fb_h, ring_ptr = clip2, fb2_ptr, s_fb2_h, ring2_ptr
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -276,70 +358,23 @@ def _quantize_rows_kernel(
     # A constant row has a null range: any code decodes to the offset.
     safe_scale = tl.where(scale > 0, scale, 1.0)
 
-    packed = tl.zeros([BLOCK_R, QD], dtype=tl.int32)
+    f_base = fb_ptr + h * s_fb_h
     if HAS_TILT:
-        # As plain feedback below, in the row's own metric S + W W^T (see the module docstring): channel j's error
-        # moves the later channels by move / denom, move = P[:, j] - Z C z_j and denom = P[j, j] - z_j^T C z_j, with
-        # P[:, j] = U[j, j] U[j, :], z_j = U[j, j] V[j] and C z_j = Y[j]; then Y -= move (C z_j)^T / denom.
-        cols = tl.arange(0, D)
-        byte_cols = tl.arange(0, QD)
-        gi = tl.arange(0, GP)
-        f_base = fb_ptr + h * s_fb_h
-        x_t = x_ptr + b * sx_b + h * sx_h + t * sx_t
-        v, y = _tilt_state(x_t, sx_d, row_ok, f_base, means_ptr + h * s_means_h, maps_ptr + h * s_maps_h, D, BLOCK_R,
-                           G, GP, EXACT_PRODUCTS)
-        f_next = tl.load(f_base + cols, mask=cols > 0, other=0.0)
-        diag_next = tl.load(f_base)
-        for j in range(D):
-            f_row, u_jj = f_next, diag_next
-            f_next = tl.load(f_base + (j + 1) * D + cols, mask=(cols > j + 1) & (j + 1 < D), other=0.0)
-            diag_next = tl.load(f_base + (j + 1) * (D + 1), mask=j + 1 < D, other=1.0)
-            xj = _column(x, j)
-            code = tl.floor(tl.math.div_rn(xj - lo, safe_scale) + 0.5)
-            code = tl.minimum(tl.maximum(code, 0.0), 3.0)
-            err = xj - (code * safe_scale + lo)
-            u = tl.math.div_rn(f_row, u_jj)
-            z_j = _mul(u_jj, _column(v, j), EXACT_PRODUCTS)  # [R, GP]
-            cz = _column(y, j)
-            zcz = tl.zeros([BLOCK_R], dtype=tl.float32)
-            zc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-            for g in tl.static_range(GP):
-                z_jg = tl.sum(tl.where(gi[None, :] == g, z_j, 0.0), axis=1)
-                zcz = zcz + _mul(z_jg, tl.sum(tl.where(gi[None, :] == g, cz, 0.0), axis=1), EXACT_PRODUCTS)
-                y_g = tl.sum(tl.where(gi[None, :, None] == g, y, 0.0), axis=1)  # [R, D]
-                zc = zc + _mul(y_g, z_jg[:, None], EXACT_PRODUCTS)
-            p_jj = _mul(u_jj, u_jj, EXACT_PRODUCTS)
-            denom = p_jj - zcz
-            move = tl.where(cols[None, :] > j, _mul(p_jj, u, EXACT_PRODUCTS)[None, :] - zc, 0.0)
-            x = x - _mul(tl.math.div_rn(err, denom)[:, None], move, EXACT_PRODUCTS)
-            y = y - _mul(move[:, None, :], tl.math.div_rn(cz, denom[:, None])[:, :, None], EXACT_PRODUCTS)
-            code = tl.where(code != code, 0.0, code)
-            packed = packed | tl.where(byte_cols[None, :] == j % QD, code.to(tl.int32)[:, None] << (2 * (j // QD)), 0)
+        tilted = True
+        if PAIRED:
+            tilted = not second  # the values of a tilted layer's demotion: coded as an untilted layer's values
+        if tilted:
+            packed = _tilted_codes(x, lo, safe_scale, row_ok, x_ptr + b * sx_b + h * sx_h + t * sx_t, sx_d, f_base,
+                                   means_ptr + h * s_means_h, maps_ptr + h * s_maps_h, D, BLOCK_R, G, GP,
+                                   EXACT_PRODUCTS)
+        elif SECOND_FEEDBACK:
+            packed = _feedback_codes(x, lo, safe_scale, f_base, D, BLOCK_R, EXACT_PRODUCTS)
+        else:
+            packed = _plain_codes(x_row, sx_d, row_ok, thr, lo, safe_scale, D, BLOCK_R)
     elif HAS_FEEDBACK:
-        # Sequential coding of the unclipped row (the reference's order of operations, element for element): channel
-        # j is read out of the register tile, rounded on the grid, and its error spread over the later channels with
-        # F[j, j+1:] / F[j, j].
-        cols = tl.arange(0, D)
-        byte_cols = tl.arange(0, QD)
-        f_base = fb_ptr + h * s_fb_h
-        for j in range(D):
-            xj = tl.sum(tl.where(cols[None, :] == j, x, 0.0), axis=1)
-            code = tl.floor(tl.math.div_rn(xj - lo, safe_scale) + 0.5)
-            code = tl.minimum(tl.maximum(code, 0.0), 3.0)
-            err = xj - (code * safe_scale + lo)
-            u = tl.math.div_rn(tl.load(f_base + j * D + cols, mask=cols > j, other=0.0), tl.load(f_base + j * D + j))
-            x = x - _mul(err[:, None], u[None, :], EXACT_PRODUCTS)
-            code = tl.where(code != code, 0.0, code)
-            packed = packed | tl.where(byte_cols[None, :] == j % QD, code.to(tl.int32)[:, None] << (2 * (j // QD)), 0)
+        packed = _feedback_codes(x, lo, safe_scale, f_base, D, BLOCK_R, EXACT_PRODUCTS)
     else:
-        for s in tl.static_range(4):
-            cols = s * QD + tl.arange(0, QD)
-            xq = tl.load(x_row + cols[None, :] * sx_d, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            xq = tl.minimum(tl.maximum(xq, -thr), thr)
-            code = tl.floor(tl.math.div_rn(xq - lo[:, None], safe_scale[:, None]) + 0.5)
-            code = tl.where(code != code, 0.0, code)
-            code = tl.minimum(tl.maximum(code, 0.0), 3.0)
-            packed = packed | (code.to(tl.int32) << (2 * s))
+        packed = _plain_codes(x_row, sx_d, row_ok, thr, lo, safe_scale, D, BLOCK_R)
 
     if PAIRS:  # token-pair interleaved codes (`quantization.write_token_pairs`); token t is t0 + t of the plane
         tt = t0 + t
@@ -427,9 +462,10 @@ def quantize_rows_into(
     window), so a decode step computes nothing for it on the host or in other kernels.
     `ring` (with `device_offset` only): a `[..., capacity, D]` buffer of the rows' dtype that also receives each row
     exact, row t at slot `(first + t) % capacity` (the layer's undo ring, for an exact `crop`), under the same `go`.
-    `values` (a `ValueRows`; with a `DemoteSchedule`, no tilt and no `token_pairs_from`): a demotion's value rows,
-    coded in the same launch into their token-pair plane, with their own clip ratio, factor and ring. They must have
-    the keys' shapes, strides and kind of factor; `can_pair` says whether they do (else launch twice)."""
+    `values` (a `ValueRows`; with a `DemoteSchedule` and no `token_pairs_from`): a demotion's value rows, coded in
+    the same launch into their token-pair plane, with their own clip ratio, factor and ring (never a tilt). They must
+    have the keys' shapes and strides, and without a tilt the keys' kind of coder (a factor or none); `can_pair` says
+    whether they do (else launch twice)."""
     if ring is not None:
         if device_offset is None:
             raise ValueError("ring needs device_offset: its slots follow the body position `first`.")
@@ -529,16 +565,21 @@ def quantize_rows_into(
         default_rows, default_warps = _tilt_launch(padded_groups, b * h * n)
         block_rows, num_warps = block_rows or default_rows, num_warps or default_warps
     grid = (b * h, triton.cdiv(n, block_rows))
-    second = (x, c, s, o, float(clip_ratio), fb, ring if ring is not None else x)
+    second = (x, c, s, o, float(clip_ratio), fb, s_fb_h, ring if ring is not None else x)
     if values is not None:
         reason = _unpaired_reason(rows, codes, scale, offset, feedback, tilt, token_pairs_from, schedule, ring, values)
         if reason is not None:
             raise ValueError(f"values cannot be coded in the keys' launch: {reason}.")
+        # The values take the keys' rows and warps a program (with a tilt, the one-warp launch of its coder).
         grid = grid + (2,)
-        v_fb = values.feedback.to(device=rows.device, dtype=torch.float32).reshape(-1, d, d).contiguous() \
-            if values.feedback is not None else fb
+        v_fb, s_v_fb_h = fb, s_fb_h
+        if values.feedback is not None:
+            v_fb = values.feedback.to(device=rows.device, dtype=torch.float32).reshape(-1, d, d).contiguous()
+            if v_fb.shape[0] not in (1, h):
+                raise ValueError(f"A value factor of {v_fb.shape[0]} groups does not fit rows of {h} heads.")
+            s_v_fb_h = d * d if v_fb.shape[0] > 1 else 0
         second = (_as_4d(values.rows, 1), _as_4d(values.codes, 1), _as_4d(values.scale, 0), _as_4d(values.offset, 0),
-                  float(values.clip_ratio), v_fb, values.ring)
+                  float(values.clip_ratio), v_fb, s_v_fb_h, values.ring)
     _quantize_rows_kernel[grid](
         x,
         c,
@@ -580,6 +621,7 @@ def quantize_rows_into(
         RING=ring is not None,
         SCHEDULE=schedule is not None,
         PAIRED=values is not None,
+        SECOND_FEEDBACK=values is not None and values.feedback is not None,
         num_warps=num_warps,
     )
 
@@ -604,15 +646,13 @@ def _unpaired_reason(rows, codes, scale, offset, feedback, tilt, token_pairs_fro
                      values: ValueRows) -> str | None:
     """Why `values` cannot share the keys' launch (None when they can): the kernel reads both through one set of
     shapes and strides."""
-    if schedule is None or tilt is not None or token_pairs_from is not None or ring is None:
-        return "a paired launch is a demotion's (a DemoteSchedule and a ring, no tilt, plain key codes)"
+    if schedule is None or token_pairs_from is not None or ring is None:
+        return "a paired launch is a demotion's (a DemoteSchedule and a ring, plain key codes)"
     if not 0.0 < float(values.clip_ratio) <= 1.0:
         return f"the values' clip_ratio {values.clip_ratio} is not in (0, 1]"
-    if (feedback is None) != (values.feedback is None):
+    if tilt is None and (feedback is None) != (values.feedback is None):
+        # (without a tilt both take the keys' branch of the coder; a tilted layer's values have their own)
         return "one of keys and values has an error-feedback factor and the other has not"
-    if feedback is not None and feedback.reshape(-1, *feedback.shape[-2:]).shape[0] != \
-            values.feedback.reshape(-1, *values.feedback.shape[-2:]).shape[0]:
-        return "the keys' and the values' factors have different head groups"
     pairs = (rows, values.rows), (codes, values.codes), (scale, values.scale), (offset, values.offset), \
         (ring, values.ring)
     if not all(_same_layout(a, b) for a, b in pairs):

@@ -19,8 +19,8 @@
 The same ops run eagerly and compiled, so both give the same tokens. On the CPU (and wherever the kernels are off) they
 read the lengths on the host and call the PyTorch reference (`rotate_new_states`, `storage.quantize_into_body`,
 `reference_attention.attend_rotated`). On CUDA they read nothing back: `append` is two Triton launches, the write kernel
-in its predicated mode for keys and values (it launches every step and returns at once unless a block is waiting; two
-launches with a key tilt) and the window write, which rotates the new rows itself (`kernels.append`), and
+in its predicated mode for keys and values (it launches every step and returns at once unless a block is waiting)
+and the window write, which rotates the new rows itself (`kernels.append`), and
 `decode_attention` is the Triton decode kernel reading the lengths from device memory, its grid sized from the buffers'
 capacity (query rotation, body, windows, merge; `append_decode_attention` leaves the rotation to the window write). Call
 them through `append(layer, ...)`, `decode_attention(query, layer, ...)` and `append_decode_attention(query, layer,
@@ -35,8 +35,8 @@ from .quantization import KeyTilt, rotate_new_states
 from .reference_attention import attend_rotated
 from .storage import dequantize_segments, quantize_into_body, remember_demoted
 
-# A decode step's demotion codes keys and values in one launch where their coders allow (no key tilt); False: two
-# launches, as before (for timing one against the other).
+# A decode step's demotion codes keys and values in one launch (`kernels.quantize.can_pair`); False: two launches, as
+# before (for timing one against the other).
 PAIRED_DEMOTION = True
 
 SEGMENT_NAMES = (
@@ -88,14 +88,14 @@ def append_host(keys, values, lengths, segments, undo, demote_block, max_tokens,
 def append_device(keys, values, lengths, segments, undo, demote_block, max_tokens, k_clip_ratio, v_clip_ratio,
                   k_feedback=None, v_feedback=None, k_tilt=None, *, k_rotation=None, v_rotation=None,
                   k_mean_rotated=None, query=None) -> torch.Tensor | None:
-    """`append` without reading anything back, in two launches: the Triton write kernel for keys and values (two
-    launches with a key tilt, whose coder runs one warp a program), predicated on the
-    lengths (`kernels.append.DemoteSchedule`: the window's oldest block into the 2-bit body and its exact rows into the
-    undo ring, only when the step overflows the window), then `kernels.append.append_window` (the new rows, rotated
-    and centred there when the rotations and the mean key are given, the window shift, the lengths). Runs on CUDA, and
-    on the CPU under `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block, recent_tokens)`. Past
-    `max_tokens` a device-side assertion fires (compiled in on the GPU) and nothing is written. With `query` the
-    window write also rotates the step's query for the decode kernel and returns it (`append_window`)."""
+    """`append` without reading anything back, in two launches: the Triton write kernel for keys and values, predicated
+    on the lengths (`kernels.append.DemoteSchedule`: the window's oldest block into the 2-bit body and its exact rows
+    into the undo ring, only when the step overflows the window), then `kernels.append.append_window` (the new rows,
+    rotated and centred there when the rotations and the mean key are given, the window shift, the lengths). Runs on
+    CUDA, and on the CPU under `TRITON_INTERPRET=1` (tests). The caller guarantees `n <= min(demote_block,
+    recent_tokens)`. Past `max_tokens` a device-side assertion fires (compiled in on the GPU) and nothing is written.
+    With `query` the window write also rotates the step's query for the decode kernel and returns it
+    (`append_window`)."""
     from .kernels.append import DemoteSchedule, append_window
     from .kernels.quantize import ValueRows, can_pair, quantize_rows_into
 
@@ -106,9 +106,9 @@ def append_device(keys, values, lengths, segments, undo, demote_block, max_token
     if PAIRED_DEMOTION and can_pair(rec_k[:, :, :demote_block], kc, ks, ko, k_feedback, k_tilt, when, undo[0],
                                     demoted_values):
         # Keys and values in one launch: it returns at once in all but one step of `demote_block`.
-        quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, None, device_offset=when,
-                           ring=undo[0], values=demoted_values)
-    else:  # (a key tilt codes keys on one warp a program, values on four: two launches)
+        quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt,
+                           device_offset=when, ring=undo[0], values=demoted_values)
+    else:
         quantize_rows_into(rec_k[:, :, :demote_block], k_clip_ratio, kc, ks, ko, k_feedback, k_tilt,
                            device_offset=when, ring=undo[0])
         quantize_rows_into(rec_v[:, :, :demote_block], v_clip_ratio, vc, vs, vo, v_feedback, None, token_pairs_from=0,

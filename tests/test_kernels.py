@@ -586,19 +586,24 @@ def _assert_same_state(layer_a, layer_b):
 
 
 @in_process
-@pytest.mark.parametrize("feedback", [False, True])
-def test_device_append_equals_host_append(feedback):
+@pytest.mark.parametrize("feedback,tilted,paired", [(False, False, True), (True, False, True), (True, True, True),
+                                                    (True, True, False)])
+def test_device_append_equals_host_append(feedback, tilted, paired, monkeypatch):
     """`oscar_hf::append`'s CUDA path (device arithmetic + predicated write, no host read) against its reference path:
     every buffer and length equal after each append, from an empty layer (new tokens straddling the sink) through
-    several demotions."""
+    several demotions; keys and values demoted in one launch (`paired`; with a key tilt, the values in the tilted
+    coder's one-warp programs) or in two."""
     from oscar_hf import ops
 
-    gen = torch.Generator().manual_seed(40 + feedback)
+    monkeypatch.setattr(ops, "PAIRED_DEMOTION", paired)
+    gen = torch.Generator().manual_seed(40 + feedback + 2 * tilted)
     d = 64
-    factor = None
+    factor = tilt = None
     if feedback:
         x = torch.randn(4 * d, d, generator=gen, dtype=torch.float64)
         factor = error_feedback_factor((x.T @ x / (4 * d)).float()[None]).to(DEVICE)
+    if tilted:
+        tilt = _key_tilt(2, 2, d, gen)
     layers = _static_layer_pair(d, factor)
     demotions = 0
     for n in [3, 3, 1, 2, 1, 1, 3, 1, 1, 1, 2, 3, 1, 1, 1, 1, 2, 3, 1]:
@@ -606,7 +611,7 @@ def test_device_append_equals_host_append(feedback):
         body = layers[0].body_len
         for layer, fn in zip(layers, (ops.append_host, ops.append_device)):
             fn(keys, values, layer.lengths, layer.segment_tensors(), _undo(layer), layer.demote_block, 80, 0.96, 0.92,
-               factor, factor)
+               factor, factor, tilt)
         demotions += layers[0].body_len > body
         _assert_same_state(*layers)
     assert demotions >= 3 and layers[0].sink_len == 5
@@ -667,7 +672,7 @@ def test_window_write_rotates_the_query_for_the_decode(rotated):
 @in_process
 def test_demotion_codes_keys_and_values_in_one_launch_where_it_can():
     """A decode step's demotion takes one launch for keys and values (the append tests above check its codes bit for
-    bit against the reference); keys and values with different kinds of coder take two."""
+    bit against the reference); untilted keys and values with different kinds of coder take two."""
     from oscar_hf.kernels.append import DemoteSchedule
 
     gen = torch.Generator().manual_seed(70)
@@ -685,6 +690,9 @@ def test_demotion_codes_keys_and_values_in_one_launch_where_it_can():
 
     assert qk.can_pair(keys, kc, ks, ko, factor, None, when, layer.undo_keys, values(factor))
     assert not qk.can_pair(keys, kc, ks, ko, factor, None, when, layer.undo_keys, values(None))
+    # A tilted layer's values are coded by their own branch of the coder, with a factor or without.
+    tilt = _key_tilt(2, 2, d, gen)
+    assert qk.can_pair(keys, kc, ks, ko, factor, tilt, when, layer.undo_keys, values(None))
     assert not qk.can_pair(keys, kc, ks, ko, factor, None, None, layer.undo_keys, values(factor))
     with pytest.raises(ValueError, match="one launch|keys' launch"):
         qk.quantize_rows_into(keys, 0.96, kc, ks, ko, factor, device_offset=when, ring=layer.undo_keys,
