@@ -341,3 +341,26 @@ def test_the_attention_function_writes_the_step_as_update_would(family, monkeypa
         assert a.lengths.tolist() == b.lengths.tolist() and a.body_len > 0
         for x, y in zip(a.segment_tensors(), b.segment_tensors()):
             assert torch.equal(x, y)
+
+
+@torch.no_grad()
+def test_the_compiled_step_is_one_op_a_layer():
+    """What generate() captures for a static cache under the "oscar" attention function: one
+    `oscar_hf::append_decode_attention` a layer (on CUDA, four launches), and neither of the two ops it stands for."""
+    torch._dynamo.reset()
+    model = tiny_model("qwen3")
+    cache = static_cache(model)
+    prompt = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    model(input_ids=prompt, **{cache_keyword(model): cache})
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    step = torch.compile(lambda ids, positions: model(input_ids=ids, position_ids=positions,
+                                                      **{cache_keyword(model): cache}).logits,
+                         backend=recording_backend, fullgraph=True)
+    step(torch.full((1, 1), 5), torch.full((1, 1), 20))
+    ops_called = [t for t in targets if t.startswith("oscar_hf.")]
+    assert ops_called == ["oscar_hf.append_decode_attention"] * model.config.num_hidden_layers
