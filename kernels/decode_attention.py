@@ -4,7 +4,8 @@ Split-K ("flash-decoding"), three launches:
 
 - **stage 0**, grid `(batch * kv_heads, 4)`: rotates the query by R_K (float32, IEEE dot), a quarter of the channels
   per program, and rounds it to the storage dtype, as the reference does, into a padded `[rows, head_dim]` tile per
-  KV head.
+  KV head (`rotate_query`). A compiled decode step does not launch it: the step's window write computes the same
+  tile (`kernels.append.append_window(..., query=)`), passed as `rotated_query`.
 - **stage 1**, grid `(batch * kv_heads, splits)`. A program serves *all* query rows of one KV head (the
   `group` query heads that share it, times `q_len` query positions) from one load of each key/value block. Programs
   `0 .. body_splits-1` each walk one chunk of the 2-bit body; the others walk 64-token chunks of the sink and of the
@@ -665,6 +666,22 @@ def query_tile_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
 
+def rotate_query(query: torch.Tensor, k_rotation: torch.Tensor | None, num_kv_heads: int) -> torch.Tensor:
+    """Stage 0 alone: `query` `[B, Hq, q_len, D]` rotated by R_K into the tile layout `decode_attention(...,
+    rotated_query=)` takes (`[B * num_kv_heads, query_tile_rows(group * q_len), D]`, flat), rounded to its dtype."""
+    bsz, num_heads, q_len, head_dim = query.shape
+    group = num_heads // num_kv_heads
+    block_m = query_tile_rows(group * q_len)
+    rk, srk = _rotation_arg(k_rotation, num_kv_heads, head_dim, query.device)
+    q_rot = torch.empty(bsz * num_kv_heads * block_m * head_dim, dtype=query.dtype, device=query.device)
+    _rotate_query[(bsz * num_kv_heads, 4)](
+        query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, num_kv_heads, group,
+        D=head_dim, BLOCK_M=block_m, DT=tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16,
+        HAS_RK=k_rotation is not None, FP32_DOT=_interpreting(), num_warps=4,
+    )
+    return q_rot
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -800,6 +817,7 @@ def oscar_decode_attention(
     num_new: int | None = None,
     *,
     device_lengths: bool = False,
+    rotated_query: torch.Tensor | None = None,
     _checked: bool = False,
     **launch,
 ) -> torch.Tensor:
@@ -807,7 +825,8 @@ def oscar_decode_attention(
 
     With `device_lengths` the kernel reads the lengths from `layer.lengths` and sizes its grid from the buffers'
     capacity (what a compiled, graph-captured step does); otherwise the lengths are read on the host. The keyword
-    arguments `launch` are the fields of `DecodeOptions`.
+    arguments `launch` are the fields of `DecodeOptions`; `rotated_query` is stage 0's output computed elsewhere
+    (`rotate_query`, or a step's window write, which is where a compiled decode step computes it).
     """
     num_new = query.shape[2] if num_new is None else num_new
     reason = None if _checked else unsupported_reason(query, layer, attention_mask, num_new, device_lengths)
@@ -816,7 +835,7 @@ def oscar_decode_attention(
     lengths = layer.lengths if device_lengths else tuple(layer.lengths[:3].tolist())
     return decode_attention(
         query, layer.segment_tensors(), lengths, layer.k_rotation, layer.v_rotation, attention_mask, scaling,
-        DecodeOptions(**launch),
+        DecodeOptions(**launch), rotated_query=rotated_query,
     )
 
 
@@ -909,7 +928,6 @@ def decode_attention(
     recent_splits = max(1, triton.cdiv(recent_len, exact_chunk))  # at least one program, even with nothing to do
     num_splits = splits + sink_splits + recent_splits
 
-    rk, srk = _rotation_arg(k_rotation, kvh, head_dim, dev)
     rv, srv = _rotation_arg(v_rotation, kvh, head_dim, dev)
     if attention_mask is not None:
         # Column p is cache position p: the kernel reads columns from 0, so a static cache's mask (max_cache_len
@@ -941,12 +959,7 @@ def decode_attention(
                              f"0's layout), got {rotated_query.numel()} {rotated_query.dtype}.")
         q_rot = rotated_query
     else:
-        q_rot = torch.empty(n_bh * block_m * head_dim, dtype=query.dtype, device=dev)
-        _rotate_query[(n_bh, 4)](
-            query, query.stride(0), query.stride(1), query.stride(2), rk, srk, q_rot, q_len, kvh, group,
-            D=head_dim, BLOCK_M=block_m, DT=dt, HAS_RK=k_rotation is not None, FP32_DOT=_interpreting(),
-            num_warps=4,
-        )
+        q_rot = rotate_query(query, k_rotation, kvh)
     # Stage 1 is launched normally: launched as a dependent of stage 0 it was 18% slower at 128K batch 1 (H200,
     # 2026-12-01; its programs are likely placed unevenly on the SMs). With `dependent_launch`, stage 2's launch
     # overlaps stage 1's last stores.
