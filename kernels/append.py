@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from oscar_hf.kernels.decode_attention import _interpreting, _round
+from oscar_hf.kernels.decode_attention import _interpreting, _rotate_query_tile, _rotated_columns, _round
 
 
 class DemoteSchedule(NamedTuple):
@@ -59,12 +59,7 @@ def _write_new_rows(src, src_rows, src_col, sink, window, sink_rows, window_rows
     """Columns `cols` of rows `src_rows` of `src` as the layer stores them (`quantization.rotate_new_states`:
     `x @ rotation - mean` in float32, one rounding) into the sink or the window: each program writes one slice of
     columns, so only a `[D, len(cols)]` slice of the rotation is loaded and live in registers."""
-    if ROTATE:
-        x = tl.load(src + src_rows[:, None] + tl.arange(0, D)[None, :] * src_col, mask=valid[:, None], other=0.0)
-        y = tl.dot(x.to(tl.float32), tl.load(rotation + tl.arange(0, D)[:, None] * D + cols[None, :]),
-                   input_precision="ieee")
-    else:
-        y = tl.load(src + src_rows[:, None] + cols[None, :] * src_col, mask=valid[:, None], other=0.0)
+    y = _rotated_columns(src + src_rows, src_col, valid, rotation, cols, D, ROTATE)
     if CENTER:
         y = y.to(tl.float32) - tl.load(mean + cols)[None, :]
     if y.dtype == tl.float32:  # `_round`: the interpreter would truncate to bf16 where torch and the GPU round
@@ -131,18 +126,10 @@ def _append_rows_kernel(
         _write_new_rows(new_v, b * sv_b + h * sv_h + i * sv_t, sv_d, sink_v, rec_v, sink_rows, window_rows, ok, to_s,
                         to_w, v_rot + h * v_rot_h, k_mean, col_slice, D, HAS_RV, False, INTERPRETING)
     if HAS_QUERY:
-        # The step's query rows of this KV head, rotated by R_K as `decode_attention`'s stage 0 would (its layout: the
-        # `group * n_new` rows zero-padded to BLOCK_M), so that the decode launches no rotation of its own.
-        m = tl.arange(0, BLOCK_M)
-        m_ok = m < group * n_new
-        q_rows = q_ptr + b * sq_b + (h * group + m // n_new) * sq_h + (m % n_new) * sq_t
-        if HAS_RK:
-            q = tl.load(q_rows[:, None] + tl.arange(0, D)[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-            q_s = tl.dot(q, tl.load(k_rot + h * k_rot_h + tl.arange(0, D)[:, None] * D + cols), input_precision="ieee")
-        else:
-            q_s = tl.load(q_rows[:, None] + cols, mask=m_ok[:, None], other=0.0).to(tl.float32)
-        tl.store(qr_ptr + pid.to(tl.int64) * BLOCK_M * D + m[:, None] * D + cols,
-                 _round(q_s, qr_ptr.dtype.element_ty, INTERPRETING))
+        # This KV head's columns of the step's rotated query tile, as `decode_attention`'s stage 0 computes them, so
+        # that the decode launches no rotation of its own.
+        _rotate_query_tile(q_ptr, sq_b, sq_h, sq_t, b, h, group, n_new, k_rot + h * k_rot_h, qr_ptr, pid, col_slice,
+                           D, BLOCK_M, HAS_RK, INTERPRETING)
     # The lengths advance once every program has read them: the last program to finish (the one that counts the
     # others' arrivals in the reserved slot) writes them and clears the count for the next step. The barrier keeps
     # this program's own step_plan reads, in every warp, before its arrival.
