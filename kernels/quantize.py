@@ -376,22 +376,18 @@ def _quantize_rows_kernel(
     else:
         packed = _plain_codes(x_row, sx_d, row_ok, thr, lo, safe_scale, D, BLOCK_R)
 
-    if PAIRS:  # token-pair interleaved codes (`quantization.write_token_pairs`); token t is t0 + t of the plane
-        tt = t0 + t
-        code_at = (tt // 2)[:, None] * (2 * sc_t) + 2 * tl.arange(0, QD)[None, :] + (tt % 2)[:, None]
-    elif PAIRED:  # (DEVICE_OFFSET) the first rows' plane is plain, the second's token-pair interleaved
-        tt = t0 + t
-        code_at = tl.where(second, (tt // 2)[:, None] * (2 * sc_t) + 2 * tl.arange(0, QD)[None, :] + (tt % 2)[:, None],
-                           tt[:, None] * sc_t + tl.arange(0, QD)[None, :])
-    else:
-        if DEVICE_OFFSET:
-            code_at = (t0 + t)[:, None] * sc_t + tl.arange(0, QD)[None, :]
-        else:
-            code_at = t[:, None] * sc_t + tl.arange(0, QD)[None, :]
-    if DEVICE_OFFSET:  # scale and offset are the whole buffers too, written from token t0
+    if DEVICE_OFFSET:  # codes, scale and offset are the whole buffers, written from token t0
         t_out = t0 + t
     else:
         t_out = t
+    code_at = t_out[:, None] * sc_t + tl.arange(0, QD)[None, :]
+    if PAIRS or PAIRED:  # token-pair codes (`quantization.write_token_pairs`); token t is t0 + t of the plane
+        tt = t0 + t
+        pair_at = (tt // 2)[:, None] * (2 * sc_t) + 2 * tl.arange(0, QD)[None, :] + (tt % 2)[:, None]
+        if PAIRS:
+            code_at = pair_at
+        else:  # (PAIRED) the first rows' plane is plain, the second's token-pair interleaved
+            code_at = tl.where(second, pair_at, code_at)
     tl.store(codes_ptr + b * sc_b + h * sc_h + code_at, packed.to(tl.uint8), mask=row_ok[:, None])
     tl.store(scale_ptr + b * ss_b + h * ss_h + t_out * ss_t, scale.to(tl.float16), mask=row_ok)
     tl.store(offset_ptr + b * so_b + h * so_h + t_out * so_t, lo.to(tl.float16), mask=row_ok)
@@ -536,13 +532,7 @@ def quantize_rows_into(
         raise ValueError(f"clip_ratio is a quantile and must lie in (0, 1], got {clip_ratio}.")
     x, c, s, o = _as_4d(rows, 1), _as_4d(codes, 1), _as_4d(scale, 0), _as_4d(offset, 0)
     b, h, n, _ = x.shape
-    if feedback is not None:
-        fb = feedback.to(device=rows.device, dtype=torch.float32).reshape(-1, d, d).contiguous()
-        if fb.shape[0] not in (1, h):
-            raise ValueError(f"A feedback factor of {fb.shape[0]} groups does not fit rows of {h} heads.")
-        s_fb_h = d * d if fb.shape[0] > 1 else 0
-    else:
-        fb, s_fb_h = torch.empty(1, dtype=torch.float32, device=rows.device), 0
+    fb, s_fb_h = _factor_arg(feedback, "feedback", d, h, torch.empty(1, dtype=torch.float32, device=rows.device))
     groups = 1
     if tilt is not None:
         groups = tilt.means.shape[-2]
@@ -572,12 +562,7 @@ def quantize_rows_into(
             raise ValueError(f"values cannot be coded in the keys' launch: {reason}.")
         # The values take the keys' rows and warps a program (with a tilt, the one-warp launch of its coder).
         grid = grid + (2,)
-        v_fb, s_v_fb_h = fb, s_fb_h
-        if values.feedback is not None:
-            v_fb = values.feedback.to(device=rows.device, dtype=torch.float32).reshape(-1, d, d).contiguous()
-            if v_fb.shape[0] not in (1, h):
-                raise ValueError(f"A value factor of {v_fb.shape[0]} groups does not fit rows of {h} heads.")
-            s_v_fb_h = d * d if v_fb.shape[0] > 1 else 0
+        v_fb, s_v_fb_h = _factor_arg(values.feedback, "value", d, h, fb)
         second = (_as_4d(values.rows, 1), _as_4d(values.codes, 1), _as_4d(values.scale, 0), _as_4d(values.offset, 0),
                   float(values.clip_ratio), v_fb, s_v_fb_h, values.ring)
     _quantize_rows_kernel[grid](
@@ -624,6 +609,17 @@ def quantize_rows_into(
         SECOND_FEEDBACK=values is not None and values.feedback is not None,
         num_warps=num_warps,
     )
+
+
+def _factor_arg(feedback: torch.Tensor | None, name: str, d: int, heads: int, absent: torch.Tensor):
+    """`(factor, per-head stride)` of an error-feedback factor `[1 or heads, d, d]` as the kernel reads it (float32,
+    contiguous, on `absent`'s device); `(absent, 0)` for None."""
+    if feedback is None:
+        return absent, 0
+    fb = feedback.to(device=absent.device, dtype=torch.float32).reshape(-1, d, d).contiguous()
+    if fb.shape[0] not in (1, heads):
+        raise ValueError(f"A {name} factor of {fb.shape[0]} groups does not fit rows of {heads} heads.")
+    return fb, (d * d if fb.shape[0] > 1 else 0)
 
 
 class ValueRows(NamedTuple):

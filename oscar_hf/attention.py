@@ -108,8 +108,8 @@ def oscar_attention_forward(
     """
     check_attention_call(module, key, dropout, kwargs)
     softcap = kwargs.pop("softcap", None)
-    if isinstance(key, OscarSegments) and key.pending is not None and not (key.device_lengths and softcap is None):
-        key.flush()  # only the decode op below writes the pending states itself
+    if isinstance(key, OscarSegments) and key.pending is not None and softcap is not None:
+        key.flush()  # soft-capped scores take the reference below; only the decode op writes pending states itself
     if not isinstance(key, OscarSegments):
         if attention_mask is not None:
             # Column p is cache position p: a static cache's mask spans max_cache_len columns, a prefill's keys fewer.
