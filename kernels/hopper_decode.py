@@ -408,10 +408,11 @@ def _body_stage1(
         # q . (4 + code) * scale + (offset - 4 * scale) * sum(q) = q . (code * scale + offset)
         scores = (s * k_scale + qsum[:, None] * (k_off - _CODE_BASE * k_scale)) * sm_scale_log2
         vis = s_key < hi - start
-        if hidden:  # (a uniform branch: the warp skips the load where the scan found nothing hidden)
-            allowed = gl.load(mask_ptr + b * sm_b + s_qi[:, None] * sm_q + (sink_len + start + s_key) * sm_t,
-                              mask=vis, other=0)
-            vis = vis & (allowed != 0)
+        if HAS_MASK:  # (compile-time: without a mask the loop holds no mask code)
+            if hidden:  # (a uniform branch: the warp skips the load where the scan found nothing hidden)
+                allowed = gl.load(mask_ptr + b * sm_b + s_qi[:, None] * sm_q + (sink_len + start + s_key) * sm_t,
+                                  mask=vis, other=0)
+                vis = vis & (allowed != 0)
         scores = gl.where(vis, scores, _MASKED)
         m_new = gl.maximum(m_i, gl.max(scores, axis=1))
         alpha = gl.exp2(m_i - m_new)
@@ -544,7 +545,8 @@ def supported(query: torch.Tensor, segments, attention_mask=None) -> str | None:
 
 def launch_body(q_rot, segments, part_o, part_m, part_l, *, sink_len, body_len, q_len, num_kv_heads, group,
                 body_chunk, body_splits, num_splits, block_m_out, sm_scale_log2, mask_u8, sm_b, sm_q, sm_t,
-                has_mask, lengths, cfg: BodyConfig, dtype: torch.dtype, n_bh: int, mask_scan: bool = True) -> None:
+                has_mask, lengths, cfg: BodyConfig, dtype: torch.dtype, n_bh: int, mask_scan: bool = True,
+                max_registers: int | None = None) -> None:
     """Launch the body programs `0 .. body_splits - 1` of every (batch x KV head) row; `body_chunk` tokens a split
     (a multiple of `cfg.block`). `lengths` is the device lengths tensor or None (host lengths)."""
     (_, _, _, _, kc, ks, ko, vc, vs, vo) = segments
@@ -558,5 +560,6 @@ def launch_body(q_rot, segments, part_o, part_m, part_l, *, sink_len, body_len, 
         sink_len, body_len, q_len, num_kv_heads, group, body_chunk // cfg.block, num_splits, 0,
         sm_scale_log2, lengths if device_lengths else mask_u8,
         num_warps=cfg.warps,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
         **constexprs(cfg, dtype, block_m_out, has_mask, device_lengths, mask_scan),
     )

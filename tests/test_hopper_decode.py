@@ -223,9 +223,10 @@ def test_hopper_body_declines_what_it_cannot_serve(monkeypatch):
         dk._hopper_config(True, q, None, 4, None)
 
 
-def test_hopper_body_compiles_for_sm90_offline():
+@pytest.mark.parametrize("has_mask, device_lengths", [(False, False), (False, True), (True, True)])
+def test_hopper_body_compiles_for_sm90_offline(has_mask, device_lengths):
     """The kernel through Triton's front end, ptxas and nvdisasm for sm_90, no GPU needed (Triton 3.6 only: the
-    Gluon API it is written against)."""
+    Gluon API it is written against), with and without a mask: each compiles a different loop."""
     import triton
 
     if not triton.__version__.startswith("3.6"):
@@ -238,7 +239,7 @@ def test_hopper_body_compiles_for_sm90_offline():
 
     if hc.sass_loop.tools_missing():
         pytest.skip(hc.sass_loop.tools_missing())
-    cfg, compiled = hc.compile_body(rows=4)
+    cfg, compiled = hc.compile_body(rows=4, has_mask=has_mask, device_lengths=device_lengths)
     s = hc.summary(cfg, compiled)
     assert s["local"] == 0, "the body kernel spills"
     assert dict(s["ops"]).get("HMMA", 0) > 0
