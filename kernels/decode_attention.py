@@ -646,7 +646,7 @@ def _decode_stage2(
 
 
 # ---------------------------------------------------------------------------------------------------------- launcher
-def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_mask):
+def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_mask, stages: int | None = None):
     """The Gluon body kernel's configuration (`kernels/hopper_decode.py`) when this call uses it, else None.
     `wanted` True raises where it cannot serve; None follows `OSCAR_HF_HOPPER_KERNEL` (`1`: wherever it can serve,
     `0`: never) and, unset, takes it where it was measured faster (`hopper_decode.measured_faster`); both fall back
@@ -671,7 +671,7 @@ def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_ma
         if wanted:
             raise ValueError(f"The Gluon body kernel cannot serve this call: {reason}.")
         return None
-    return hopper_decode.config_for(rows, query.shape[-1])
+    return hopper_decode.config_for(rows, query.shape[-1], stages=stages or 3)
 
 
 def query_tile_rows(rows: int) -> int:
@@ -739,6 +739,9 @@ class DecodeOptions:
     variable `OSCAR_HF_HOPPER_KERNEL` says otherwise (`1` wherever it can serve, `0` never). `block_n` and `stack`
     then apply to the exact segments only. `mask_scan`: with a boolean mask, each body split first scans its columns
     and reads the mask in its loop only where they hide something (False: always read it, as before).
+    `body_stages` and `body_max_registers` launch the Gluon body with that many pipeline buffers (default 3) and a
+    register cap (ptx `.maxnreg`; default none, 255 registers): a one-warp program needs 27 KiB of shared memory with
+    3 stages, 18 KiB with 2, so 8 or 12 fit on an SM, and 255 registers let 8 warps run on an SM, 168 12, 128 16.
     """
 
     block_n: int | None = None
@@ -754,6 +757,8 @@ class DecodeOptions:
     dependent_launch: bool = False
     hopper_body: bool | None = None
     mask_scan: bool = True
+    body_stages: int | None = None
+    body_max_registers: int | None = None
 
     def to_ints(self) -> list[int]:
         """The options as a list of ints (-1 for None), the form a `torch.library` op signature can carry."""
@@ -919,7 +924,7 @@ def decode_attention(
     elif value_pairs and block_n // stack < 32:
         raise ValueError(f"value_pairs needs sub-blocks of >= 32 tokens (block_n={block_n}, stack={stack}).")
     exact_chunk = o.exact_chunk
-    hopper = _hopper_config(o.hopper_body, query, segments, group * q_len, attention_mask)
+    hopper = _hopper_config(o.hopper_body, query, segments, group * q_len, attention_mask, o.body_stages)
     body_block = block_n if hopper is None else hopper.block
     body_blocks = triton.cdiv(body_len, body_block)
     if body_blocks:
@@ -986,7 +991,7 @@ def decode_attention(
             num_kv_heads=kvh, group=group, body_chunk=chunk, body_splits=splits, num_splits=num_splits,
             block_m_out=block_m, sm_scale_log2=sm_scale_log2, mask_u8=mask_u8, sm_b=sm_b, sm_q=sm_q, sm_t=sm_t,
             has_mask=has_mask, lengths=lengths if device_lengths else None, cfg=hopper, dtype=query.dtype,
-            n_bh=n_bh, mask_scan=o.mask_scan,
+            n_bh=n_bh, mask_scan=o.mask_scan, max_registers=o.body_max_registers,
         )
         first_split = splits  # the Triton stage 1 below serves the sink and recent-window splits only
     _decode_stage1[(n_bh, num_splits - first_split)](

@@ -30,6 +30,8 @@ from oscar_hf.kernels.decode_attention import oscar_decode_attention  # noqa: E4
 from oscar_hf.layer import OscarSegments  # noqa: E402
 
 SHAPES = [(1, 8192), (1, 32768), (1, 131072), (8, 131072)]
+# (pipeline stages, register cap, programs per SM) of the Gluon body tried with --occupancy
+OCCUPANCY = [(3, 168, 8), (2, 168, 12), (2, 128, 12), (2, 128, 16), (2, 168, 24)]
 
 
 def main(argv=None) -> int:
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--mask", action="store_true",
                    help="also time both paths with the boolean mask a compiled generate() passes ([B, 1, 1, "
                         "max_cache_len], True up to the cache's length)")
+    p.add_argument("--occupancy", action="store_true",
+                   help="also time the Gluon body with fewer pipeline stages and a register cap (more programs an SM)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("needs an sm_90 GPU (H100 / H200)")
@@ -75,6 +79,13 @@ def main(argv=None) -> int:
         for pps in (4, 16):  # programs per SM (the Gluon programs are one warp each; registers fit 8 at once)
             r[f"gluon_p{pps}_us"] = bk.bench_graph(lambda: call(True, programs_per_sm=pps)) * 1e3
         r["gluon_p8_b1_us"] = bk.bench_graph(lambda: call(True, min_blocks_per_split=1)) * 1e3
+        if args.occupancy:
+            # More one-warp programs on an SM at once: shared memory (27 KiB a program with 3 stages, 18 KiB with 2)
+            # and registers (255: 8 warps an SM; 168: 12; 128: 16) both cap it.
+            for stages, regs, pps in OCCUPANCY:
+                kw = dict(body_stages=stages, body_max_registers=regs, programs_per_sm=pps)
+                r[f"occ_s{stages}_r{regs}_p{pps}_err"] = bk.rel_err(call(True, **kw), call(False))
+                r[f"gluon_s{stages}_r{regs}_p{pps}_us"] = bk.bench_graph(lambda: call(True, **kw)) * 1e3
         r["gluon_best_us"] = min(v for k, v in r.items() if k.startswith("gluon_") and k.endswith("_us"))
         if args.mask:
             kv_len = int(layer.lengths[:3].sum())
@@ -120,7 +131,17 @@ def main(argv=None) -> int:
             print(f"| {r['batch']} | {r['context'] // 1024}K | {r['triton_us']:.1f} | {r['triton_mask_us']:.1f} | "
                   f"{r['triton_mask_noscan_us']:.1f} | {r['gluon_us']:.1f} | {r['gluon_mask_us']:.1f} | "
                   f"{r['gluon_mask_noscan_us']:.1f} | {max(r['mask_err'], r['mask_noscan_err']):.2e} |")
-    ok = all(r["finite"] and r["err_gluon"] < 2e-2 and r["gluon_vs_triton"] < 1e-2 for r in rows)
+    if args.occupancy:
+        print("\nGluon body occupancy: us per call, (pipeline stages, register cap, programs per SM); default is (3, "
+              "none, 8 or 16)")
+        print("| batch | context | Gluon default | " + " | ".join(f"s{s} r{g} p{q}" for s, g, q in OCCUPANCY)
+              + " | worst err vs Triton |")
+        for r in rows:
+            print(f"| {r['batch']} | {r['context'] // 1024}K | {r['gluon_us']:.1f} | "
+                  + " | ".join(f"{r[f'gluon_s{s}_r{g}_p{q}_us']:.1f}" for s, g, q in OCCUPANCY)
+                  + f" | {max(r[f'occ_s{s}_r{g}_p{q}_err'] for s, g, q in OCCUPANCY):.2e} |")
+    ok = all(r["finite"] and r["err_gluon"] < 2e-2 and r["gluon_vs_triton"] < 1e-2
+             and all(v < 1e-2 for k, v in r.items() if k.startswith("occ_")) for r in rows)
     print("correctness:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 
