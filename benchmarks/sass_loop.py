@@ -57,7 +57,7 @@ def compile_stage1(block_n: int = 128, stack: int = 4, rows: int = 4, dtype: str
         if param.is_constexpr and param.has_default and param.name not in const:
             const[param.name] = param.default
     pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "mask_ptr": "*u8", "part_o": "*fp32", "part_m": "*fp32",
-                "part_l": "*fp32", "lengths_ptr": "*i32"}
+                "part_l": "*fp32", "lengths_ptr": "*i32", "counter_ptr": "*i32", "rv_ptr": "*fp32"}
     sig = {}
     for name in fn.arg_names:
         if name in const:

@@ -448,10 +448,12 @@ def _decode_stage1(
     part_o, part_m, part_l,
     sink_len, body_len, recent_len, q_len, num_kv_heads, group, body_chunk, num_splits, body_splits, sink_splits,
     sm_scale_log2, lengths_ptr, first_split,
+    counter_ptr, rv_ptr, srv_g, out_ptr, so_b, so_h, so_t,
     D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     EXACT_CHUNK: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     DEVICE_LENGTHS: tl.constexpr, KEY_PAIRS: tl.constexpr = False, VALUE_PAIRS: tl.constexpr = False,
-    PDL: tl.constexpr = False, MASK_SCAN: tl.constexpr = True,
+    PDL: tl.constexpr = False, MASK_SCAN: tl.constexpr = True, MERGE: tl.constexpr = False,
+    HAS_RV: tl.constexpr = False, MERGE_S: tl.constexpr = 1, MERGE_E: tl.constexpr = 1,
 ):
     QD: tl.constexpr = D // 4
     # The BLOCK_M rows of the score tile are J = BLOCK_M / RP stacked copies of the RP (padded) query rows; in the
@@ -584,9 +586,62 @@ def _decode_stage1(
     tl.store(o_rows + 3 * QD, a3 + a_off[:, None], mask=out_ok[:, None])
     tl.store(part_m + part * BLOCK_M + out_rows, m_i, mask=out_ok)
     tl.store(part_l + part * BLOCK_M + out_rows, l_i, mask=out_ok)
+    if MERGE:
+        # Stage 2 in this launch: the last program of the (batch, KV head) row to finish merges every split. Every
+        # thread's stores above come before the count (barrier, then a release); the last one's acquire and its L2
+        # reads (`.cg`) see them. Splits served by the Gluon body were written by a launch that has finished.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(1) - 1:
+            tl.atomic_xchg(counter_ptr + pid_bh, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+            o = _merge_splits(part_o, part_m, part_l, pid_bh.to(tl.int64) * num_splits, num_splits, out_rows, out_ok,
+                              tl.arange(0, D), BLOCK_M, D, MERGE_S, True)
+            for e0 in range(0, D, MERGE_E):
+                _store_rows(o, rv_ptr, srv_g, kvh, e0, out_ptr, so_b, so_h, so_t, b, out_rows, out_ok, q_len, group,
+                            D, MERGE_E, HAS_RV, FP32_DOT)
 
 
 # ---------------------------------------------------------------------------------------------------------- stage 2
+@triton.jit
+def _merge_splits(part_o, part_m, part_l, first, num_splits, rows, row_ok, cols, BLOCK_M: tl.constexpr,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, VOLATILE: tl.constexpr):
+    """The normalised output `[R, C]` of query rows `rows` (`[R]`), channels `cols` (`[C]`): their partials over
+    splits `first .. first + num_splits - 1` merged in one pass, `BLOCK_S` splits at a time with online rescaling.
+    `VOLATILE`: read through L2 (`.cg`), for partials other programs of the running launch wrote."""
+    splits = tl.arange(0, BLOCK_S)
+    cm: tl.constexpr = ".cg" if VOLATILE else ""
+    m_run = tl.full([rows.shape[0]], _MASKED, dtype=tl.float32)
+    l_run = tl.zeros([rows.shape[0]], dtype=tl.float32)
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = (s0 + splits < num_splits)[:, None] & row_ok[None, :]  # [S, R]
+        part = (first + s0 + splits)[:, None] * BLOCK_M + rows[None, :]
+        m_s = tl.load(part_m + part, mask=ok, other=_MASKED, cache_modifier=cm)
+        l_s = tl.load(part_l + part, mask=ok, other=0.0, cache_modifier=cm)
+        o_s = tl.load(part_o + part[:, :, None] * D + cols[None, None, :], mask=ok[:, :, None], other=0.0,
+                      cache_modifier=cm)
+        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
+        alpha = tl.math.exp2(m_run - m_new)
+        w = tl.where(ok, tl.math.exp2(m_s - m_new[None, :]), 0.0)
+        l_run = l_run * alpha + tl.sum(w * l_s, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_s, axis=0)
+        m_run = m_new
+    return acc / tl.where(row_ok, l_run, 1.0)[:, None]
+
+
+@triton.jit
+def _store_rows(o, rv_ptr, srv_g, kvh, e0, out_ptr, so_b, so_h, so_t, b, rows, row_ok, q_len, group,
+                D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_RV: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Writes channels `e0 .. e0 + BLOCK_E - 1` of the rows' outputs to `[B, q_len, Hq, D]` memory: `o` `[R, D]`
+    un-rotated by R_V^T (`out[e] = sum_d o[d] R_V[e, d]`), or `o` `[R, BLOCK_E]` as it is without a rotation."""
+    e = e0 + tl.arange(0, BLOCK_E)
+    out_rows = out_ptr + b * so_b + (kvh * group + rows // q_len) * so_h + (rows % q_len) * so_t
+    if HAS_RV:
+        r = tl.load(rv_ptr + kvh * srv_g + e[:, None] * D + tl.arange(0, D)[None, :])  # [E, D]
+        o = tl.sum(o[:, None, :] * r[None, :, :], axis=2)
+    tl.store(out_rows[:, None] + e[None, :], _round(o, out_ptr.dtype.element_ty, FP32_DOT), mask=row_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_stage2(
     part_o, part_m, part_l,
@@ -601,48 +656,20 @@ def _decode_stage2(
     count it is a single round of independent loads), normalises, and un-rotates its channels by R_V^T. The programs
     of one row repeat the merge (a few KB from L2) rather than wait for each other."""
     pid_bh = tl.program_id(0)
-    row = tl.program_id(1)
+    rows = tl.program_id(1) + tl.arange(0, 1)
     e0 = tl.program_id(2) * BLOCK_E
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kvh = (pid_bh % num_kv_heads).to(tl.int64)
-    splits = tl.arange(0, BLOCK_S)
     if HAS_RV:
         cols = tl.arange(0, D)
     else:
         cols = e0 + tl.arange(0, BLOCK_E)
-    first = pid_bh.to(tl.int64) * num_splits
-    e = e0 + tl.arange(0, BLOCK_E)
-    if HAS_RV:  # R_V is not written by stage 1: read it before waiting for stage 1
-        r = tl.load(rv_ptr + kvh * srv_g + e[:, None] * D + cols[None, :])
     if PDL:
         gdc_wait()
-
-    m_run = tl.max(tl.full([BLOCK_S], _MASKED, dtype=tl.float32), axis=0)
-    l_run = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), axis=0)
-    acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = s0 + splits < num_splits
-        part = first + s0 + splits
-        m_s = tl.load(part_m + part * BLOCK_M + row, mask=ok, other=_MASKED)
-        l_s = tl.load(part_l + part * BLOCK_M + row, mask=ok, other=0.0)
-        o_s = tl.load(part_o + (part * BLOCK_M + row)[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
-        alpha = tl.math.exp2(m_run - m_new)
-        w = tl.where(ok, tl.math.exp2(m_s - m_new), 0.0)
-        l_run = l_run * alpha + tl.sum(w * l_s, axis=0)
-        acc = acc * alpha + tl.sum(w[:, None] * o_s, axis=0)
-        m_run = m_new
-    o = acc / l_run
-
-    g = row // q_len
-    qi = row % q_len
-    out_row = out_ptr + b * so_b + (kvh * group + g) * so_h + qi * so_t
-    if HAS_RV:
-        # out[e] = sum_d o[d] * R_V[e, d]  (o @ R_V^T) for this program's channels.
-        out_e = tl.sum(r * o[None, :], axis=1)
-        tl.store(out_row + e, _round(out_e, out_ptr.dtype.element_ty, FP32_DOT))
-    else:
-        tl.store(out_row + e, _round(o, out_ptr.dtype.element_ty, FP32_DOT))
+    o = _merge_splits(part_o, part_m, part_l, pid_bh.to(tl.int64) * num_splits, num_splits, rows, rows >= 0, cols,
+                      BLOCK_M, D, BLOCK_S, False)
+    _store_rows(o, rv_ptr, srv_g, kvh, e0, out_ptr, so_b, so_h, so_t, b, rows, rows >= 0, q_len, group,
+                D, BLOCK_E, HAS_RV, FP32_DOT)
 
 
 # ---------------------------------------------------------------------------------------------------------- launcher
@@ -714,6 +741,27 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+_MERGE_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """The zeroed int32 arrival counts of `merge_in_stage1` for `n` (batch x KV head) rows; each launch leaves them
+    zero again. None where a larger buffer would have to be allocated during CUDA-graph capture."""
+    index = device.index if device.type != "cuda" or device.index is not None else torch.cuda.current_device()
+    key = (device.type, index)
+    counters = _MERGE_COUNTERS.get(key)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _MERGE_COUNTERS[key] = counters
+    return counters
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def _rotation_arg(rotation: torch.Tensor | None, num_kv_heads: int, head_dim: int, device) -> tuple[torch.Tensor, int]:
     """`(tensor, per-KV-head stride)` for a `[groups, D, D]` rotation (stride 0 when one rotation is shared)."""
     if rotation is None:
@@ -742,6 +790,10 @@ class DecodeOptions:
     `body_stages` and `body_max_registers` launch the Gluon body with that many pipeline buffers (default 3) and a
     register cap (ptx `.maxnreg`; default none, 255 registers): a one-warp program needs 27 KiB of shared memory with
     3 stages, 18 KiB with 2, so 8 or 12 fit on an SM, and 255 registers let 8 warps run on an SM, 168 12, 128 16.
+    `merge_in_stage1`: the last stage-1 program of each (batch, KV head) row merges the splits (an atomic count in a
+    zeroed buffer this module keeps per device), so stage 2 is not launched; one launch less per call, at the price of
+    one program's merge at the end. Not while a CUDA graph is being captured unless the buffer exists already, and
+    not for two calls running at once on different streams of one device.
     """
 
     block_n: int | None = None
@@ -759,6 +811,7 @@ class DecodeOptions:
     mask_scan: bool = True
     body_stages: int | None = None
     body_max_registers: int | None = None
+    merge_in_stage1: bool = False
 
     def to_ints(self) -> list[int]:
         """The options as a list of ints (-1 for None), the form a `torch.library` op signature can carry."""
@@ -994,6 +1047,10 @@ def decode_attention(
             n_bh=n_bh, mask_scan=o.mask_scan, max_registers=o.body_max_registers,
         )
         first_split = splits  # the Triton stage 1 below serves the sink and recent-window splits only
+    counters = _merge_counters(dev, n_bh) if o.merge_in_stage1 else None
+    merge = counters is not None
+    rows_out = block_m // stack  # the padded query rows a partial holds
+    tile = max(1, 4096 // (rows_out * head_dim))  # ~32 float32 registers a thread for the merge's [S, R, D] tiles
     _decode_stage1[(n_bh, num_splits - first_split)](
         q_rot,
         sink_k, sink_v, *sink_k.stride()[:3],
@@ -1004,15 +1061,20 @@ def decode_attention(
         part_o, part_m, part_l,
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
         sm_scale_log2, lengths if device_lengths else mask_u8, first_split,
+        counters if merge else mask_u8, rv, srv, out, out.stride(0), out.stride(1), out.stride(2),
         D=head_dim, BLOCK_M=block_m, RP=block_m // stack, BLOCK_N=block_n // stack,
         BLOCK_E=min(block_n, 32, exact_chunk),
         EXACT_CHUNK=exact_chunk,
         DT=dt,
         HAS_MASK=has_mask, CAUSAL=causal, FP32_DOT=_interpreting(), DEVICE_LENGTHS=device_lengths,
-        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, PDL=pdl, MASK_SCAN=o.mask_scan,
+        KEY_PAIRS=key_pairs, VALUE_PAIRS=value_pairs, PDL=pdl and not merge, MASK_SCAN=o.mask_scan,
+        MERGE=merge, HAS_RV=v_rotation is not None, MERGE_S=_pow2_at_most(tile),
+        MERGE_E=_pow2_at_most(tile) if v_rotation is not None else head_dim,
         num_warps=o.num_warps, num_stages=o.num_stages,
         **({} if o.max_registers is None else {"maxnreg": o.max_registers}),
     )
+    if merge:
+        return out
     block_e = 32
     _decode_stage2[(n_bh, group * q_len, head_dim // block_e)](
         part_o, part_m, part_l,

@@ -340,7 +340,7 @@ def decode_attention(query: torch.Tensor, layer, attention_mask: torch.Tensor | 
 
 
 # DecodeOptions() as ints, spelled out so that importing this module does not import Triton.
-_DEFAULT_LAUNCH = [-1, -1, 4, 64, 4, 2, -1, -1, -1, -1, 0, -1, 1, -1, -1]
+_DEFAULT_LAUNCH = [-1, -1, 4, 64, 4, 2, -1, -1, -1, -1, 0, -1, 1, -1, -1, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers

@@ -325,6 +325,33 @@ def test_decode_kernel_matches_reference(poisoned_allocations, rotation, q_len, 
 
 
 @in_process
+@pytest.mark.parametrize(
+    "rotation,q_len,group,device_lengths",
+    [("per_head", 1, 4, True), ("shared", 3, 2, False), (None, 2, 4, True), ("per_head", 8, 8, False)],
+)
+def test_decode_kernel_merges_in_stage1(poisoned_allocations, rotation, q_len, group, device_lengths):
+    """`merge_in_stage1`: the last stage-1 program of each row merges the splits instead of a stage-2 launch. Same
+    attention as the two-launch call (only the grouping of the merge's float32 sums differs), and the arrival counts
+    are zero again after every call, so the next launch counts from zero."""
+    gen = torch.Generator().manual_seed(31 + q_len)
+    layer = _filled_layer(gen, batch=2, kv_heads=2, head_dim=64, prompt=150, rotation=rotation)
+    if device_lengths:
+        layer = OscarQuantizedLayer(layer.k_rotation, layer.v_rotation, 0.96, 0.92, sink_tokens=8, recent_tokens=16,
+                                    demote_block=8, max_cache_len=300)
+        layer.update(_rows((2, 2, 150, 64), gen), _rows((2, 2, 150, 64), gen))
+    for _ in range(3):  # crosses a demotion
+        seg, query = _step(layer, gen, q_len, group)
+        kw = dict(device_lengths=device_lengths, block_n=16, min_blocks_per_split=1, exact_chunk=16)
+        two_launches = dk.oscar_decode_attention(query, layer, None, None, q_len, **kw)
+        one_launch = dk.oscar_decode_attention(query, layer, None, None, q_len, merge_in_stage1=True, **kw)
+        assert torch.isfinite(one_launch).all(), "an output element was never written (poisoned NaN survived)"
+        assert _rel(one_launch, two_launches) < 5e-3
+        _check_against_reference(one_launch, query, seg, None)
+        counters = dk._MERGE_COUNTERS[(query.device.type, query.device.index)]
+        assert int(counters.abs().sum()) == 0
+
+
+@in_process
 @pytest.mark.parametrize("q_len,group,padded", [(1, 4, False), (2, 4, True), (1, 1, False), (1, 2, True)])
 def test_decode_kernel_stacked_query_rows_match_reference(poisoned_allocations, q_len, group, padded):
     """Few query rows per KV head: the score tile stacks copies of them over consecutive key sub-blocks (`stack` > 1);

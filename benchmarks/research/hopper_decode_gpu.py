@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_kernels as bk  # noqa: E402
 from oscar_hf.attention import segment_attention_reference  # noqa: E402
-from oscar_hf.kernels.decode_attention import oscar_decode_attention  # noqa: E402
+from oscar_hf.kernels.decode_attention import oscar_decode_attention, rotate_query  # noqa: E402
 from oscar_hf.layer import OscarSegments  # noqa: E402
 
 SHAPES = [(1, 8192), (1, 32768), (1, 131072), (8, 131072)]
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--mask", action="store_true",
                    help="also time both paths with the boolean mask a compiled generate() passes ([B, 1, 1, "
                         "max_cache_len], True up to the cache's length)")
+    p.add_argument("--merge", action="store_true",
+                   help="also time merge_in_stage1 (no stage-2 launch), with and without the query rotated beforehand")
     p.add_argument("--occupancy", action="store_true",
                    help="also time the Gluon body with fewer pipeline stages and a register cap (more programs an SM)")
     args = p.parse_args(argv)
@@ -79,6 +81,16 @@ def main(argv=None) -> int:
         for pps in (4, 16):  # programs per SM (the Gluon programs are one warp each; registers fit 8 at once)
             r[f"gluon_p{pps}_us"] = bk.bench_graph(lambda: call(True, programs_per_sm=pps)) * 1e3
         r["gluon_p8_b1_us"] = bk.bench_graph(lambda: call(True, min_blocks_per_split=1)) * 1e3
+        if args.merge:  # stage 2 folded into stage 1's last program per row: one launch less
+            r["merge_err"] = max(bk.rel_err(call(False, merge_in_stage1=True), call(False)),
+                                 bk.rel_err(call(True, merge_in_stage1=True), call(True)))
+            r["triton_merge_us"] = bk.bench_graph(lambda: call(False, merge_in_stage1=True)) * 1e3
+            r["gluon_merge_us"] = bk.bench_graph(lambda: call(True, merge_in_stage1=True)) * 1e3
+            q_rot = rotate_query(query, layer.k_rotation, layer.num_heads)  # a compiled step's window write does this
+            for name, hopper in (("triton", False), ("gluon", True)):
+                r[f"{name}_in_step_us"] = bk.bench_graph(lambda: call(hopper, rotated_query=q_rot)) * 1e3
+                r[f"{name}_in_step_merge_us"] = bk.bench_graph(
+                    lambda: call(hopper, rotated_query=q_rot, merge_in_stage1=True)) * 1e3
         if args.occupancy:
             # More one-warp programs on an SM at once: shared memory (27 KiB a program with 3 stages, 18 KiB with 2)
             # and registers (255: 8 warps an SM; 168: 12; 128: 16) both cap it.
@@ -95,6 +107,9 @@ def main(argv=None) -> int:
             r["triton_mask_us"] = bk.bench_graph(lambda: call(False, gen_mask)) * 1e3
             r["gluon_mask_us"] = bk.bench_graph(lambda: call(True, gen_mask)) * 1e3
             r["triton_mask_noscan_us"] = bk.bench_graph(lambda: call(False, gen_mask, mask_scan=False)) * 1e3
+            # the scan's two loop copies take stage 1 from 168 registers to 255 (sm_90, Triton 3.6): 2 programs an
+            # SM instead of 3; capped at 168 they compile with no spill
+            r["triton_mask_r168_us"] = bk.bench_graph(lambda: call(False, gen_mask, max_registers=168)) * 1e3
             r["gluon_mask_noscan_us"] = bk.bench_graph(lambda: call(True, gen_mask, mask_scan=False)) * 1e3
             r["mask_noscan_err"] = bk.rel_err(call(True, gen_mask, mask_scan=False), call(False, gen_mask))
         body_len = int(layer.lengths[1])
@@ -125,12 +140,23 @@ def main(argv=None) -> int:
     if args.mask:
         print("\nwith generate()'s boolean mask (scan: the split reads the mask in its loop only where it hides "
               "something)")
-        print("| batch | context | Triton no mask | Triton scan | Triton no scan | Gluon no mask | Gluon scan | "
-              "Gluon no scan | Gluon vs Triton, masked |")
+        print("| batch | context | Triton no mask | Triton scan | Triton no scan | Triton scan, 168 registers | "
+              "Gluon no mask | Gluon scan | Gluon no scan | Gluon vs Triton, masked |")
         for r in rows:
             print(f"| {r['batch']} | {r['context'] // 1024}K | {r['triton_us']:.1f} | {r['triton_mask_us']:.1f} | "
-                  f"{r['triton_mask_noscan_us']:.1f} | {r['gluon_us']:.1f} | {r['gluon_mask_us']:.1f} | "
+                  f"{r['triton_mask_noscan_us']:.1f} | {r['triton_mask_r168_us']:.1f} | {r['gluon_us']:.1f} | "
+                  f"{r['gluon_mask_us']:.1f} | "
                   f"{r['gluon_mask_noscan_us']:.1f} | {max(r['mask_err'], r['mask_noscan_err']):.2e} |")
+    if args.merge:
+        print("\nstage 2 merged into stage 1 (one launch less); in step: the query rotated beforehand, as a compiled "
+              "step's window write does (stage 0 not launched)")
+        print("| batch | context | Triton | Triton merged | Gluon | Gluon merged | Triton in step | Triton in step merged "
+              "| Gluon in step | Gluon in step merged | floor us | err |")
+        for r in rows:
+            print(f"| {r['batch']} | {r['context'] // 1024}K | {r['triton_us']:.1f} | {r['triton_merge_us']:.1f} | "
+                  f"{r['gluon_us']:.1f} | {r['gluon_merge_us']:.1f} | {r['triton_in_step_us']:.1f} | "
+                  f"{r['triton_in_step_merge_us']:.1f} | {r['gluon_in_step_us']:.1f} | "
+                  f"{r['gluon_in_step_merge_us']:.1f} | {r['floor_us']:.1f} | {r['merge_err']:.1e} |")
     if args.occupancy:
         print("\nGluon body occupancy: us per call, (pipeline stages, register cap, programs per SM); default is (3, "
               "none, 8 or 16)")
@@ -141,7 +167,7 @@ def main(argv=None) -> int:
                   + " | ".join(f"{r[f'gluon_s{s}_r{g}_p{q}_us']:.1f}" for s, g, q in OCCUPANCY)
                   + f" | {max(r[f'occ_s{s}_r{g}_p{q}_err'] for s, g, q in OCCUPANCY):.2e} |")
     ok = all(r["finite"] and r["err_gluon"] < 2e-2 and r["gluon_vs_triton"] < 1e-2
-             and all(v < 1e-2 for k, v in r.items() if k.startswith("occ_")) for r in rows)
+             and all(v < 1e-2 for k, v in r.items() if k.startswith("occ_") or k == "merge_err") for r in rows)
     print("correctness:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 
