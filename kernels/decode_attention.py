@@ -59,6 +59,7 @@ _LOG2E = 1.4426950408889634
 _MASKED = tl.constexpr(-1.0e30)  # a finite "minus infinity": exp2 of a difference of two of them stays finite (no NaN)
 
 _SM_COUNT: dict[int, int] = {}
+_MASKED_STAGE1_REGISTERS = 168
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -701,6 +702,17 @@ def _hopper_config(wanted: bool | None, query, segments, rows: int, attention_ma
     return hopper_decode.config_for(rows, query.shape[-1], stages=stages or 3)
 
 
+def stage1_max_registers(options: DecodeOptions, has_mask: bool, on_gpu: bool) -> int | None:
+    """Stage 1's register cap: `options.max_registers`, else 168 where a mask is scanned on a GPU. The scan compiles
+    two loops (with and without mask reads), which takes stage 1 from 168 registers to 255 (sm_90, Triton 3.6):
+    2 programs of 4 warps an SM instead of the 3 the grid is sized for. Capped at 168 the masked kernel compiles
+    without spilling, and its maskless loop is as long as the maskless kernel's (1,482 against 1,478 instructions
+    per 128 keys, `benchmarks/sass_loop.py`)."""
+    if options.max_registers is not None or not (has_mask and options.mask_scan and on_gpu):
+        return options.max_registers
+    return _MASKED_STAGE1_REGISTERS
+
+
 def query_tile_rows(rows: int) -> int:
     """Rows of the query tile of one KV head (`group * q_len` query rows, zero-padded): stage 0's output layout is
     `[batch * kv_heads, query_tile_rows(rows), head_dim]`."""
@@ -780,8 +792,8 @@ class DecodeOptions:
     tokens of the exact windows per program, `stack` copies of the query rows in the score tile (default: as many as
     fit), `key_pairs` / `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the
     shapes allow), `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on
-    an SM, `dependent_launch` launches stage 2 as a programmatic dependent of stage 1 (sm_90+; off by default until
-    timed, see benchmarks/RESULTS.md). `hopper_body` serves the 2-bit body splits with the Gluon kernel of
+    an SM (default: none; 168 with a scanned mask, `stage1_max_registers`), `dependent_launch` launches stage 2 as a
+    programmatic dependent of stage 1 (sm_90+; off by default until timed, see benchmarks/RESULTS.md). `hopper_body` serves the 2-bit body splits with the Gluon kernel of
     `kernels/hopper_decode.py` (sm_90, Triton 3.6): True asks for it (an error where it cannot serve), False never,
     None (the default) where it was measured faster (`hopper_decode.measured_faster`) unless the environment
     variable `OSCAR_HF_HOPPER_KERNEL` says otherwise (`1` wherever it can serve, `0` never). `block_n` and `stack`
@@ -1047,6 +1059,7 @@ def decode_attention(
             n_bh=n_bh, mask_scan=o.mask_scan, max_registers=o.body_max_registers,
         )
         first_split = splits  # the Triton stage 1 below serves the sink and recent-window splits only
+    max_registers = stage1_max_registers(o, has_mask, query.is_cuda and not _interpreting())
     counters = _merge_counters(dev, n_bh) if o.merge_in_stage1 else None
     merge = counters is not None
     rows_out = block_m // stack  # the padded query rows a partial holds
@@ -1071,7 +1084,7 @@ def decode_attention(
         MERGE=merge, HAS_RV=v_rotation is not None, MERGE_S=_pow2_at_most(tile),
         MERGE_E=_pow2_at_most(tile) if v_rotation is not None else head_dim,
         num_warps=o.num_warps, num_stages=o.num_stages,
-        **({} if o.max_registers is None else {"maxnreg": o.max_registers}),
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     if merge:
         return out

@@ -776,3 +776,14 @@ def test_device_append_rotates_the_new_states_as_the_host_does(k_groups, v_group
         demotions += host.body_len > body
         _assert_same_state(host, device)
     assert demotions >= 3
+
+
+def test_a_scanned_mask_caps_stage1_registers_on_the_gpu():
+    """The mask scan's two loops would take stage 1 to 255 registers (2 programs an SM, not 3): capped unless the
+    caller chose a cap, and only where there is a mask to scan on a GPU."""
+    cap = dk._MASKED_STAGE1_REGISTERS
+    assert dk.stage1_max_registers(dk.DecodeOptions(), has_mask=True, on_gpu=True) == cap
+    assert dk.stage1_max_registers(dk.DecodeOptions(max_registers=200), has_mask=True, on_gpu=True) == 200
+    assert dk.stage1_max_registers(dk.DecodeOptions(mask_scan=False), has_mask=True, on_gpu=True) is None
+    assert dk.stage1_max_registers(dk.DecodeOptions(), has_mask=False, on_gpu=True) is None
+    assert dk.stage1_max_registers(dk.DecodeOptions(), has_mask=True, on_gpu=False) is None
