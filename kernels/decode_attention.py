@@ -793,8 +793,8 @@ class DecodeOptions:
     fit), `key_pairs` / `value_pairs` codes read two bytes at a time (see the module docstring; default: wherever the
     shapes allow), `max_registers` caps stage 1's registers per thread (ptx `.maxnreg`) so that more programs fit on
     an SM (default: none; 168 with a scanned mask, `stage1_max_registers`), `dependent_launch` launches stage 2 as a
-    programmatic dependent of stage 1 (sm_90+; off by default until timed, see benchmarks/RESULTS.md). `hopper_body` serves the 2-bit body splits with the Gluon kernel of
-    `kernels/hopper_decode.py` (sm_90, Triton 3.6): True asks for it (an error where it cannot serve), False never,
+    programmatic dependent of stage 1 (sm_90+; off by default until timed, see benchmarks/RESULTS.md).
+    `hopper_body` serves the 2-bit body splits with the Gluon kernel of `kernels/hopper_decode.py` (sm_90, Triton 3.6): True asks for it (an error where it cannot serve), False never,
     None (the default) where it was measured faster (`hopper_decode.measured_faster`) unless the environment
     variable `OSCAR_HF_HOPPER_KERNEL` says otherwise (`1` wherever it can serve, `0` never). `block_n` and `stack`
     then apply to the exact segments only. `mask_scan`: with a boolean mask, each body split first scans its columns
