@@ -797,7 +797,8 @@ class DecodeOptions:
     `hopper_body` serves the 2-bit body splits with the Gluon kernel of `kernels/hopper_decode.py` (sm_90, Triton
     3.6): True asks for it (an error where it cannot serve), False never, None (the default) where it was measured
     faster (`hopper_decode.measured_faster`) unless the environment variable `OSCAR_HF_HOPPER_KERNEL` says otherwise
-    (`1` wherever it can serve, `0` never). `block_n` and `stack` then apply to the exact segments only. `mask_scan`: with a boolean mask, each body split first scans its columns
+    (`1` wherever it can serve, `0` never). `block_n` and `stack` then apply to the exact segments only.
+    `mask_scan`: with a boolean mask, each body split first scans its columns
     and reads the mask in its loop only where they hide something (False: always read it, as before).
     `body_stages` and `body_max_registers` launch the Gluon body with that many pipeline buffers (default 3) and a
     register cap (ptx `.maxnreg`; default none, 255 registers): a one-warp program needs 27 KiB of shared memory with
