@@ -560,7 +560,24 @@ GENERATE_ROWS = (  # in order of importance: a run cut short by --time-limit kee
 # demoted in two launches, `oscar_hf.ops.PAIRED_DEMOTION = False`), beside the default row, to time what they save.
 GENERATE_EXTRA_ROWS = (
     ("oscar", "compile-unfused", "OSCAR generate() compiled, two launches more a layer"),
+    ("oscar", "compile-merge", "OSCAR generate() compiled, stage 2 merged into stage 1"),
+    ("oscar", "compile-occupancy", "OSCAR generate() compiled, Gluon body 2 stages, 168 registers, 12 an SM"),
 )
+
+
+def decode_options(mode: str):
+    """The decode launch options of a generate() row (`oscar_hf.ops.DECODE_OPTIONS`; None: the defaults).
+    `compile-merge`: `merge_in_stage1`, its arrival counts allocated here, before anything is captured.
+    `compile-occupancy`: the Gluon body (asked for, so an error where it cannot serve) with 2 pipeline stages and 168
+    registers, 12 programs an SM (the sixteenth session's offline compile: no spill, 18 KiB of shared memory)."""
+    from oscar_hf.kernels import decode_attention as dk
+
+    if mode == "compile-merge":
+        dk._merge_counters(torch.device("cuda", torch.cuda.current_device()), 4096)
+        return dk.DecodeOptions(merge_in_stage1=True)
+    if mode == "compile-occupancy":
+        return dk.DecodeOptions(hopper_body=True, body_stages=2, body_max_registers=168, programs_per_sm=12)
+    return None
 
 
 def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int = 1) -> dict:
@@ -580,6 +597,7 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
 
     cache_module.DEFER_WINDOW_WRITE = ops.PAIRED_DEMOTION = mode != "compile-unfused"
     try:
+        ops.DECODE_OPTIONS = decode_options(mode) if kind == "oscar" and env.cuda else None
         free(env)
         reset_peak(env)
         cache = make_cache(env, kind, context + new + 64)
@@ -613,6 +631,7 @@ def generate_row(env, kind: str, mode: str, name: str, context: int, batch: int 
     finally:
         cache = None
         cache_module.DEFER_WINDOW_WRITE = ops.PAIRED_DEMOTION = True
+        ops.DECODE_OPTIONS = None
         if compiled:
             reset_compiled()
         free(env)

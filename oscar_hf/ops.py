@@ -38,6 +38,10 @@ from .storage import dequantize_segments, quantize_into_body, remember_demoted
 # A decode step's demotion codes keys and values in one launch (`kernels.quantize.can_pair`); False: two launches, as
 # before (for timing one against the other).
 PAIRED_DEMOTION = True
+# The `kernels.decode_attention.DecodeOptions` the attention function's decode launches with (None: the defaults);
+# for benchmarks that time a launch option through generate(). Read when a step is traced: reset the compiled step
+# after changing it.
+DECODE_OPTIONS = None
 
 SEGMENT_NAMES = (
     "sink_keys", "sink_values", "recent_keys", "recent_values",
@@ -315,7 +319,7 @@ def append_decode_attention(query: torch.Tensor, layer, keys: torch.Tensor, valu
     """`append(layer, keys, values)` then `decode_attention(query, layer, ...)` as one op,
     `oscar_hf::append_decode_attention`: on CUDA the window write also rotates the query, so the decode launches no
     rotation of its own (one launch fewer a layer). The same result as the two ops."""
-    launch = _DEFAULT_LAUNCH if options is None else options.to_ints()
+    launch = _launch(options)
     return _eager_or_op(_append_decode_attention_impl, torch.ops.oscar_hf.append_decode_attention)(
         query, keys, values, *_layer_append_args(layer), attention_mask, scaling, launch,
     )
@@ -332,7 +336,7 @@ def decode_attention_reference(query, segments, lengths, k_rotation, v_rotation,
 def decode_attention(query: torch.Tensor, layer, attention_mask: torch.Tensor | None,
                      scaling: float | None, options=None) -> torch.Tensor:
     """`oscar_hf::decode_attention` over `layer`'s buffers; `options` a `DecodeOptions` (None: defaults)."""
-    launch = _DEFAULT_LAUNCH if options is None else options.to_ints()
+    launch = _launch(options)
     return _eager_or_op(_decode_attention_impl, torch.ops.oscar_hf.decode_attention)(
         query, *layer.segment_tensors(), layer.lengths, layer.k_rotation, layer.v_rotation, attention_mask, scaling,
         launch,
@@ -344,6 +348,12 @@ _DEFAULT_LAUNCH = [-1, -1, 4, 64, 4, 2, -1, -1, -1, -1, 0, -1, 1, -1, -1, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+def _launch(options) -> list[int]:
+    """A decode op's launch ints: `options`, else `DECODE_OPTIONS`, else the defaults."""
+    options = options if options is not None else DECODE_OPTIONS
+    return _DEFAULT_LAUNCH if options is None else options.to_ints()
+
+
 def _kernels_on() -> bool:
     from .kernel_dispatch import enabled
 

@@ -150,9 +150,23 @@ def test_hopper_body_option_round_trips_through_the_op_ints():
     for v in (None, True, False):
         assert dk.DecodeOptions.from_ints(dk.DecodeOptions(hopper_body=v).to_ints()).hopper_body == v
     assert dk.DecodeOptions.from_ints(dk.DecodeOptions(mask_scan=False).to_ints()).mask_scan is False
+    occupancy = dk.DecodeOptions(body_stages=2, body_max_registers=168, merge_in_stage1=True)
+    assert dk.DecodeOptions.from_ints(occupancy.to_ints()) == occupancy
     from oscar_hf import ops
 
     assert ops._DEFAULT_LAUNCH == dk.DecodeOptions().to_ints()
+
+
+def test_decode_options_override_reaches_the_ops(monkeypatch):
+    """`oscar_hf.ops.DECODE_OPTIONS` (what benchmarks set to time a launch option through generate()) is what a
+    decode op launches with when its caller passes no options; passed options still win."""
+    from oscar_hf import ops
+
+    assert ops._launch(None) == dk.DecodeOptions().to_ints()
+    monkeypatch.setattr(ops, "DECODE_OPTIONS", dk.DecodeOptions(merge_in_stage1=True, body_stages=2))
+    chosen = dk.DecodeOptions.from_ints(ops._launch(None))
+    assert chosen.merge_in_stage1 and chosen.body_stages == 2
+    assert ops._launch(dk.DecodeOptions(mask_scan=False)) == dk.DecodeOptions(mask_scan=False).to_ints()
 
 
 def test_hopper_body_is_off_on_the_cpu_and_when_refused(monkeypatch):
