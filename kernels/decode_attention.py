@@ -14,7 +14,9 @@ Split-K ("flash-decoding"), three launches:
   Each program writes its partial output, running max and running sum (base-2 online softmax).
 - **stage 2**, grid `(batch * kv_heads, group * q_len, head_dim / 32)`: merges one output row's partials over every
   split in one pass, normalises, un-rotates 32 of its channels by R_V^T and writes them to
-  `[batch, q_len, heads, head_dim]` memory (returned as the `[batch, heads, q_len, head_dim]` view).
+  `[batch, q_len, heads, head_dim]` memory (returned as the `[batch, heads, q_len, head_dim]` view). With
+  `DecodeOptions(merge_in_stage1=True)` it is not launched: the last stage-1 program of each (batch, KV head) row to
+  finish does the same merge for all its rows.
 
 INT2 blocks are never dequantized element by element. With the planar packing (`oscar_hf.quantization`), shifting a
 row's `D/4` bytes by `2s` gives the codes of channel quarter `s`, and a row decodes as `code * scale + offset`, so
@@ -798,8 +800,8 @@ class DecodeOptions:
     3.6): True asks for it (an error where it cannot serve), False never, None (the default) where it was measured
     faster (`hopper_decode.measured_faster`) unless the environment variable `OSCAR_HF_HOPPER_KERNEL` says otherwise
     (`1` wherever it can serve, `0` never). `block_n` and `stack` then apply to the exact segments only.
-    `mask_scan`: with a boolean mask, each body split first scans its columns
-    and reads the mask in its loop only where they hide something (False: always read it, as before).
+    `mask_scan`: with a boolean mask, each body split first scans its columns and reads the mask in its loop only
+    where they hide something (False: always read it, as before).
     `body_stages` and `body_max_registers` launch the Gluon body with that many pipeline buffers (default 3) and a
     register cap (ptx `.maxnreg`; default none, 255 registers): a one-warp program needs 27 KiB of shared memory with
     3 stages, 18 KiB with 2, so 8 or 12 fit on an SM, and 255 registers let 8 warps run on an SM, 168 12, 128 16.
