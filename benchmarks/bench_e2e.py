@@ -567,13 +567,12 @@ GENERATE_EXTRA_ROWS = (
 
 def decode_options(mode: str):
     """The decode launch options of a generate() row (`oscar_hf.ops.DECODE_OPTIONS`; None: the defaults).
-    `compile-merge`: `merge_in_stage1`, its arrival counts allocated here, before anything is captured.
+    `compile-merge`: `merge_in_stage1` (the static layers count arrivals in their own `lengths`).
     `compile-occupancy`: the Gluon body (asked for, so an error where it cannot serve) with 2 pipeline stages and 168
     registers, 12 programs an SM (the sixteenth session's offline compile: no spill, 18 KiB of shared memory)."""
     from oscar_hf.kernels import decode_attention as dk
 
     if mode == "compile-merge":
-        dk._merge_counters(torch.device("cuda", torch.cuda.current_device()), 4096)
         return dk.DecodeOptions(merge_in_stage1=True)
     if mode == "compile-occupancy":
         return dk.DecodeOptions(hopper_body=True, body_stages=2, body_max_registers=168, programs_per_sm=12)

@@ -756,6 +756,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 _MERGE_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+_LENGTH_SLOTS = 4  # (sink, body, recent, reserved); a static layer's merge counts follow
 
 
 def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
@@ -805,10 +806,11 @@ class DecodeOptions:
     `body_stages` and `body_max_registers` launch the Gluon body with that many pipeline buffers (default 3) and a
     register cap (ptx `.maxnreg`; default none, 255 registers): a one-warp program needs 27 KiB of shared memory with
     3 stages, 18 KiB with 2, so 8 or 12 fit on an SM, and 255 registers let 8 warps run on an SM, 168 12, 128 16.
-    `merge_in_stage1`: the last stage-1 program of each (batch, KV head) row merges the splits (an atomic count in a
-    zeroed buffer this module keeps per device), so stage 2 is not launched; one launch less per call, at the price of
-    one program's merge at the end. Not while a CUDA graph is being captured unless the buffer exists already, and
-    not for two calls running at once on different streams of one device.
+    `merge_in_stage1`: the last stage-1 program of each (batch, KV head) row merges the splits, so stage 2 is not
+    launched; one launch less per call, at the price of one program's merge at the end. The arrivals are counted in
+    the static layer's `lengths` after its four slots, else in a zeroed buffer this module keeps per device (which is
+    not allocated while a CUDA graph is being captured: stage 2 then runs; nor shared by calls running at once on two
+    streams of one device).
     """
 
     block_n: int | None = None
@@ -1063,7 +1065,11 @@ def decode_attention(
         )
         first_split = splits  # the Triton stage 1 below serves the sink and recent-window splits only
     max_registers = stage1_max_registers(o, has_mask, query.is_cuda and not _interpreting())
-    counters = _merge_counters(dev, n_bh) if o.merge_in_stage1 else None
+    counters = None
+    if o.merge_in_stage1:
+        # A static layer's lengths carry its own counts after the four length slots (`oscar_hf.layer`).
+        own = device_lengths and lengths.numel() >= _LENGTH_SLOTS + n_bh
+        counters = lengths[_LENGTH_SLOTS:] if own else _merge_counters(dev, n_bh)
     merge = counters is not None
     rows_out = block_m // stack  # the padded query rows a partial holds
     tile = max(1, 4096 // (rows_out * head_dim))  # ~32 float32 registers a thread for the merge's [S, R, D] tiles

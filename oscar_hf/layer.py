@@ -19,7 +19,9 @@ them back from an *undo ring*, exact copies of the newest `undo_capacity` demote
 window holds: about 1% of a 128K-token layer).
 
 The segment lengths live in one int32 tensor, `lengths` = (sink_len, body_len, recent_len, reserved): the only
-record of how many tokens each segment holds. A *static* layer (`max_cache_len` given) allocates every buffer once,
+record of how many tokens each segment holds (a static layer's also holds, after these four, one arrival count per
+(batch, KV head) row for a decode that merges its splits in one launch, `DecodeOptions.merge_in_stage1`; zero between
+calls). A *static* layer (`max_cache_len` given) allocates every buffer once,
 keeps `lengths` on its device and appends short chunks (decode steps) through the `oscar_hf::append` op, which
 demotes behind a device-side predicate: such a step reads nothing back to the host, so `generate()` compiles it once
 and replays it (CUDA graphs) across demotions. A *dynamic* layer keeps `lengths` on the CPU and grows its body
@@ -323,7 +325,10 @@ class OscarQuantizedLayer(CacheLayerMixin):
         if self.max_cache_len is not None:
             initial = max(0, self.max_cache_len - self.sink_tokens - self.recent_tokens)
         self._allocate_body(initial)
-        self.lengths = torch.zeros(4, dtype=torch.int32, device=self.device if self.static else "cpu")
+        # A static layer's lengths also hold the decode's per-(batch, KV head) arrival counts (module docstring): the
+        # layer owns them, so they are allocated here, never inside a captured step.
+        self.lengths = torch.zeros(4 + (batch * heads if self.static else 0), dtype=torch.int32,
+                                   device=self.device if self.static else "cpu")
         if self.static and not torch.compiler.is_compiling():
             # Fixed addresses: a compiled step neither guards on them nor copies them into a CUDA graph's pool.
             constants = [self.k_rotation, self.v_rotation, self.k_feedback, self.v_feedback, self.k_mean_rotated]

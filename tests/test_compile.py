@@ -191,7 +191,7 @@ def test_static_cache_equals_dynamic_cache_eagerly():
     a = model.generate(ids, past_key_values=dynamic, **GREEDY)
     b = model.generate(ids, past_key_values=static, **GREEDY)
     assert torch.equal(a, b)
-    assert dynamic.layers[0].lengths.tolist() == static.layers[0].lengths.tolist()
+    assert dynamic.layers[0].lengths.tolist() == static.layers[0].lengths.tolist()[:4]
     assert not dynamic.is_compileable and static.is_compileable
 
 
@@ -206,7 +206,7 @@ def test_static_cache_reset_keeps_addresses_and_early_initialization():
     first = model.generate(ids, past_key_values=cache, **GREEDY)
     assert layer.body_len > 0
     cache.reset()
-    assert layer.lengths.tolist() == [0, 0, 0, 0] and cache.get_seq_length() == 0
+    assert not layer.lengths.any() and cache.get_seq_length() == 0
     assert [t.data_ptr() for t in layer.segment_tensors()] + [layer.lengths.data_ptr()] == pointers
     assert torch.equal(model.generate(ids, past_key_values=cache, **GREEDY), first)
     assert layer.get_mask_sizes(1) == (80, 0)
