@@ -143,6 +143,11 @@ def test_hopper_body_reads_device_lengths_and_a_static_mask(poisoned_allocations
         expected = dk.oscar_decode_attention(query, layer, mask, None, 1, hopper_body=False)
         assert _rel(out, expected) < 1e-2
         assert _rel(out, _reference(query, seg, mask)) < 2e-2
+        # Stage 2 merged into the Triton launch after the Gluon body; a Gluon body with 2 stages and 168 registers.
+        for kw in (dict(merge_in_stage1=True), dict(body_stages=2, body_max_registers=168, programs_per_sm=12)):
+            other = dk.oscar_decode_attention(query, layer, mask, None, 1, device_lengths=True, hopper_body=True, **kw)
+            assert torch.isfinite(other).all() and _rel(other, out) < 1e-2, kw
+        assert not layer.lengths[4:].any()
 
 
 # ------------------------------------------------------------------------------------------------- anywhere
