@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from oscar_hf.kernels.decode_attention import _interpreting, _rotate_query_tile, _rotated_columns, _round
+from oscar_hf.layer import LENGTH_SLOTS
 
 
 class DemoteSchedule(NamedTuple):
@@ -179,7 +180,7 @@ def append_window(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tenso
                              "layout.")
     if d & (d - 1):
         raise ValueError(f"head_dim {d} is not a power of two.")
-    if lengths.dtype != torch.int32 or lengths.numel() < 4:
+    if lengths.dtype != torch.int32 or lengths.numel() < LENGTH_SLOTS:
         raise ValueError("lengths must be int32 (sink, body, recent, reserved): the kernel counts its programs in "
                          "the reserved slot.")
     rotation_shape = f"[1 or {heads}, {d}, {d}] rotation"

@@ -53,6 +53,7 @@ try:  # programmatic dependent launch (Triton >= 3.3); the kernels reference the
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
+from oscar_hf.layer import LENGTH_SLOTS
 from oscar_hf.quantization import CODES_PER_BYTE
 
 MAX_QUERY_LEN = 8
@@ -756,7 +757,6 @@ def _sm_count(device: torch.device) -> int:
 
 
 _MERGE_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-_LENGTH_SLOTS = 4  # (sink, body, recent, reserved); a static layer's merge counts follow
 
 
 def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
@@ -1068,11 +1068,11 @@ def decode_attention(
     counters = None
     if o.merge_in_stage1:
         # A static layer's lengths carry its own counts after the four length slots (`oscar_hf.layer`).
-        own = device_lengths and lengths.numel() >= _LENGTH_SLOTS + n_bh
-        counters = lengths[_LENGTH_SLOTS:] if own else _merge_counters(dev, n_bh)
+        own = device_lengths and lengths.numel() >= LENGTH_SLOTS + n_bh
+        counters = lengths[LENGTH_SLOTS:] if own else _merge_counters(dev, n_bh)
     merge = counters is not None
-    rows_out = block_m // stack  # the padded query rows a partial holds
-    tile = max(1, 4096 // (rows_out * head_dim))  # ~32 float32 registers a thread for the merge's [S, R, D] tiles
+    rp = block_m // stack  # the padded query rows of one stacked copy: the rows a partial holds
+    tile = max(1, 4096 // (rp * head_dim))  # ~32 float32 registers a thread for the merge's [S, R, D] tiles
     _decode_stage1[(n_bh, num_splits - first_split)](
         q_rot,
         sink_k, sink_v, *sink_k.stride()[:3],
@@ -1084,7 +1084,7 @@ def decode_attention(
         sink_len, body_len, recent_len, q_len, kvh, group, chunk, num_splits, splits, sink_splits,
         sm_scale_log2, lengths if device_lengths else mask_u8, first_split,
         counters if merge else mask_u8, rv, srv, out, out.stride(0), out.stride(1), out.stride(2),
-        D=head_dim, BLOCK_M=block_m, RP=block_m // stack, BLOCK_N=block_n // stack,
+        D=head_dim, BLOCK_M=block_m, RP=rp, BLOCK_N=block_n // stack,
         BLOCK_E=min(block_n, 32, exact_chunk),
         EXACT_CHUNK=exact_chunk,
         DT=dt,

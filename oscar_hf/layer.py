@@ -18,15 +18,13 @@ on which assisted decoding relies): where the window had already demoted tokens 
 them back from an *undo ring*, exact copies of the newest `undo_capacity` demoted rows (as many rows as the recent
 window holds: about 1% of a 128K-token layer).
 
-The segment lengths live in one int32 tensor, `lengths` = (sink_len, body_len, recent_len, reserved): the only
-record of how many tokens each segment holds (a static layer's also holds, after these four, one arrival count per
-(batch, KV head) row for a decode that merges its splits in one launch, `DecodeOptions.merge_in_stage1`; zero between
-calls). A *static* layer (`max_cache_len` given) allocates every buffer once,
-keeps `lengths` on its device and appends short chunks (decode steps) through the `oscar_hf::append` op, which
-demotes behind a device-side predicate: such a step reads nothing back to the host, so `generate()` compiles it once
-and replays it (CUDA graphs) across demotions. A *dynamic* layer keeps `lengths` on the CPU and grows its body
-geometrically; it runs eagerly.
-"""
+The segment lengths live in one int32 tensor, `lengths` = (sink_len, body_len, recent_len, reserved): the only record of
+how many tokens each segment holds. A static layer's also holds, after these `LENGTH_SLOTS`, one arrival count per
+(batch, KV head) row for a decode that merges its splits in one launch (`DecodeOptions.merge_in_stage1`; zero between
+calls). A *static* layer (`max_cache_len` given) allocates every buffer once, keeps `lengths` on its device and appends
+short chunks (decode steps) through the `oscar_hf::append` op, which demotes behind a device-side predicate: such a step
+reads nothing back to the host, so `generate()` compiles it once and replays it (CUDA graphs) across demotions. A
+*dynamic* layer keeps `lengths` on the CPU and grows its body geometrically; it runs eagerly."""
 
 from __future__ import annotations
 
@@ -50,6 +48,8 @@ from .quantization import (
     unrotate,
 )
 from .storage import dequantize_segments, quantize_into_body, recall_demoted, remember_demoted
+
+LENGTH_SLOTS = 4  # (sink_len, body_len, recent_len, reserved) at the head of `lengths`
 
 logger = logging.get_logger(__name__)
 
@@ -198,7 +198,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self.k_tilt_init = k_tilt
         self.key_grid_refit = bool(key_grid_refit)
         # (sink_len, body_len, recent_len, reserved): on the CPU until a static layer moves it to its device.
-        self.lengths = torch.zeros(4, dtype=torch.int32)
+        self.lengths = torch.zeros(LENGTH_SLOTS, dtype=torch.int32)
         # A compiled decode step appends through `oscar_hf::append`, which needs buffers that never move, no host
         # check, and the plain or error-feedback coder (the grid refit runs in PyTorch after the write).
         self.is_compileable = (
@@ -327,7 +327,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
         self._allocate_body(initial)
         # A static layer's lengths also hold the decode's per-(batch, KV head) arrival counts (module docstring): the
         # layer owns them, so they are allocated here, never inside a captured step.
-        self.lengths = torch.zeros(4 + (batch * heads if self.static else 0), dtype=torch.int32,
+        self.lengths = torch.zeros(LENGTH_SLOTS + (batch * heads if self.static else 0), dtype=torch.int32,
                                    device=self.device if self.static else "cpu")
         if self.static and not torch.compiler.is_compiling():
             # Fixed addresses: a compiled step neither guards on them nor copies them into a CUDA graph's pool.
@@ -698,7 +698,7 @@ class OscarQuantizedLayer(CacheLayerMixin):
                 getattr(self, name).zero_()
             self.lengths.zero_()
             return
-        self.lengths = torch.zeros(4, dtype=torch.int32)
+        self.lengths = torch.zeros(LENGTH_SLOTS, dtype=torch.int32)
         self.is_initialized = False
         for name in self._all_tensors():
             if hasattr(self, name):
